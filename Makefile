@@ -1,0 +1,34 @@
+# `make run` reproduces the tutorial, `make test` runs the suite; both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench tensorboard clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m linreg.reproduce
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.overhead
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1
+
+clean:
+	rm -rf outputs/runs outputs/multirun outputs/reproduce

@@ -1,0 +1,1 @@
+"""linreg: the PyTorch linear-regression tutorial as a Lightning + Hydra project."""

@@ -1,0 +1,151 @@
+"""The tutorial's data: the `tensorGenReg` generator and a DataModule that serves it."""
+
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+
+def tensor_gen_reg(
+    num_examples: int = 1000,
+    w: Sequence[float] = (2, -1, 1),
+    bias: bool = True,
+    delta: float = 0.01,
+    deg: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The tutorial's `tensorGenReg`: y = pow(X, deg) @ w (+ intercept) + noise * delta."""
+    w_all = torch.tensor(list(w), dtype=torch.float32).reshape(-1, 1)
+    w_true = w_all[:-1] if bias else w_all
+    # Exactly two random draws, in the tutorial's order, so a seed gives its tensors bit for bit.
+    features = torch.randn(num_examples, len(w_true), generator=generator)
+    labels = torch.mm(torch.pow(features, deg), w_true)
+    if bias:
+        labels = labels + w_all[-1]
+    labels = labels + torch.randn(labels.shape, generator=generator) * delta
+    if bias:
+        features = torch.cat((features, torch.ones(num_examples, 1)), 1)
+    return features, labels
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch: a function of (seed, epoch) only."""
+    return seed * 1_000_003 + epoch
+
+
+class EpochBatchSampler:
+    """Index batches of a fresh permutation per epoch; Lightning calls `set_epoch` before each one."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning's fit loop (also after a resume) with the epoch about to run."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_examples // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.num_examples, generator=g)
+        return iter(perm.split(self.batch_size))
+
+
+class BatchLoader:
+    """Mini-batches gathered a whole batch at a time (no per-sample collation).
+
+    With `steps_per_call > 1` each item is a list of that many mini-batches: the
+    module then makes that many SGD steps in one `training_step`, with the same updates.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, sampler: EpochBatchSampler, steps_per_call: int = 1) -> None:
+        self.x, self.y, self.sampler, self.steps_per_call = x, y, sampler, steps_per_call
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.steps_per_call)
+
+    def __iter__(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        chunk: list[tuple[Tensor, Tensor]] = []
+        for idx in self.sampler:
+            chunk.append((self.x.index_select(0, idx), self.y.index_select(0, idx)))
+            if len(chunk) == self.steps_per_call:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+class FullBatch:
+    """The whole data set as a single batch (a list would read as several loaders to Lightning)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        yield self.x, self.y
+
+
+class RegressionDataModule(L.LightningDataModule):
+    """Makes the tutorial's data once and serves seeded, shuffled mini-batches of it."""
+
+    def __init__(
+        self,
+        num_examples: int = 1000,
+        w: Sequence[float] = (2, -1, 1),
+        bias: bool = True,
+        delta: float = 0.01,
+        deg: int = 1,
+        batch_size: int = 10,
+        seed: int = 420,
+        ones_column: bool = True,
+        steps_per_call: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.features: Tensor | None = None
+        self.labels: Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        """Number of model inputs in the view this DataModule serves."""
+        w, bias, ones = self.hparams.w, self.hparams.bias, self.hparams.ones_column
+        return len(w) if (not bias or ones) else len(w) - 1
+
+    def setup(self, stage: str | None = None) -> None:
+        """Make the data once; later calls (fit after fit, resume) keep it."""
+        if self.features is not None:
+            return
+        h = self.hparams
+        g = torch.Generator().manual_seed(h.seed)
+        features, self.labels = tensor_gen_reg(h.num_examples, h.w, h.bias, h.delta, h.deg, generator=g)
+        # `manual` uses the ones column as its intercept input (the tutorial's linreg(X, w));
+        # `linear` drops it (the tutorial's features[:, :-1]) and has nn.Linear's bias instead.
+        self.features = features if (not h.bias or h.ones_column) else features[:, :-1].contiguous()
+
+    def design_matrix(self) -> Tensor:
+        """Features with the intercept column, whichever view is served (for least squares)."""
+        assert self.features is not None, "call setup() first"
+        if self.hparams.bias and not self.hparams.ones_column:
+            return torch.cat((self.features, torch.ones(len(self.features), 1)), 1)
+        return self.features
+
+    def full_data(self) -> tuple[Tensor, Tensor]:
+        """The whole data set, for full-data evaluation."""
+        assert self.features is not None and self.labels is not None, "call setup() first"
+        return self.features, self.labels
+
+    def train_dataloader(self) -> BatchLoader:
+        """Shuffled mini-batches; the order depends only on (seed, epoch)."""
+        x, y = self.full_data()
+        sampler = EpochBatchSampler(len(x), self.hparams.batch_size, self.hparams.seed)
+        return BatchLoader(x, y, sampler, self.hparams.steps_per_call)
+
+    def val_dataloader(self) -> FullBatch:
+        """The full data set as one batch: the tutorial's per-epoch `loss(net(features, w), labels)`."""
+        return FullBatch(*self.full_data())
