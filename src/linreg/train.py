@@ -130,9 +130,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.train [overrides]` or `linreg-train [overrides]`."""
     metrics = run(cfg)
-    print(
-        f"{metrics['model']}: train_mse={metrics['train_mse']:.6g} weights={[round(v, 4) for v in metrics['weights']]}"
-    )
+    weights = [round(v, 4) for v in metrics["weights"]]
+    print(f"{metrics['model']}: status={metrics['status']} train_mse={metrics['train_mse']:.6g} weights={weights}")
     return metrics["train_mse"]
 
 
