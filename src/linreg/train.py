@@ -60,6 +60,11 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     return loggers
 
 
+def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
+    """Lightning callbacks for this run (dashboards, checkpoints)."""
+    return []
+
+
 def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     """A Trainer lean enough for a 3-parameter model: no progress bar, summary or sanity run."""
     t = cfg.trainer
@@ -68,6 +73,7 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         devices=t.devices,
         max_epochs=t.max_epochs,
         logger=build_loggers(cfg, out) or False,
+        callbacks=build_callbacks(cfg, out),
         log_every_n_steps=1,  # the module samples train/loss itself
         enable_checkpointing=False,
         enable_progress_bar=False,
