@@ -135,6 +135,12 @@ class RegressionDataModule(L.LightningDataModule):
             return torch.cat((self.features, torch.ones(len(self.features), 1)), 1)
         return self.features
 
+    def ols_mse(self) -> float:
+        """Closed-form least-squares MSE on this data: the floor any linear model can reach."""
+        x, y = self.design_matrix().double(), self.full_data()[1].double()
+        coef = torch.linalg.lstsq(x, y, driver="gelsd").solution
+        return torch.mean((x @ coef - y) ** 2).item()
+
     def full_data(self) -> tuple[Tensor, Tensor]:
         """The whole data set, for full-data evaluation."""
         assert self.features is not None and self.labels is not None, "call setup() first"
