@@ -1,7 +1,11 @@
 """Train one model on the tutorial's data: `run(cfg)` does the work, `main` is the Hydra entry."""
 
 import json
+import logging
+import math
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -9,12 +13,16 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from linreg.config import ConfigError, validate
 from linreg.data import RegressionDataModule
 from linreg.models import MODELS, RegressionModule
 
+log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -54,7 +62,9 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
 
 def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
     """Lightning callbacks for this run (dashboards, checkpoints)."""
-    return []
+    # last.ckpt after every epoch's evaluation: what `resume=true` continues from.
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
+    return [checkpoint]
 
 
 def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
@@ -67,7 +77,7 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         logger=build_loggers(cfg, out) or False,
         callbacks=build_callbacks(cfg, out),
         log_every_n_steps=1,  # the module samples train/loss itself
-        enable_checkpointing=False,
+        enable_checkpointing=True,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -76,9 +86,64 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     )
 
 
+def job_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's own config (no `hydra`, no `resume`): what a resumed job must match."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    plain.pop("resume", None)
+    return plain
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN/inf become null: JSON has no NaN, and a non-finite number is no result."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def finished_metrics(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """A finished (ok/diverged) metrics.json of this very config in `out`, if there is one."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if metrics.get("status") in ("ok", "diverged") and metrics.get("config") == job_config(cfg):
+        return metrics
+    return None
+
+
+def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
+    """What a job that raised leaves behind: its config and the error, in one line."""
+    return {
+        "status": "failed",
+        "model": OmegaConf.select(cfg, "model.name"),
+        "seed": cfg.get("seed"),
+        "data": OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
+        "lr": OmegaConf.select(cfg, "model.lr"),
+        "batch_size": OmegaConf.select(cfg, "data.batch_size"),
+        "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
+        "accelerator": OmegaConf.select(cfg, "trainer.accelerator"),
+        "epoch_mse": [],
+        "train_mse": None,
+        "weights": None,
+        "true_weights": OmegaConf.select(cfg, "data.w"),
+        "ols_mse": None,
+        "steps": 0,
+        "fit_seconds": 0.0,
+        "diverged_epoch": None,
+        "error": str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}",
+        "config": job_config(cfg),
+    }
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Generate the data, fit the configured model, write and return `metrics.json`'s content."""
+    """Validate, generate the data, fit (or resume) the configured model; write and return metrics.json."""
+    validate(cfg)
     out = output_dir()
+    if cfg.resume and (done := finished_metrics(out, cfg)) is not None:
+        return done  # this job already finished with this config: nothing to redo
     out.mkdir(parents=True, exist_ok=True)
     model_cls: type[RegressionModule] = MODELS[cfg.model.name]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -95,11 +160,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **model_kwargs,
     )
     trainer = build_trainer(cfg, out)
+    ckpt = out / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if cfg.resume and ckpt.exists() else None)
     fit_seconds = time.perf_counter() - start
 
-    train_mse = model.epoch_mse[-1] if model.epoch_mse else float("nan")
     metrics = {
         "status": "ok" if model.diverged_epoch is None else "diverged",
         "model": cfg.model.name,
@@ -109,26 +174,53 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "batch_size": cfg.data.batch_size,
         "epochs": cfg.trainer.max_epochs,
         "accelerator": cfg.trainer.accelerator,
-        "epoch_mse": model.epoch_mse,
-        "train_mse": train_mse,
-        "weights": model.weights(),
+        "epoch_mse": finite_or_none(model.epoch_mse),
+        "train_mse": finite_or_none(model.epoch_mse[-1]) if model.epoch_mse else None,
+        "weights": finite_or_none(model.weights()),
         "true_weights": list(cfg.data.w),
         "ols_mse": dm.ols_mse(),
         "steps": trainer.global_step,
         "fit_seconds": fit_seconds,
         "diverged_epoch": model.diverged_epoch,
         "error": None,
+        "config": job_config(cfg),
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 
+def is_multirun() -> bool:
+    """Whether this job is one of a Hydra sweep's."""
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def remove_if_fresh(out: Path) -> None:
+    """Remove a run dir that holds only what Hydra wrote before the job: bad input leaves nothing behind."""
+    if out.is_dir() and all(p.name in (".hydra", "train.log") for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Hydra entry: `python -m linreg.train [overrides]` or `linreg-train [overrides]`."""
-    metrics = run(cfg)
-    weights = [round(v, 4) for v in metrics["weights"]]
-    print(f"{metrics['model']}: status={metrics['status']} train_mse={metrics['train_mse']:.6g} weights={weights}")
+    try:
+        metrics = run(cfg)
+    except Exception as err:
+        if isinstance(err, ConfigError) and not is_multirun() and not os.environ.get("HYDRA_FULL_ERROR"):
+            remove_if_fresh(output_dir())
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        out = output_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        failed = failed_metrics(cfg, err)
+        write_json_atomic(out / "metrics.json", failed)
+        if not is_multirun():
+            raise
+        # In a sweep a failing job is a row of the results table, not the end of the sweep.
+        log.error("job failed: %s", failed["error"])
+        return None
+    weights = metrics["weights"] and [round(v, 4) for v in metrics["weights"]]
+    print(f"{metrics['model']}: status={metrics['status']} train_mse={metrics['train_mse']} weights={weights}")
     return metrics["train_mse"]
 
 
