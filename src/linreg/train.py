@@ -88,10 +88,11 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's own config (no `hydra`, no `resume`): what a resumed job must match."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    plain.pop("resume", None)
-    return plain
+    return {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key not in ("hydra", "resume")
+    }
 
 
 def finite_or_none(value: Any) -> Any:
