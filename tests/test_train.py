@@ -1,12 +1,17 @@
 """`run(cfg)` and the CLI: metrics.json, the tutorial's bands, presets, any number of features."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from linreg.train import CONFIG_DIR, run
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 METRIC_KEYS = {
     "status", "model", "seed", "data", "lr", "batch_size", "epochs", "accelerator", "epoch_mse", "train_mse",
@@ -69,3 +74,72 @@ def test_reproduction_prints_the_table(tmp_path):
         assert row.rstrip().endswith("yes")
     assert "10.1555" in proc.stdout and "4.0763" in proc.stdout
     assert len(list((tmp_path / "outputs" / "reproduce").glob("*/*/metrics.json"))) == 4
+
+
+def test_same_config_gives_bit_identical_numbers(make_cfg, tmp_path):
+    a = run(make_cfg("model=linear", "data.num_examples=300", run_dir=tmp_path / "a"))
+    b = run(make_cfg("model=linear", "data.num_examples=300", run_dir=tmp_path / "b"))
+    a.pop("fit_seconds"), b.pop("fit_seconds")
+    assert a == b  # exact equality: every float bit for bit
+
+
+def test_a_diverging_run_is_an_outcome_not_a_crash(make_cfg):
+    metrics = run(make_cfg("model=linear", "model.lr=100", "data.num_examples=200"))
+    assert metrics["status"] == "diverged" and metrics["diverged_epoch"] == 0
+    assert metrics["train_mse"] is None and metrics["epoch_mse"] == [None]  # never a NaN reported as a result
+    assert metrics["error"] is None
+
+
+def test_resume_returns_a_finished_run_without_training(make_cfg, tmp_path):
+    first = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1"))
+    mtime = (tmp_path / "run" / "metrics.json").stat().st_mtime_ns
+    again = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1", "resume=true"))
+    assert again == first and (tmp_path / "run" / "metrics.json").stat().st_mtime_ns == mtime
+    # a different config in the same dir is not taken for finished: it trains (and continues no checkpoint)
+    other = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true"))
+    assert other["epochs"] == 2 and len(other["epoch_mse"]) == 2
+
+
+def test_write_json_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+    from linreg import train
+
+    path = tmp_path / "metrics.json"
+    train.write_json_atomic(path, {"status": "ok", "train_mse": 1.0})
+
+    def crash(self, text):
+        Path.write_bytes(self, text[:10].encode())  # half the bytes, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.write_json_atomic(path, {"status": "ok", "train_mse": 2.0})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"status": "ok", "train_mse": 1.0}
+    assert [p.name for p in tmp_path.glob("*.json")] == ["metrics.json"]
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["model=linear", "data.num_examples=10000", "trainer.max_epochs=3", "~logger"]
+    whole = tmp_path / "whole"
+    assert run_cli(*args, f"hydra.run.dir={whole}").returncode == 0
+    expected = json.loads((whole / "metrics.json").read_text())
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "linreg.train", *args, f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+
+    resumed = run_cli(*args, "resume=true", f"hydra.run.dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((killed / "metrics.json").read_text())
+    assert got["weights"] == pytest.approx(expected["weights"], abs=1e-6)
+    assert got["epoch_mse"] == pytest.approx(expected["epoch_mse"], rel=1e-6)
+    assert got["steps"] == expected["steps"] == 3 * 1000

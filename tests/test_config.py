@@ -1,0 +1,89 @@
+"""Bad input through the real CLI: one line naming the key, a non-zero exit, no traceback, no files."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from linreg.config import ConfigError, validate
+from tests.conftest import REPO
+
+# (overrides, the key the message must name, a phrase of what is allowed)
+BAD_INPUT = {
+    "batch_size_zero": (["data.batch_size=0"], "data.batch_size", "positive integer"),
+    "batch_size_float": (["data.batch_size=2.5"], "data.batch_size", "positive integer"),
+    "batch_size_text": (["data.batch_size=ten"], "data.batch_size", "positive integer"),
+    "lr_zero": (["model.lr=0"], "model.lr", "> 0"),
+    "lr_negative": (["model.lr=-0.1"], "model.lr", "> 0"),
+    "lr_inf": (["model.lr=inf"], "model.lr", "finite"),
+    "lr_nan": (["model.lr=nan"], "model.lr", "finite"),
+    "lr_text": (["model.lr=fast"], "model.lr", "finite number"),
+    "num_examples_zero": (["data.num_examples=0"], "data.num_examples", "positive integer"),
+    "deg_zero": (["data.deg=0"], "data.deg", "positive integer"),
+    "deg_fraction": (["data.deg=1.5"], "data.deg", "positive integer"),
+    "delta_negative": (["data.delta=-1"], "data.delta", ">= 0"),
+    "w_empty": (["data.w=[]"], "data.w", "non-empty list"),
+    "w_text": (["data.w=[2,a,1]"], "data.w", "finite numbers"),
+    "bias_text": (["data.bias=maybe"], "data.bias", "true or false"),
+    "max_epochs_zero": (["trainer.max_epochs=0"], "trainer.max_epochs", "positive integer"),
+    "seed_negative": (["seed=-1"], "seed", "integer >= 0"),
+    "init_unknown": (["model=linear", "model.init=random"], "model.init", "default, zeros"),
+    "too_much_data": (["data.num_examples=100000000000"], "data.num_examples", "GiB"),
+}
+if not torch.cuda.is_available():
+    BAD_INPUT["gpu_without_gpu"] = (["trainer=gpu"], "trainer.accelerator", "no GPU available; use trainer=cpu")
+    BAD_INPUT["accelerator_gpu_without_gpu"] = (["trainer.accelerator=gpu"], "trainer.accelerator", "no GPU")
+
+
+def _run(run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    cmd = [sys.executable, "-m", "linreg.train", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every bad-input case through the CLI, two at a time (each pays the import cost)."""
+    base = tmp_path_factory.mktemp("bad")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_run, base / name, ov) for name, (ov, _, _) in BAD_INPUT.items()}
+        return {name: (base / name, f.result()) for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_fails_in_one_clear_line(cli_results, case):
+    _, key, allowed = BAD_INPUT[case]
+    run_dir, proc = cli_results[case]
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {key}=") and allowed in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not run_dir.exists()  # nothing half-written
+
+
+def test_unknown_model_choice_gets_hydras_message(tmp_path):
+    proc = _run(tmp_path / "run", ["model=lasso"])
+    assert proc.returncode != 0
+    assert "model/lasso" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_full_error_shows_the_traceback(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-m", "linreg.train", "data.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_batch_larger_than_the_data_is_one_batch(make_cfg):
+    validate(make_cfg("data.num_examples=5", "data.batch_size=50"))
+
+
+@pytest.mark.parametrize("override", ["data.w=[3]", "model.name=lasso", "trainer.steps_per_call=0", "resume=1"])
+def test_more_bad_values_are_caught_before_any_work(make_cfg, override):
+    with pytest.raises(ConfigError):
+        validate(make_cfg(override))
