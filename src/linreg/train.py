@@ -63,7 +63,9 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
 def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
     """Lightning callbacks for this run (dashboards, checkpoints)."""
     # last.ckpt after every epoch's evaluation: what `resume=true` continues from.
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False, every_n_epochs=1
+    )
     return [checkpoint]
 
 
