@@ -204,7 +204,7 @@ def remove_if_fresh(out: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.train [overrides]` or `linreg-train [overrides]`."""
     try:
         metrics = run(cfg)
@@ -221,10 +221,10 @@ def main(cfg: DictConfig) -> float | None:
             raise
         # In a sweep a failing job is a row of the results table, not the end of the sweep.
         log.error("job failed: %s", failed["error"])
-        return None
+        return math.inf  # a sweeper minimising train_mse (optuna) needs a number
     weights = metrics["weights"] and [round(v, 4) for v in metrics["weights"]]
     print(f"{metrics['model']}: status={metrics['status']} train_mse={metrics['train_mse']} weights={weights}")
-    return metrics["train_mse"]
+    return math.inf if metrics["train_mse"] is None else metrics["train_mse"]
 
 
 if __name__ == "__main__":
