@@ -1,0 +1,486 @@
+"""A sweep as one result: every job's metrics.json in results.csv/results.md and PNG plots.
+
+`python -m linreg.results DIR` rebuilds them for any sweep dir (an interrupted or old one too);
+`SweepResults` is the Hydra callback that prints one line per finished job and builds them at the end.
+"""
+
+import argparse
+import csv
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("ok", "diverged")  # outcomes; anything else (failed, missing) fails the sweep
+COLUMNS = [
+    "job",
+    "model",
+    "deg",
+    "delta",
+    "lr",
+    "batch_size",
+    "accelerator",
+    "seed",
+    "epochs",
+    "status",
+    "train_mse",
+    "ols_mse",
+    "gap",
+    "weights",
+    "true_weights",
+    "steps",
+    "fit_seconds",
+    "diverged_epoch",
+    "error",
+    "overrides",
+    "dir",
+]
+PARAMS = ["model", "deg", "delta", "lr", "batch_size", "accelerator", "seed", "epochs"]  # candidate plot axes
+PLAN_FILE = ".sweep-plan.json"  # written at multirun start: job count, swept keys (jobs may run elsewhere)
+PROGRESS_FILE = "progress.log"  # one line per finished job, in finishing order
+
+
+class SweepFailedError(SystemExit):
+    """Some jobs failed: a SystemExit, since Hydra turns a callback's ordinary exception into a warning."""
+
+
+# ---------------------------------------------------------------- collecting
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's job dirs (what Hydra or a job wrote into), in job-number order."""
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").exists())]
+    return sorted(dirs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    """The job's task overrides as Hydra saved them, without `resume` (not part of the job's config)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    return [str(o) for o in OmegaConf.load(path) if not str(o).split("=", 1)[0].lstrip("+~") == "resume"]
+
+
+def missing_metrics(job_dir: Path) -> dict[str, Any]:
+    """A job that left no metrics.json (killed, interrupted, still running): its config, status missing."""
+    path = job_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(path) if path.exists() else OmegaConf.create({})
+    return {
+        "status": "missing",
+        "model": OmegaConf.select(cfg, "model.name"),
+        "seed": OmegaConf.select(cfg, "seed"),
+        "data": OmegaConf.to_container(cfg.data) if "data" in cfg else {},
+        "lr": OmegaConf.select(cfg, "model.lr"),
+        "batch_size": OmegaConf.select(cfg, "data.batch_size"),
+        "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
+        "accelerator": OmegaConf.select(cfg, "trainer.accelerator"),
+        "error": "no metrics.json: the job did not finish",
+    }
+
+
+def read_metrics(job_dir: Path) -> dict[str, Any]:
+    """The job's metrics.json, or a `missing` stand-in when it has none (or an unreadable one)."""
+    try:
+        return json.loads((job_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return missing_metrics(job_dir)
+
+
+def gap(train_mse: Any, ols_mse: Any) -> float | None:
+    """How far above the least-squares floor the run ended."""
+    if isinstance(train_mse, (int, float)) and isinstance(ols_mse, (int, float)):
+        return train_mse - ols_mse
+    return None
+
+
+def job_row(job_dir: Path) -> dict[str, Any]:
+    """One table row for a job dir."""
+    m = read_metrics(job_dir)
+    data = m.get("data") or {}
+    return {
+        "job": job_dir.name,
+        "model": m.get("model"),
+        "deg": data.get("deg"),
+        "delta": data.get("delta"),
+        "lr": m.get("lr"),
+        "batch_size": m.get("batch_size"),
+        "accelerator": m.get("accelerator"),
+        "seed": m.get("seed"),
+        "epochs": m.get("epochs"),
+        "status": m.get("status") or "missing",
+        "train_mse": m.get("train_mse"),
+        "ols_mse": m.get("ols_mse"),
+        "gap": gap(m.get("train_mse"), m.get("ols_mse")),
+        "weights": m.get("weights"),
+        "true_weights": m.get("true_weights"),
+        "steps": m.get("steps"),
+        "fit_seconds": m.get("fit_seconds"),
+        "diverged_epoch": m.get("diverged_epoch"),
+        "error": one_line(m.get("error")),
+        "overrides": " ".join(job_overrides(job_dir)),
+        "dir": str(job_dir.resolve()),
+    }
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job dir of the sweep."""
+    return [job_row(d) for d in job_dirs(sweep_dir)]
+
+
+def one_line(text: Any) -> str | None:
+    """An error message on one line (tracebacks and multi-line messages collapse)."""
+    return None if text is None else " ".join(str(text).split())
+
+
+def swept_keys(rows: list[dict[str, Any]]) -> set[str]:
+    """Override keys whose value differs between jobs: what names a job within its sweep."""
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        for o in row["overrides"].split():
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    per_job = [{o.partition("=")[0] for o in row["overrides"].split()} for row in rows]
+    return {k for k, v in values.items() if len(v) > 1 or any(k not in keys for keys in per_job)}
+
+
+def job_label(row: dict[str, Any], keys: set[str]) -> str:
+    """`#3 [model=linear model.lr=0.1]`: the job number and its swept overrides."""
+    shown = [o for o in row["overrides"].split() if o.partition("=")[0] in keys] or row["overrides"].split()
+    return f"#{row['job']} [{' '.join(shown)}]"
+
+
+def failure_message(sweep_dir: Path, rows: list[dict[str, Any]]) -> str | None:
+    """One line naming every job that failed or left no result; None when all finished."""
+    bad = [r for r in rows if r["status"] not in FINISHED]
+    if not bad:
+        return None
+    keys = swept_keys(rows)
+    named = "; ".join(f"{job_label(r, keys)} {r['status']}: {r['error']}" for r in bad)
+    return f"sweep {sweep_dir}: {len(bad)} of {len(rows)} jobs failed: {named}"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file and a rename: readers never see half a table."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def csv_value(value: Any) -> Any:
+    """Lists as JSON (exact floats), None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return value
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Every column, full precision: floats round-trip to the metrics.json values."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: csv_value(row[k]) for k in COLUMNS})
+    return buf.getvalue()
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A cell for the Markdown table."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
+    return str(value).replace("|", "\\|")
+
+
+MD_COLUMNS = [
+    ("job", "job"),
+    ("model", "model"),
+    ("deg", "deg"),
+    ("delta", "delta"),
+    ("lr", "lr"),
+    ("batch_size", "batch"),
+    ("accelerator", "accel"),
+    ("status", "status"),
+    ("train_mse", "train MSE"),
+    ("ols_mse", "floor"),
+    ("gap", "gap"),
+    ("weights", "weights"),
+    ("steps", "steps"),
+    ("fit_seconds", "fit s"),
+]
+
+
+def status_counts(rows: list[dict[str, Any]]) -> str:
+    """`46 ok, 1 diverged, 1 failed`."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: kv[0] not in FINISHED))
+
+
+def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]], plots: list[str]) -> str:
+    """A readable summary: counts, failures, the table and the plots."""
+    lines = [f"# Sweep {sweep_dir.name}", "", f"{len(rows)} jobs: {status_counts(rows)}.", ""]
+    keys = swept_keys(rows)
+    for r in rows:
+        if r["status"] not in FINISHED:
+            lines.append(f"- **{r['status']}** {job_label(r, keys)}: {fmt(r['error'])}")
+        elif r["status"] == "diverged":
+            lines.append(f"- diverged {job_label(r, keys)} at epoch {r['diverged_epoch']}")
+    if lines[-1]:
+        lines.append("")
+    lines.append("| " + " | ".join(title for _, title in MD_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(MD_COLUMNS))
+    for r in rows:
+        cells = [fmt(r[k], 3 if k == "fit_seconds" else 4) for k, _ in MD_COLUMNS]
+        if r["status"] not in FINISHED:
+            cells[MD_COLUMNS.index(("status", "status"))] = f"**{r['status']}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def is_number(value: Any) -> bool:
+    """A finite int/float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def varying_params(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's parameters that take more than one value: the plot's x axes (lr when none varies)."""
+    varying = [p for p in PARAMS if p != "model" and len({json.dumps(r[p]) for r in rows}) > 1]
+    return varying or ["lr"]
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """PNG via a temp file and a rename."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_atomic(path, buf.getvalue())
+
+
+def plot_mse(rows: list[dict[str, Any]], path: Path) -> None:
+    """Final train MSE against each swept parameter, one series per model (median line over the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
+    import matplotlib.pyplot as plt
+
+    params = varying_params(rows)
+    done = [r for r in rows if is_number(r["train_mse"])]
+    models = sorted({str(r["model"]) for r in rows})
+    fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        values = sorted({json.dumps(r[param]) for r in rows})
+        numeric = all(is_number(json.loads(v)) for v in values)
+        xs_of = {v: (json.loads(v) if numeric else i) for i, v in enumerate(values)}
+        for i, model in enumerate(models):
+            pts = [(xs_of[json.dumps(r[param])], r["train_mse"]) for r in done if str(r["model"]) == model]
+            if not pts:
+                continue
+            shift = 1 + 0.04 * (i - (len(models) - 1) / 2)  # side by side, not on top of each other
+            xs = [x * shift if numeric else x + (shift - 1) * 2 for x, _ in pts]
+            ax.scatter(xs, [y for _, y in pts], alpha=0.6, label=model)
+            line_x = sorted({x for x, _ in pts})
+            medians = [statistics.median(y for x, y in pts if x == lx) for lx in line_x]
+            ax.plot(line_x, medians, alpha=0.8)
+        if numeric and all(json.loads(v) > 0 for v in values) and len(values) > 1:
+            hi, lo = max(json.loads(v) for v in values), min(json.loads(v) for v in values)
+            if hi / lo >= 10:
+                ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(json.loads(v)) for v in values])
+        if done and min(r["train_mse"] for r in done) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel(param)
+        ax.set_ylabel("final train MSE")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    skipped = len(rows) - len(done)
+    fig.suptitle(f"train MSE by parameter ({skipped} diverged/failed jobs not shown)" if skipped else "train MSE")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def coefficient_names(n: int, bias: bool) -> list[str]:
+    """w1..wk, then b when the last coefficient is the intercept."""
+    return [f"w{i + 1}" for i in range(n - 1)] + ["b"] if bias else [f"w{i + 1}" for i in range(n)]
+
+
+def plot_weights(rows: list[dict[str, Any]], path: Path) -> None:
+    """Learned coefficients against the true ones (the diagonal is a perfect fit), one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    done = [r for r in rows if r["weights"] and r["true_weights"] and all(is_number(w) for w in r["weights"])]
+    models = sorted({str(r["model"]) for r in rows})
+    for i, model in enumerate(models):
+        pts = [(t, w) for r in done if str(r["model"]) == model for t, w in zip(r["true_weights"], r["weights"])]
+        if pts:
+            jitter = 0.04 * (i - (len(models) - 1) / 2)
+            ax.scatter([t + jitter for t, _ in pts], [w for _, w in pts], alpha=0.6, label=model)
+    truths = sorted({t for r in done for t in r["true_weights"]})
+    if truths:
+        lo, hi = truths[0] - 0.5, truths[-1] + 0.5
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="learned = true")
+        ax.legend()
+    ax.set_xlabel("true coefficient")
+    ax.set_ylabel("learned coefficient")
+    ax.set_title(f"coefficients of {len(done)} finished jobs")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write results.csv, results.md and the plots into the sweep dir; return the rows."""
+    rows = collect(sweep_dir)
+    plots = {"mse.png": plot_mse, "weights.png": plot_weights}
+    for name, plot in plots.items():
+        plot(rows, sweep_dir / name)
+    write_atomic(sweep_dir / "results.csv", to_csv(rows).encode())
+    write_atomic(sweep_dir / "results.md", to_markdown(sweep_dir, rows, list(plots)).encode())
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m linreg.results DIR`: rebuild a sweep's table and plots; non-zero when jobs failed."""
+    parser = argparse.ArgumentParser(prog="python -m linreg.results", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. outputs/multirun/<time>")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir() or not job_dirs(args.sweep_dir):
+        print(f"error: {args.sweep_dir}: no job dirs (not a sweep dir?)", file=sys.stderr)
+        return 2
+    rows = summarize(args.sweep_dir)
+    print(f"{len(rows)} jobs: {status_counts(rows)} -> {args.sweep_dir / 'results.md'}")
+    message = failure_message(args.sweep_dir, rows)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- Hydra callback
+
+
+def planned_jobs(config: DictConfig) -> tuple[int | None, list[str]]:
+    """How many jobs the sweep will run, and which keys it sweeps (None jobs when it cannot tell)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    params = {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()}
+    if sweeper.get("n_trials") is not None:  # optuna: one job per trial
+        return int(sweeper.n_trials), list(params)
+    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in config.hydra.overrides.task]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+        swept = list(dict.fromkeys(o.get_key_element() for o in overrides if o.is_sweep_override()))
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None)), swept
+    except Exception:  # a sweep syntax the basic sweeper cannot expand: progress shows k/?
+        return None, list(params)
+
+
+def append_progress(path: Path, make_line: Any) -> str:
+    """Append one line under an exclusive lock; `make_line(k)` gets this job's finishing rank."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to the same file
+        f.seek(0)
+        k = sum(1 for _ in f) + 1
+        line = make_line(k)
+        f.write(line + "\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return line
+
+
+class SweepResults(Callback):
+    """Progress lines while a sweep runs; the results table and plots when it ends; failures exit non-zero."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Record the job count and swept keys for the jobs, which may run in other processes."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        n, swept = planned_jobs(config)
+        plan = {"jobs": n, "swept": swept, "started": time.time()}
+        write_atomic(sweep_dir / PLAN_FILE, json.dumps(plan).encode())
+        write_atomic(sweep_dir / PROGRESS_FILE, b"")  # a re-run (resume) counts from 1 again
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """One line: `[3/48] model=linear data.deg=2 ...: ok train_mse=0.0001`."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir, out = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
+        try:
+            plan = json.loads((sweep_dir / PLAN_FILE).read_text())
+        except (OSError, ValueError):
+            plan = {"jobs": None, "swept": [], "started": None}
+        line = append_progress(sweep_dir / PROGRESS_FILE, lambda k: progress_line(k, plan, out, job_return))
+        log.info(line)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Build the table and plots; exit non-zero with one line naming the failed jobs, if any."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir() or not job_dirs(sweep_dir):
+            return
+        rows = summarize(sweep_dir)
+        log.info(f"sweep: {len(rows)} jobs: {status_counts(rows)} -> {sweep_dir / 'results.md'}")
+        message = failure_message(sweep_dir, rows)
+        if message:
+            raise SweepFailedError(f"error: {message}")
+
+
+def progress_line(k: int, plan: dict[str, Any], out: Path, job_return: JobReturn) -> str:
+    """The progress line of the k-th finished job."""
+    swept = set(plan.get("swept") or [])
+    overrides = [o for o in job_return.overrides or [] if o.partition("=")[0] in swept] or [
+        o for o in job_return.overrides or [] if not o.startswith("resume=")
+    ]
+    metrics_path = out / "metrics.json"
+    try:
+        m = json.loads(metrics_path.read_text())
+        status, mse = m.get("status"), m.get("train_mse")
+        resumed = plan.get("started") is not None and metrics_path.stat().st_mtime < plan["started"]
+    except (OSError, ValueError):
+        status, mse, resumed = "failed", None, False
+    if job_return.status == JobStatus.FAILED:
+        status = f"failed ({type(job_return._return_value).__name__}: {job_return._return_value})"
+    mse_text = f"{mse:.6g}" if isinstance(mse, float) else "n/a"
+    total = plan.get("jobs") or "?"
+    return f"[{k}/{total}] {' '.join(overrides)}: {status} train_mse={mse_text}{' (done before)' if resumed else ''}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
