@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, validate
+from linreg.dashboard import dashboard_callbacks, run_label
 from linreg.data import RegressionDataModule
 from linreg.models import MODELS, RegressionModule
 
@@ -50,7 +51,8 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
             TensorBoardLogger(
                 save_dir=str(out),
                 name="tensorboard",
-                version="",
+                # TensorBoard names a run by its path: <job num>/tensorboard/<overrides> says which job it is.
+                version=run_label(HydraConfig.get().overrides.task),
                 log_graph=bool(lcfg.tensorboard.get("log_graph", True)),
                 default_hp_metric=False,
             )
@@ -66,7 +68,7 @@ def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False, every_n_epochs=1
     )
-    return [checkpoint]
+    return [checkpoint, *dashboard_callbacks(cfg)]
 
 
 def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:

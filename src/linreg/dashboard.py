@@ -1,0 +1,188 @@
+"""TensorBoard dashboards: parameter trajectories, the HParams record and a picture of the fit.
+
+Tags written here (a contract for dashboards and scripts; `train/loss` and `train/mse` come from the module):
+`params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap` and the image `fit`.
+All scalars use Lightning's own logger step, so they line up with `train/mse` and `train/loss`.
+"""
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from linreg.models import RegressionModule
+
+# The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
+HP_METRICS = ("hp/train_mse", "hp/ols_gap")
+LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
+MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
+
+
+def dashboard_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The swept hyperparameters of a run, one scalar each (the same keys for every job)."""
+    return {
+        "model": str(cfg.model.name),
+        "deg": int(cfg.data.deg),
+        "delta": float(cfg.data.delta),
+        "lr": float(cfg.model.lr),
+        "batch_size": int(cfg.data.batch_size),
+        "accelerator": str(cfg.trainer.accelerator),
+        "seed": int(cfg.seed),
+        "num_examples": int(cfg.data.num_examples),
+        "epochs": int(cfg.trainer.max_epochs),
+    }
+
+
+def run_label(overrides: Sequence[str]) -> str:
+    """A run's folder name from its command-line overrides (as Hydra's `override_dirname`), one path part."""
+    # `resume=true` must land in the same run as the first try (and `logger=...` changes no result).
+    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in LABEL_EXCLUDE)
+    # A '/' in an override (a path) would nest folders and split the run in TensorBoard.
+    label = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]", "_", ",".join(kept))[:MAX_LABEL]
+    return label or "defaults"
+
+
+def log_step(trainer: L.Trainer) -> int:
+    """The step Lightning's own logging uses now (batches trained, not optimizer steps)."""
+    # Lightning logs `train/loss` and `train/mse` at this counter; using it keeps every curve on one axis.
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def param_names(count: int, bias: bool) -> list[str]:
+    """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
+    features = count - 1 if bias else count
+    return [f"w{i + 1}" for i in range(features)] + (["b"] if bias else [])
+
+
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's TensorBoard logger, if it has one."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write scalars straight to every logger: no per-step bookkeeping in Lightning's result collection."""
+    for lg in trainer.loggers:
+        lg.log_metrics(metrics, step=step)
+
+
+class ParamsLogger(L.Callback):
+    """`params/<name>` after each epoch and every `every_n_steps` training calls."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = every_n_steps
+
+    def log_params(self, trainer: L.Trainer, module: RegressionModule) -> None:
+        """One point per coefficient at the current step."""
+        weights = module.weights()
+        names = param_names(len(weights), bool(module.hparams.bias))
+        log_scalars(trainer, {f"params/{n}": v for n, v in zip(names, weights)}, log_step(trainer))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Sampled like train/loss: a modulo is all the steps in between pay.
+        if self.every_n_steps > 0 and batch_idx % self.every_n_steps == 0:
+            self.log_params(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation is the end-of-epoch evaluation here: the same step as that epoch's train/mse.
+        if not trainer.sanity_checking:
+            self.log_params(trainer, pl_module)
+
+
+class HParamsRecord(L.Callback):
+    """The HParams record: swept hyperparameters with `hp/train_mse` and `hp/ols_gap` as its metrics."""
+
+    def __init__(self, hparams: dict[str, Any]) -> None:
+        self.hparams = hparams
+        self.ols_mse = math.nan
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.ols_mse = trainer.datamodule.ols_mse()
+        tb = tensorboard_logger(trainer)
+        if tb is not None:
+            # With default_hp_metric=False no record is written unless metric keys come along: start
+            # them at the untrained model's values, so even a run that dies leaves a real row.
+            tb.log_hyperparams(self.hparams, metrics=self.metrics(full_data_mse(trainer, pl_module)))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch_mse = getattr(pl_module, "epoch_mse", None)
+        mse = epoch_mse[-1] if epoch_mse else full_data_mse(trainer, pl_module)
+        # Logged after the start values at a later step: TensorBoard's HParams shows the latest.
+        log_scalars(trainer, self.metrics(mse), max(log_step(trainer), 1))
+
+    def metrics(self, mse: float) -> dict[str, float]:
+        """The HParams metrics for a full-data MSE."""
+        return {"hp/train_mse": mse, "hp/ols_gap": mse - self.ols_mse}
+
+
+def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
+    """The model's MSE on the whole data set now."""
+    x, y = trainer.datamodule.full_data()
+    with torch.no_grad():
+        y_hat = module(x.to(module.device)).reshape(-1).cpu()
+    return torch.mean((y_hat - y.reshape(-1)) ** 2).item()
+
+
+class FitFigure(L.Callback):
+    """At the end of fit, an image `fit`: fitted vs. true values and residuals vs. each feature."""
+
+    def __init__(self, max_points: int = 500) -> None:
+        self.max_points = max_points
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tb = tensorboard_logger(trainer)
+        if tb is None:
+            return
+        x, y = trainer.datamodule.full_data()
+        with torch.no_grad():
+            y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
+        fig = fit_figure(x, y.reshape(-1), y_hat, self.max_points)
+        tb.experiment.add_figure("fit", fig, global_step=log_step(trainer), close=True)
+
+
+def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points: int) -> Any:
+    """Two panels: fitted vs. true y (a straight line when the model fits), residuals vs. features."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; imported here so runs without a dashboard never load it
+    import matplotlib.pyplot as plt
+
+    stride = max(1, len(y) // max_points)
+    x, y, y_hat = x[::stride], y[::stride], y_hat[::stride]
+    y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
+    residual = y - y_hat
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.scatter(y, y_hat, s=6, alpha=0.6)
+    lo, hi = y.min().item(), y.max().item()
+    left.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = ŷ")
+    left.set(xlabel="y (data)", ylabel="ŷ (fitted)", title=f"fitted vs. data, MSE {torch.nanmean(residual**2):.4g}")
+    left.legend(loc="upper left")
+    # Constant columns (the ones column of the manual model) carry no information: skip them.
+    features = [j for j in range(x.shape[1]) if x[:, j].std() > 0]
+    for j in features:
+        right.scatter(x[:, j], residual, s=6, alpha=0.5, label=f"x{j + 1}")
+    right.axhline(0, color="black", linewidth=1)
+    right.set(xlabel="feature value", ylabel="residual y − ŷ", title="residuals (a curve: the model misses a shape)")
+    if 0 < len(features) <= 10:
+        right.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The dashboard callbacks the logger config asks for (none without a logger)."""
+    lcfg = cfg.get("logger") or {}
+    if not lcfg:
+        return []
+    # params/* are sampled at train/loss's cadence: one knob, and the curves share their points.
+    callbacks: list[L.Callback] = [ParamsLogger(cfg.trainer.log_every_n_steps), HParamsRecord(dashboard_hparams(cfg))]
+    tb = lcfg.get("tensorboard")
+    if tb is not None and tb.get("fit_figure", True):
+        callbacks.append(FitFigure())
+    return callbacks
