@@ -319,7 +319,8 @@ def plot_mse(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(param)
         ax.set_ylabel("final train MSE")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     skipped = len(rows) - len(done)
     fig.suptitle(f"train MSE by parameter ({skipped} diverged/failed jobs not shown)" if skipped else "train MSE")
     fig.tight_layout()
