@@ -1,0 +1,204 @@
+"""TensorBoard dashboards: the event files read back, and a real TensorBoard server over a sweep."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from linreg.dashboard import HP_METRICS, dashboard_callbacks, param_names, run_label
+from linreg.train import run
+from tests.conftest import REPO, run_cli
+
+HPARAM_KEYS = {"model", "deg", "delta", "lr", "batch_size", "accelerator", "seed", "num_examples", "epochs"}
+
+
+def event_dirs(root: Path) -> list[Path]:
+    """Every folder under `root` that holds a TensorBoard event file (a run, to TensorBoard)."""
+    return sorted({p.parent for p in root.rglob("events.out.tfevents.*")})
+
+
+def accumulator(run_dir: Path) -> EventAccumulator:
+    """All of a run's events loaded (no sampling)."""
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def session_hparams(ea: EventAccumulator) -> dict[str, object]:
+    """The hyperparameters of a run's HParams session-start record."""
+    content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+@pytest.mark.parametrize("model", ["manual", "linear"])
+def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model):
+    # 1000 samples / batch 10 = 100 steps an epoch; sampled every 25: 4 points an epoch, +1 at its end.
+    metrics = run(make_cfg(f"model={model}", "trainer.log_every_n_steps=25"))
+    (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
+    ea = accumulator(run_dir)
+    tags = ea.Tags()
+    assert {"train/mse", "train/loss", "params/w1", "params/w2", "params/b", *HP_METRICS} <= set(tags["scalars"])
+    assert tags["images"] == ["fit"] and tags["graph"]
+
+    def values(tag: str) -> list[float]:
+        return [e.value for e in ea.Scalars(tag)]
+
+    assert len(values("train/mse")) == 3 and values("train/mse")[-1] == pytest.approx(metrics["train_mse"])
+    assert len(values("train/loss")) == 3 * 4
+    for name in ("w1", "w2", "b"):
+        assert len(values(f"params/{name}")) == 3 * (4 + 1)
+    ends = [values(f"params/{name}")[-1] for name in ("w1", "w2", "b")]
+    assert ends == pytest.approx([2, -1, 1], abs=0.01)
+    assert ends == pytest.approx(metrics["weights"])
+    # The params' epoch-end points share train/mse's steps: one axis for every curve.
+    mse_steps = {e.step for e in ea.Scalars("train/mse")}
+    assert mse_steps <= {e.step for e in ea.Scalars("params/b")}
+
+    # HParams: real final values (not a -1 placeholder) and the same keys as every other job.
+    assert values("hp/train_mse")[-1] == pytest.approx(metrics["train_mse"])
+    assert values("hp/ols_gap")[-1] == pytest.approx(metrics["train_mse"] - metrics["ols_mse"], abs=1e-9)
+    assert "hp_metric" not in tags["scalars"]
+    hparams = session_hparams(ea)
+    assert set(hparams) == HPARAM_KEYS
+    assert hparams["model"] == model and hparams["lr"] == pytest.approx(0.03) and hparams["deg"] == 1
+
+
+def test_wide_weights_get_a_curve_each_and_csv_logs_them_too(make_cfg, tmp_path):
+    run(make_cfg("data.w=[1,2,3,4,5]", "data.num_examples=100", "trainer.max_epochs=1", "logger=tensorboard_csv"))
+    (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
+    params = sorted(t for t in accumulator(run_dir).Tags()["scalars"] if t.startswith("params/"))
+    assert params == ["params/b", "params/w1", "params/w2", "params/w3", "params/w4"]
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/mse", "params/w4", "params/b", *HP_METRICS} <= set(header)
+
+
+def test_deg2_fit_figure_is_an_image(make_cfg, tmp_path):
+    run(make_cfg("experiment=deg2", "data.num_examples=200", "trainer.max_epochs=1"))
+    (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
+    (image,) = accumulator(run_dir).Images("fit")
+    assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > image.height > 100
+
+
+def test_no_logger_means_no_dashboard_cost(make_cfg):
+    assert dashboard_callbacks(make_cfg("~logger")) == []
+    assert len(dashboard_callbacks(make_cfg("logger=csv"))) == 2  # no TensorBoard: no figure
+    assert len(dashboard_callbacks(make_cfg("logger.tensorboard.fit_figure=false"))) == 2
+
+
+def test_run_labels_are_one_path_part_and_ignore_resume():
+    assert run_label(["model=linear", "data.deg=2"]) == "data.deg=2,model=linear"
+    assert run_label(["model=linear", "resume=true", "logger=tensorboard_csv"]) == "model=linear"
+    assert "/" not in run_label(["data.w=[1,2]", "+note=a/b c"]) and run_label([]) == "defaults"
+    assert len(run_label([f"k{i}=value{i}" for i in range(100)])) <= 120
+
+
+def test_param_names_follow_the_tutorial_order():
+    assert param_names(3, bias=True) == ["w1", "w2", "b"]
+    assert param_names(2, bias=False) == ["w1", "w2"]
+
+
+# --- a real TensorBoard server over a real 4-job sweep ----------------------------------------------
+
+SWEEP = ["model=manual,linear", "data.deg=1,2", "data.num_examples=200", "trainer.max_epochs=2"]
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None) -> object:
+    """GET (or POST `body` as JSON) and decode the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A 4-job sweep (manual/linear x deg 1/2), as a user runs it."""
+    out = tmp_path_factory.mktemp("dashboard") / "sweep"
+    proc = run_cli("-m", "linreg.train", "-m", f"hydra.sweep.dir={out}", *SWEEP)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tensorboard_url(sweep_dir: Path) -> Iterator[str]:
+    """`tensorboard --logdir <sweep>` on 127.0.0.1, answering with all 4 runs; stopped by its pid."""
+    port = free_port()
+    exe = REPO / ".venv" / "bin" / "tensorboard"
+    cmd = [str(exe), "--logdir", str(sweep_dir), "--host", "127.0.0.1", "--port", str(port), "--reload_interval", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if len(http_json(f"{url}/data/runs")) == 4:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "tensorboard did not list the 4 runs in 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and nothing else
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_tensorboard_server_shows_every_job(sweep_dir, tensorboard_url):
+    runs = http_json(f"{tensorboard_url}/data/runs")
+    # One run per job, named by the job's number and overrides, directly under the sweep dir.
+    assert sorted(r.split("/")[0] for r in runs) == ["0", "1", "2", "3"]
+    assert all(r.startswith(f"{r.split('/')[0]}/tensorboard/") and "model=" in r and "data.deg=" in r for r in runs)
+
+    scalars = http_json(f"{tensorboard_url}/data/plugin/scalars/tags")
+    graphs = http_json(f"{tensorboard_url}/data/plugin/graphs/info")
+    images = http_json(f"{tensorboard_url}/data/plugin/images/tags")
+    for r in runs:
+        assert {"train/mse", "train/loss", "params/w1", "params/w2", "params/b"} <= scalars[r].keys()
+        assert graphs[r]["run_graph"], r
+        assert "fit" in images[r]
+
+
+def test_tensorboard_hparams_table_has_real_metrics_for_every_job(tensorboard_url):
+    experiment = http_json(f"{tensorboard_url}/data/plugin/hparams/experiment", {"experimentName": ""})
+    assert {h["name"] for h in experiment["hparamInfos"]} == HPARAM_KEYS
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(HP_METRICS)
+
+    cols = [{"hparam": k, "includeInResult": True} for k in sorted(HPARAM_KEYS)]
+    cols += [{"metric": {"tag": t, "group": ""}, "includeInResult": True} for t in HP_METRICS]
+    request = {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"], "colParams": cols}
+    groups = http_json(f"{tensorboard_url}/data/plugin/hparams/session_groups", {**request, "sliceSize": 100})
+    sessions = groups["sessionGroups"]
+    assert len(sessions) == 4
+    seen = set()
+    for group in sessions:
+        assert set(group["hparams"]) == HPARAM_KEYS
+        seen.add((group["hparams"]["model"], group["hparams"]["deg"]))
+        values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        assert set(values) == set(HP_METRICS) and all(math.isfinite(v) for v in values.values())
+        assert 0 <= values["hp/ols_gap"] < values["hp/train_mse"]
+        # deg=2 is the tutorial's lesson: a linear model stays far above zero error.
+        assert (values["hp/train_mse"] > 5) == (group["hparams"]["deg"] == 2)
+    assert seen == {("manual", 1), ("manual", 2), ("linear", 1), ("linear", 2)}
