@@ -126,7 +126,7 @@ cmd_start() {
 	fi
 	write_conf
 	start_munge
-	pid_alive slurmctld || SLURM_CONF=$CONF slurmctld -f "$CONF"
+	pid_alive slurmctld || SLURM_CONF=$CONF slurmctld -c -f "$CONF" # -c: a fresh queue, no jobs from an earlier run
 	wait_for 20 "slurmctld (scontrol ping)" env SLURM_CONF="$CONF" scontrol ping
 	pid_alive slurmd || SLURM_CONF=$CONF slurmd -f "$CONF" -N "$NODE"
 	wait_for 30 "node $NODE idle" node_idle
@@ -136,6 +136,11 @@ cmd_start() {
 
 cmd_stop() {
 	local name pid i
+	if pid_alive slurmctld; then
+		# Jobs still running would outlive slurmd (their slurmstepd): cancel them first; the cluster is ours alone.
+		SLURM_CONF=$CONF scancel --partition=debug 2>/dev/null || true
+		wait_for 10 "jobs to end" bash -c "[[ -z \$(SLURM_CONF='$CONF' squeue -h -t R,CG,PD 2>/dev/null) ]]" || true
+	fi
 	for name in "${PIDS[@]}"; do
 		pid_alive "$name" || {
 			rm -f "$DIR/run/$name.pid"
