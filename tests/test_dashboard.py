@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from linreg.dashboard import HP_METRICS, dashboard_callbacks, param_names, run_label
+from linreg.dashboard import HEADLINE_HPARAMS, HP_METRICS, dashboard_callbacks, param_names, run_label
 from linreg.train import run
 from tests.conftest import REPO, run_cli
 
@@ -184,6 +184,8 @@ def test_tensorboard_server_shows_every_job(sweep_dir, tensorboard_url):
 def test_tensorboard_hparams_table_has_real_metrics_for_every_job(tensorboard_url):
     experiment = http_json(f"{tensorboard_url}/data/plugin/hparams/experiment", {"experimentName": ""})
     assert {h["name"] for h in experiment["hparamInfos"]} == HPARAM_KEYS
+    # The table opens on its first five columns: the headline ones (model, deg, delta, lr, batch_size).
+    assert {h["name"] for h in experiment["hparamInfos"][:5]} == set(HEADLINE_HPARAMS)
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(HP_METRICS)
 
     cols = [{"hparam": k, "includeInResult": True} for k in sorted(HPARAM_KEYS)]

@@ -19,6 +19,7 @@ from linreg.models import RegressionModule
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
+HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
 LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
 
@@ -101,24 +102,49 @@ class HParamsRecord(L.Callback):
     def __init__(self, hparams: dict[str, Any]) -> None:
         self.hparams = hparams
         self.ols_mse = math.nan
+        self.end_summary: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ols_mse = trainer.datamodule.ols_mse()
+        start = self.metrics(full_data_mse(trainer, pl_module))
         tb = tensorboard_logger(trainer)
         if tb is not None:
-            # With default_hp_metric=False no record is written unless metric keys come along: start
-            # them at the untrained model's values, so even a run that dies leaves a real row.
-            tb.log_hyperparams(self.hparams, metrics=self.metrics(full_data_mse(trainer, pl_module)))
+            experiment, session_start, self.end_summary = hparams_summaries(self.hparams, start)
+            writer = tb.experiment._get_file_writer()  # as Lightning's own log_hyperparams writes them
+            writer.add_summary(experiment)
+            writer.add_summary(session_start)
+        # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
+        log_scalars(trainer, start, 0)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_mse = getattr(pl_module, "epoch_mse", None)
         mse = epoch_mse[-1] if epoch_mse else full_data_mse(trainer, pl_module)
         # Logged after the start values at a later step: TensorBoard's HParams shows the latest.
         log_scalars(trainer, self.metrics(mse), max(log_step(trainer), 1))
+        tb = tensorboard_logger(trainer)
+        if tb is not None and self.end_summary is not None:
+            tb.experiment._get_file_writer().add_summary(self.end_summary)  # status: finished
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
         return {"hp/train_mse": mse, "hp/ols_gap": mse - self.ols_mse}
+
+
+def hparams_summaries(hparams: dict[str, Any], metrics: dict[str, float]) -> tuple[Any, Any, Any]:
+    """The HParams plugin's experiment, session-start and session-end summaries for one run."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from torch.utils.tensorboard.summary import hparams as hparams_pb
+
+    experiment, session_start, session_end = hparams_pb(hparams, metrics)
+    # TensorBoard shows the first five hparams it is told "differ" (else the first five by name:
+    # accelerator, batch_size, deg, delta, epochs). A job cannot know what its sweep varies, so
+    # the headline columns are declared here.
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in HEADLINE_HPARAMS
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return experiment, session_start, session_end
 
 
 def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
