@@ -473,6 +473,8 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, job_return: JobReturn
     try:
         m = json.loads(metrics_path.read_text())
         status, mse = m.get("status"), m.get("train_mse")
+        if m.get("error"):
+            status = f"{status} ({one_line(m['error'])})"
         resumed = plan.get("started") is not None and metrics_path.stat().st_mtime < plan["started"]
     except (OSError, ValueError):
         status, mse, resumed = "failed", None, False

@@ -1,0 +1,165 @@
+"""Sweeps through the real CLI: the results table, diverged and failed jobs, resume, joblib, submitit, optuna."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+SMALL = ["data.num_examples=100", "trainer.max_epochs=1"]
+
+
+def read_csv(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_of(sweep: Path, job: str) -> dict:
+    return json.loads((sweep / job / "metrics.json").read_text())
+
+
+def check_rows_match_metrics(sweep: Path, jobs: int) -> list[dict[str, str]]:
+    """Every job is one row, and its values are the job's metrics.json values exactly."""
+    rows = read_csv(sweep)
+    assert [r["job"] for r in rows] == [str(i) for i in range(jobs)]
+    for row in rows:
+        m = metrics_of(sweep, row["job"])
+        assert row["status"] == m["status"] and row["model"] == m["model"]
+        assert float(row["lr"]) == m["lr"] and int(row["batch_size"]) == m["batch_size"]
+        assert float(row["deg"]) == m["data"]["deg"] and float(row["delta"]) == m["data"]["delta"]
+        assert row["accelerator"] == m["accelerator"] and int(row["seed"]) == m["seed"]
+        assert (float(row["train_mse"]) if row["train_mse"] else None) == m["train_mse"]
+        assert (float(row["ols_mse"]) if row["ols_mse"] else None) == m["ols_mse"]
+        assert (json.loads(row["weights"]) if row["weights"] else None) == m["weights"]
+        assert int(row["steps"]) == m["steps"] and float(row["fit_seconds"]) == m["fit_seconds"]
+        assert Path(row["dir"]) == (sweep / row["job"]).resolve()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> tuple[Path, object]:
+    """2 models x lr 0.03 (converges) and 100 (diverges): 4 jobs, one CLI call."""
+    sweep = tmp_path_factory.mktemp("grid") / "sweep"
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "model=manual,linear", "model.lr=0.03,100")
+    return sweep, proc
+
+
+def test_grid_table_matches_every_jobs_metrics(grid):
+    sweep, proc = grid
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = check_rows_match_metrics(sweep, 4)
+    assert [(r["model"], r["lr"]) for r in rows] == [
+        ("manual", "0.03"),
+        ("manual", "100"),
+        ("linear", "0.03"),
+        ("linear", "100"),
+    ]
+    md = (sweep / "results.md").read_text()
+    assert "4 jobs: 2 ok, 2 diverged." in md
+
+
+def test_diverging_job_is_an_outcome_not_a_failure(grid):
+    sweep, proc = grid
+    assert proc.returncode == 0
+    diverged = [r for r in read_csv(sweep) if r["lr"] == "100"]
+    assert [r["status"] for r in diverged] == ["diverged", "diverged"]
+    assert all(r["diverged_epoch"] == "0" and r["train_mse"] == "" for r in diverged)
+    assert all(r["status"] == "ok" and float(r["train_mse"]) < 5 for r in read_csv(sweep) if r["lr"] == "0.03")
+
+
+def test_grid_writes_valid_png_plots(grid):
+    sweep, _ = grid
+    for name in ("mse.png", "weights.png"):
+        with Image.open(sweep / name) as img:
+            img.verify()
+            assert img.format == "PNG"
+        with Image.open(sweep / name) as img:
+            assert img.size[0] > 200 and img.size[1] > 200
+
+
+def test_progress_line_per_finished_job(grid):
+    sweep, proc = grid
+    lines = (sweep / "progress.log").read_text().splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert lines[0].startswith("[1/4] model=manual model.lr=0.03: ok train_mse=")
+    assert lines[1] == "[2/4] model=manual model.lr=100: diverged train_mse=n/a"
+    assert all(line in proc.stderr + proc.stdout for line in lines)  # shown while it runs, too
+
+
+def test_results_cli_rebuilds_the_same_table(grid):
+    sweep, _ = grid
+    before = (sweep / "results.csv").read_text()
+    (sweep / "results.csv").unlink()
+    (sweep / "mse.png").unlink()
+    proc = run_cli("-m", "linreg.results", str(sweep))
+    assert proc.returncode == 0, proc.stderr
+    assert (sweep / "results.csv").read_text() == before and (sweep / "mse.png").exists()
+
+
+def test_resume_skips_finished_jobs_and_reproduces_the_table(grid):
+    sweep, _ = grid
+    before = (sweep / "results.csv").read_text()
+    stamps = {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in "0123"}
+    fit = {j: metrics_of(sweep, j)["fit_seconds"] for j in "0123"}
+    proc = run_cli(
+        "--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "model=manual,linear", "model.lr=0.03,100", "resume=true"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in "0123"} == stamps
+    assert {j: metrics_of(sweep, j)["fit_seconds"] for j in "0123"} == fit
+    assert (sweep / "results.csv").read_text() == before
+    assert "(done before)" in (sweep / "progress.log").read_text()
+
+
+def test_failing_job_is_marked_the_rest_run_and_the_sweep_exits_nonzero(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "data.batch_size=10,0,20")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "1 of 3 jobs failed: #1 [data.batch_size=0] failed: data.batch_size=0: must be a positive integer" in last
+    rows = check_rows_match_metrics(sweep, 3)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "must be a positive integer" in rows[1]["error"]
+    assert "**failed**" in (sweep / "results.md").read_text()
+    assert (sweep / "mse.png").exists()
+
+
+def test_joblib_parallel_jobs_get_distinct_dirs_and_tensorboard_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", *SMALL,
+        "model=manual,linear",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = check_rows_match_metrics(sweep, 2)
+    assert {r["model"] for r in rows} == {"manual", "linear"}
+    events = [sorted((sweep / j / "tensorboard").rglob("events.out.tfevents.*")) for j in "01"]
+    assert all(len(e) == 1 for e in events)  # one run each: no job wrote into the other's TensorBoard dir
+    assert sorted((sweep / "progress.log").read_text().splitlines())[0].startswith("[1/2] ")
+
+
+def test_submitit_local_runs_the_jobs_through_submitit(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}", *SMALL,
+        "model.lr=0.03,0.1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((sweep / ".submitit").rglob("*_result.pkl"))  # the jobs ran as submitit jobs
+    rows = check_rows_match_metrics(sweep, 2)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_optuna_preset_searches_lr_and_batch_size(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "--multirun", "sweep=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", *SMALL, "data.deg=2"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = check_rows_match_metrics(sweep, 3)
+    assert all(r["deg"] == "2" for r in rows) and len({r["lr"] for r in rows}) == 3
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "model.lr" in best
