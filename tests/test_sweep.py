@@ -129,10 +129,8 @@ def test_failing_job_is_marked_the_rest_run_and_the_sweep_exits_nonzero(tmp_path
 
 def test_joblib_parallel_jobs_get_distinct_dirs_and_tensorboard_runs(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", *SMALL,
-        "model=manual,linear",
-    )  # fmt: skip
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    proc = run_cli("--multirun", *launcher, f"hydra.sweep.dir={sweep}", *SMALL, "model=manual,linear")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = check_rows_match_metrics(sweep, 2)
     assert {r["model"] for r in rows} == {"manual", "linear"}
@@ -143,10 +141,8 @@ def test_joblib_parallel_jobs_get_distinct_dirs_and_tensorboard_runs(tmp_path):
 
 def test_submitit_local_runs_the_jobs_through_submitit(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}", *SMALL,
-        "model.lr=0.03,0.1",
-    )  # fmt: skip
+    launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
+    proc = run_cli("--multirun", *launcher, f"hydra.sweep.dir={sweep}", *SMALL, "model.lr=0.03,0.1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((sweep / ".submitit").rglob("*_result.pkl"))  # the jobs ran as submitit jobs
     rows = check_rows_match_metrics(sweep, 2)
