@@ -283,54 +283,58 @@ def save_figure(fig: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+GAP_FLOOR = 1e-9  # gaps below this (float32 training against a float64 floor) are drawn at it: log axis
+
+
+def plot_panel(ax: Any, rows: list[dict[str, Any]], param: str, key: str, models: list[str]) -> None:
+    """One parameter's panel: `key` of every finished job against the parameter, a median line per model."""
+    done = [r for r in rows if is_number(r[key])]
+    values = sorted({json.dumps(r[param]) for r in rows})
+    numeric = all(is_number(json.loads(v)) for v in values)
+    xs_of = {v: (json.loads(v) if numeric else i) for i, v in enumerate(values)}
+    for i, model in enumerate(models):
+        pts = [(xs_of[json.dumps(r[param])], max(r[key], GAP_FLOOR)) for r in done if str(r["model"]) == model]
+        if not pts:
+            continue
+        shift = 1 + 0.04 * (i - (len(models) - 1) / 2)  # models side by side, not on top of each other
+        xs = [x * shift if numeric else x + (shift - 1) * 2 for x, _ in pts]
+        ax.scatter(xs, [y for _, y in pts], alpha=0.6, color=f"C{i}")
+        line_x = sorted({x for x, _ in pts})
+        ax.plot(line_x, [statistics.median(y for x, y in pts if x == lx) for lx in line_x], color=f"C{i}", label=model)
+    positive = [json.loads(v) for v in values if numeric and json.loads(v) > 0]
+    if numeric and len(positive) == len(values) > 1 and max(positive) / min(positive) >= 10:
+        ax.set_xscale("log")
+    if len(values) <= 12:  # the swept values themselves as ticks
+        ax.set_xticks([xs_of[v] for v in values], [str(json.loads(v)) for v in values])
+        ax.minorticks_off()
+    if done:
+        ax.set_yscale("log")
+    ax.set_xlabel(param)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def plot_mse(rows: list[dict[str, Any]], path: Path) -> None:
-    """Final train MSE against each swept parameter, one series per model (median line over the rest)."""
+    """Final train MSE, and its gap to the least-squares floor, against each swept parameter, per model."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
     import matplotlib.pyplot as plt
 
     params = varying_params(rows)
-    done = [r for r in rows if is_number(r["train_mse"])]
     models = sorted({str(r["model"]) for r in rows})
-    fig, axes = plt.subplots(1, len(params), figsize=(4.5 * len(params), 4), squeeze=False)
-    for ax, param in zip(axes[0], params):
-        values = sorted({json.dumps(r[param]) for r in rows})
-        numeric = all(is_number(json.loads(v)) for v in values)
-        xs_of = {v: (json.loads(v) if numeric else i) for i, v in enumerate(values)}
-        for i, model in enumerate(models):
-            pts = [(xs_of[json.dumps(r[param])], r["train_mse"]) for r in done if str(r["model"]) == model]
-            if not pts:
-                continue
-            shift = 1 + 0.04 * (i - (len(models) - 1) / 2)  # side by side, not on top of each other
-            xs = [x * shift if numeric else x + (shift - 1) * 2 for x, _ in pts]
-            ax.scatter(xs, [y for _, y in pts], alpha=0.6, label=model)
-            line_x = sorted({x for x, _ in pts})
-            medians = [statistics.median(y for x, y in pts if x == lx) for lx in line_x]
-            ax.plot(line_x, medians, alpha=0.8)
-        if numeric and all(json.loads(v) > 0 for v in values) and len(values) > 1:
-            hi, lo = max(json.loads(v) for v in values), min(json.loads(v) for v in values)
-            if hi / lo >= 10:
-                ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(values)), [str(json.loads(v)) for v in values])
-        if done and min(r["train_mse"] for r in done) > 0:
-            ax.set_yscale("log")
-        ax.set_xlabel(param)
-        ax.set_ylabel("final train MSE")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    skipped = len(rows) - len(done)
-    fig.suptitle(f"train MSE by parameter ({skipped} diverged/failed jobs not shown)" if skipped else "train MSE")
+    fig, axes = plt.subplots(2, len(params), figsize=(4.5 * len(params), 7.5), squeeze=False)
+    for col, param in enumerate(params):
+        for row, (key, label) in enumerate([("train_mse", "final train MSE"), ("gap", "gap to least-squares floor")]):
+            plot_panel(axes[row][col], rows, param, key, models)
+            axes[row][col].set_ylabel(label)
+    skipped = sum(1 for r in rows if not is_number(r["train_mse"]))
+    title = "dots: jobs, lines: median per model"
+    fig.suptitle(f"{title} ({skipped} diverged/failed jobs not shown)" if skipped else title)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
-
-
-def coefficient_names(n: int, bias: bool) -> list[str]:
-    """w1..wk, then b when the last coefficient is the intercept."""
-    return [f"w{i + 1}" for i in range(n - 1)] + ["b"] if bias else [f"w{i + 1}" for i in range(n)]
 
 
 def plot_weights(rows: list[dict[str, Any]], path: Path) -> None:
