@@ -71,38 +71,32 @@ def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> Non
         lg.log_metrics(metrics, step=step)
 
 
-class ParamsLogger(L.Callback):
-    """`params/<name>` after each epoch and every `every_n_steps` training calls."""
+class Dashboard(L.Callback):
+    """Everything the dashboards need beyond the module's own curves, in one callback.
 
-    def __init__(self, every_n_steps: int) -> None:
-        self.every_n_steps = every_n_steps
+    `params/<name>` after each epoch and every `every_n_steps` training calls; the HParams record
+    (`hparams` with `hp/train_mse`, `hp/ols_gap`); and, with `fit_figure`, the image `fit` at the end.
+    """
+
+    # Lightning calls every hook of every callback on every step, each inside a profiler context
+    # (~3 us per callback and hook here). A hook set to None is skipped (`callable(fn)` is false):
+    # of the per-step hooks only `on_train_batch_end` is left, and it costs a modulo between samples.
+    on_train_batch_start = None
+    on_before_backward = None
+    on_after_backward = None
+    on_before_optimizer_step = None
+    on_before_zero_grad = None
+
+    def __init__(self, hparams: dict[str, Any], every_n_steps: int, fit_figure: bool = True) -> None:
+        self.hparams, self.every_n_steps, self.fit_figure = hparams, every_n_steps, fit_figure
+        self.ols_mse = math.nan
+        self.end_summary: Any = None
 
     def log_params(self, trainer: L.Trainer, module: RegressionModule) -> None:
         """One point per coefficient at the current step."""
         weights = module.weights()
         names = param_names(len(weights), bool(module.hparams.bias))
         log_scalars(trainer, {f"params/{n}": v for n, v in zip(names, weights)}, log_step(trainer))
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # Sampled like train/loss: a modulo is all the steps in between pay.
-        if self.every_n_steps > 0 and batch_idx % self.every_n_steps == 0:
-            self.log_params(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation is the end-of-epoch evaluation here: the same step as that epoch's train/mse.
-        if not trainer.sanity_checking:
-            self.log_params(trainer, pl_module)
-
-
-class HParamsRecord(L.Callback):
-    """The HParams record: swept hyperparameters with `hp/train_mse` and `hp/ols_gap` as its metrics."""
-
-    def __init__(self, hparams: dict[str, Any]) -> None:
-        self.hparams = hparams
-        self.ols_mse = math.nan
-        self.end_summary: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ols_mse = trainer.datamodule.ols_mse()
@@ -116,14 +110,34 @@ class HParamsRecord(L.Callback):
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Sampled like train/loss (same calls, same steps).
+        if self.every_n_steps > 0 and batch_idx % self.every_n_steps == 0:
+            self.log_params(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation is the end-of-epoch evaluation here: the same step as that epoch's train/mse.
+        if not trainer.sanity_checking:
+            self.log_params(trainer, pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_mse = getattr(pl_module, "epoch_mse", None)
         mse = epoch_mse[-1] if epoch_mse else full_data_mse(trainer, pl_module)
         # Logged after the start values at a later step: TensorBoard's HParams shows the latest.
         log_scalars(trainer, self.metrics(mse), max(log_step(trainer), 1))
         tb = tensorboard_logger(trainer)
-        if tb is not None and self.end_summary is not None:
+        if tb is None:
+            return
+        if self.end_summary is not None:
             tb.experiment._get_file_writer().add_summary(self.end_summary)  # status: finished
+        if self.fit_figure:
+            x, y = trainer.datamodule.full_data()
+            with torch.no_grad():
+                y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
+            fig = fit_figure(x, y.reshape(-1), y_hat)
+            tb.experiment.add_figure("fit", fig, global_step=log_step(trainer), close=True)
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
@@ -155,24 +169,7 @@ def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
     return torch.mean((y_hat - y.reshape(-1)) ** 2).item()
 
 
-class FitFigure(L.Callback):
-    """At the end of fit, an image `fit`: fitted vs. true values and residuals vs. each feature."""
-
-    def __init__(self, max_points: int = 500) -> None:
-        self.max_points = max_points
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tb = tensorboard_logger(trainer)
-        if tb is None:
-            return
-        x, y = trainer.datamodule.full_data()
-        with torch.no_grad():
-            y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-        fig = fit_figure(x, y.reshape(-1), y_hat, self.max_points)
-        tb.experiment.add_figure("fit", fig, global_step=log_step(trainer), close=True)
-
-
-def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points: int) -> Any:
+def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points: int = 500) -> Any:
     """Two panels: fitted vs. true y (a straight line when the model fits), residuals vs. features."""
     import matplotlib
 
@@ -202,13 +199,11 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points
 
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The dashboard callbacks the logger config asks for (none without a logger)."""
+    """The dashboard callback when the run logs anywhere; none without a logger (no cost at all)."""
     lcfg = cfg.get("logger") or {}
     if not lcfg:
         return []
-    # params/* are sampled at train/loss's cadence: one knob, and the curves share their points.
-    callbacks: list[L.Callback] = [ParamsLogger(cfg.trainer.log_every_n_steps), HParamsRecord(dashboard_hparams(cfg))]
     tb = lcfg.get("tensorboard")
-    if tb is not None and tb.get("fit_figure", True):
-        callbacks.append(FitFigure())
-    return callbacks
+    figure = tb is not None and bool(tb.get("fit_figure", True))
+    # params/* are sampled at train/loss's cadence: one knob, and the curves share their points.
+    return [Dashboard(dashboard_hparams(cfg), cfg.trainer.log_every_n_steps, fit_figure=figure)]
