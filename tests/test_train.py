@@ -62,7 +62,7 @@ def test_the_cli_runs_end_to_end_and_writes_metrics(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "linear" and metrics["epochs"] == 1 and metrics["steps"] == 20
     assert "linear: status=ok" in proc.stdout
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 def test_reproduction_prints_the_table(tmp_path):
