@@ -5,10 +5,10 @@
 #   scripts/slurm-local.sh start     # as root: munged, slurmctld, slurmd with a private slurm.conf
 #   eval "$(scripts/slurm-local.sh env)"   # SLURM_CONF and PATH (with the sacct stand-in) for clients
 #   scripts/slurm-local.sh status
-#   scripts/slurm-local.sh stop      # kills the daemons by their pid files
+#   scripts/slurm-local.sh stop      # cancels its jobs, kills the daemons by their pid files
 #
 # Everything lives under $SLURM_LOCAL_DIR (default /tmp/linreg-slurm); nothing under /etc is changed
-# except what the Debian packages install. Facts behind the settings: ../shared/notes/slurm-single-node.md.
+# except what the Debian packages install. Checked with Debian bookworm's Slurm 22.05 as root, no systemd.
 set -euo pipefail
 
 SCRIPTS="$(cd "$(dirname "$0")" && pwd)"
