@@ -124,6 +124,8 @@ def test_failing_job_is_marked_the_rest_run_and_the_sweep_exits_nonzero(tmp_path
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
     assert "must be a positive integer" in rows[1]["error"]
     assert "**failed**" in (sweep / "results.md").read_text()
+    progress = (sweep / "progress.log").read_text()
+    assert "data.batch_size=0: failed (data.batch_size=0: must be a positive integer) train_mse=n/a" in progress
     assert (sweep / "mse.png").exists()
 
 
