@@ -72,7 +72,7 @@ def job_overrides(job_dir: Path) -> list[str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         return []
-    return [str(o) for o in OmegaConf.load(path) if not str(o).split("=", 1)[0].lstrip("+~") == "resume"]
+    return [str(o) for o in OmegaConf.load(path) if str(o).split("=", 1)[0].lstrip("+~") != "resume"]
 
 
 def missing_metrics(job_dir: Path) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         "fit_seconds": m.get("fit_seconds"),
         "diverged_epoch": m.get("diverged_epoch"),
         "error": one_line(m.get("error")),
-        "overrides": " ".join(job_overrides(job_dir)),
+        "overrides": job_overrides(job_dir),
         "dir": str(job_dir.resolve()),
     }
 
@@ -150,16 +150,16 @@ def swept_keys(rows: list[dict[str, Any]]) -> set[str]:
     """Override keys whose value differs between jobs: what names a job within its sweep."""
     values: dict[str, set[str]] = {}
     for row in rows:
-        for o in row["overrides"].split():
+        for o in row["overrides"]:
             key, _, value = o.partition("=")
             values.setdefault(key, set()).add(value)
-    per_job = [{o.partition("=")[0] for o in row["overrides"].split()} for row in rows]
+    per_job = [{o.partition("=")[0] for o in row["overrides"]} for row in rows]
     return {k for k, v in values.items() if len(v) > 1 or any(k not in keys for keys in per_job)}
 
 
 def job_label(row: dict[str, Any], keys: set[str]) -> str:
     """`#3 [model=linear model.lr=0.1]`: the job number and its swept overrides."""
-    shown = [o for o in row["overrides"].split() if o.partition("=")[0] in keys] or row["overrides"].split()
+    shown = [o for o in row["overrides"] if o.partition("=")[0] in keys] or row["overrides"]
     return f"#{row['job']} [{' '.join(shown)}]"
 
 
@@ -198,7 +198,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: csv_value(row[k]) for k in COLUMNS})
+        writer.writerow({k: " ".join(row[k]) if k == "overrides" else csv_value(row[k]) for k in COLUMNS})
     return buf.getvalue()
 
 
