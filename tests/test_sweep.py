@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,25 @@ def test_resume_skips_finished_jobs_and_reproduces_the_table(grid):
     assert {j: metrics_of(sweep, j)["fit_seconds"] for j in "0123"} == fit
     assert (sweep / "results.csv").read_text() == before
     assert "(done before)" in (sweep / "progress.log").read_text()
+
+
+def test_interrupted_sweep_shows_missing_jobs_and_resume_runs_only_those(grid):
+    sweep, _ = grid
+    lost = metrics_of(sweep, "1")
+    # As if the sweep was killed in job 1's first epoch: no metrics.json, no checkpoint yet.
+    (sweep / "1" / "metrics.json").unlink()
+    shutil.rmtree(sweep / "1" / "checkpoints")
+    proc = run_cli("-m", "linreg.results", str(sweep))
+    assert proc.returncode == 1 and "1 of 4 jobs failed: #1 [model=manual model.lr=100] missing" in proc.stderr
+    stamps = {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in "023"}
+    proc = run_cli(
+        "--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "model=manual,linear", "model.lr=0.03,100", "resume=true"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in "023"} == stamps
+    redone = metrics_of(sweep, "1")
+    assert redone["status"] == lost["status"] == "diverged" and redone["weights"] == lost["weights"]
+    assert [r["status"] for r in read_csv(sweep)] == ["ok", "diverged", "ok", "diverged"]
 
 
 def test_failing_job_is_marked_the_rest_run_and_the_sweep_exits_nonzero(tmp_path):
