@@ -1,6 +1,7 @@
 """The tutorial's data: the `tensorGenReg` generator and a DataModule that serves it."""
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -51,7 +52,8 @@ class EpochBatchSampler:
     def __iter__(self) -> Iterator[Tensor]:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         perm = torch.randperm(self.num_examples, generator=g)
-        return iter(perm.split(self.batch_size))
+        # Sliced lazily: `perm.split()` makes every view up front, ~50 us each (0.17 s an epoch at 30,000/10).
+        return (perm[i : i + self.batch_size] for i in range(0, self.num_examples, self.batch_size))
 
 
 class BatchLoader:
@@ -151,6 +153,12 @@ class RegressionDataModule(L.LightningDataModule):
         x, y = self.full_data()
         sampler = EpochBatchSampler(len(x), self.hparams.batch_size, self.hparams.seed)
         return BatchLoader(x, y, sampler, self.hparams.steps_per_call)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # The data is made on the CPU: there, skip Lightning's walk over every tensor of every batch (~80 us).
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> FullBatch:
         """The full data set as one batch: the tutorial's per-epoch `loss(net(features, w), labels)`."""
