@@ -121,11 +121,12 @@ def finished_metrics(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
 
 def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
     """What a job that raised leaves behind: its config and the error, in one line."""
+    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None
     return {
         "status": "failed",
         "model": OmegaConf.select(cfg, "model.name"),
         "seed": cfg.get("seed"),
-        "data": OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
+        "data": data,
         "lr": OmegaConf.select(cfg, "model.lr"),
         "batch_size": OmegaConf.select(cfg, "data.batch_size"),
         "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
@@ -133,7 +134,7 @@ def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
         "epoch_mse": [],
         "train_mse": None,
         "weights": None,
-        "true_weights": OmegaConf.select(cfg, "data.w"),
+        "true_weights": (data or {}).get("w"),
         "ols_mse": None,
         "steps": 0,
         "fit_seconds": 0.0,
