@@ -143,3 +143,12 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert got["weights"] == pytest.approx(expected["weights"], abs=1e-6)
     assert got["epoch_mse"] == pytest.approx(expected["epoch_mse"], rel=1e-6)
     assert got["steps"] == expected["steps"] == 3 * 1000
+
+
+def test_resuming_a_diverged_run_from_its_checkpoint_stays_diverged(make_cfg, tmp_path):
+    args = ("model=linear", "model.lr=100", "data.num_examples=100", "trainer.max_epochs=3")
+    first = run(make_cfg(*args))
+    (tmp_path / "run" / "metrics.json").unlink()  # only last.ckpt is left
+    again = run(make_cfg(*args, "resume=true"))
+    assert first["status"] == again["status"] == "diverged"
+    assert again["diverged_epoch"] == first["diverged_epoch"] == 0 and again["steps"] == first["steps"] == 10

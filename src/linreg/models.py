@@ -65,6 +65,8 @@ class RegressionModule(L.LightningModule):
         strategy = self.trainer.strategy
         plain = isinstance(strategy, SingleDeviceStrategy) and type(strategy.precision_plugin) is Precision
         self.lean_steps = self.lean_steps_allowed and plain
+        if self.diverged_epoch is not None:
+            self.trainer.should_stop = True  # resumed from a diverged checkpoint: nothing left to train
 
     def backward_and_step(self, loss: Tensor, opt: LightningOptimizer) -> None:
         """`loss.backward()` then `opt.step()`, counted by Lightning (global_step) either way."""
@@ -119,9 +121,11 @@ class RegressionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["epoch_mse"] = self.epoch_mse
+        checkpoint["diverged_epoch"] = self.diverged_epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.epoch_mse = list(checkpoint.get("epoch_mse", []))
+        self.diverged_epoch = checkpoint.get("diverged_epoch")
 
 
 class ManualRegression(RegressionModule):
