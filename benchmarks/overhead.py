@@ -141,7 +141,12 @@ def run_process(args: list[str]) -> float:
 
 def grid(rounds: int, tmp: Path) -> list[dict[str, Any]]:
     """The 48-job sweep as one multirun process (basic and joblib launchers) vs 48 plain loops in one process."""
-    launchers = {"basic": [], "joblib": ["hydra/launcher=joblib"]}
+    launchers = {
+        "basic": [],
+        "joblib": ["hydra/launcher=joblib"],
+        # The per-job fit image (matplotlib) is most of a small job's cost: the grid without it.
+        "basic, no fit image": ["logger.tensorboard.fit_figure=false"],
+    }
     times: dict[str, list[float]] = {}
     for r in range(rounds):
         times.setdefault("plain", []).append(run_process(["-m", "benchmarks.overhead", "--plain-grid"]))
@@ -169,10 +174,24 @@ def peak_rss_bytes() -> int:
 def scaling_child(num_examples: int, accelerator: str) -> None:
     """One scaling point in this fresh process; prints one JSON line (`--scaling-child`)."""
     quiet()
+    import lightning as L
     import torch  # noqa: F401 (imported before the baseline, as every run has it)
 
-    import linreg.train  # noqa: F401
+    import linreg.train
 
+    epochs: list[float] = []
+
+    class EpochTimer(L.Callback):
+        """Seconds of each training epoch (its steps and its full-data evaluation)."""
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            epochs.append(time.perf_counter() - self.start)
+
+    build_callbacks = linreg.train.build_callbacks
+    linreg.train.build_callbacks = lambda cfg, out: [*build_callbacks(cfg, out), EpochTimer()]
     base_rss = peak_rss_bytes()
     overrides = [
         f"data.num_examples={num_examples}",
@@ -188,8 +207,9 @@ def scaling_child(num_examples: int, accelerator: str) -> None:
             {
                 "num_examples": num_examples,
                 "accelerator": accelerator,
-                "epoch_s": m["fit_seconds"] / m["epochs"],
-                "steps_per_s": m["steps"] / m["fit_seconds"],
+                "epoch_s": epochs[-1],  # the last epoch: no first-call costs
+                "steps_per_s": m["steps"] / m["epochs"] / epochs[-1],
+                "fit_s": m["fit_seconds"],
                 "base_rss": base_rss,
                 "peak_rss": peak_rss_bytes(),
                 "data_bytes": data_bytes,
@@ -212,7 +232,7 @@ def scaling(sizes: list[int]) -> list[dict[str, Any]]:
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"scaling n={n} {acc} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("{"))))
     return rows
 
 
@@ -246,9 +266,9 @@ def print_ratios(rows: list[dict[str, Any]], workload: dict[str, Any]) -> None:
 def print_grid(rows: list[dict[str, Any]]) -> None:
     """The grid table."""
     print(f"\nGrid: python -m linreg.train -m {' '.join(GRID)} (whole process) vs 48 plain loops (whole process)")
-    print(f"{'launcher':<8} {'jobs':>4} {'plain s':>8} {'project s':>10} {'ratio':>6}")
+    print(f"{'launcher':<20} {'jobs':>4} {'plain s':>8} {'project s':>10} {'ratio':>6}")
     for r in rows:
-        print(f"{r['launcher']:<8} {r['jobs']:>4} {r['plain_s']:>8.2f} {r['project_s']:>10.2f} {r['ratio']:>6.2f}")
+        print(f"{r['launcher']:<20} {r['jobs']:>4} {r['plain_s']:>8.2f} {r['project_s']:>10.2f} {r['ratio']:>6.2f}")
 
 
 def print_scaling(rows: list[dict[str, Any]]) -> None:

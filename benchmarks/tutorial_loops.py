@@ -2,7 +2,8 @@
 
 §5.2 (manual): `data_iter` + `linreg` + `squared_loss` + `sgd`, a full-data loss after each epoch.
 §5.3 (linear): `DataLoader(TensorDataset, shuffle=True)` + `nn.Linear` + `nn.MSELoss` + `optim.SGD`.
-Kept apart from `linreg.models` on purpose: a speed-up there must not speed up the baseline too.
+Kept apart from `linreg` on purpose: a speed-up there must not speed up the baseline, and the plain
+process must not pay for importing Lightning.
 """
 
 import random
@@ -12,7 +13,19 @@ import torch
 from torch import Tensor, nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
-from linreg.data import tensor_gen_reg
+
+def tensor_gen_reg(num_examples: int = 1000, w=(2, -1, 1), bias=True, delta=0.01, deg=1, generator=None):
+    """The tutorial's `tensorGenReg`, as `linreg.data` has it (copied: importing `linreg` imports Lightning)."""
+    w_all = torch.tensor(list(w), dtype=torch.float32).reshape(-1, 1)
+    w_true = w_all[:-1] if bias else w_all
+    features = torch.randn(num_examples, len(w_true), generator=generator)
+    labels = torch.mm(torch.pow(features, deg), w_true)
+    if bias:
+        labels = labels + w_all[-1]
+    labels = labels + torch.randn(labels.shape, generator=generator) * delta
+    if bias:
+        features = torch.cat((features, torch.ones(num_examples, 1)), 1)
+    return features, labels
 
 
 def data_iter(batch_size: int, features: Tensor, labels: Tensor) -> Iterator[tuple[Tensor, Tensor]]:

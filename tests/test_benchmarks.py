@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks.tutorial_loops import data_iter, make_data, train
+from linreg.data import tensor_gen_reg
 
 
 def test_data_iter_visits_every_sample_once_per_epoch():
@@ -13,8 +14,10 @@ def test_data_iter_visits_every_sample_once_per_epoch():
     assert torch.allclose(seen.sum(0), features.sum(0))
 
 
-def test_tutorial_data_is_the_tutorials():
+def test_tutorial_data_is_the_tutorials_and_the_projects():
     features, labels = make_data(1000)
+    for ours, theirs in zip((features, labels), tensor_gen_reg(generator=torch.Generator().manual_seed(420))):
+        assert torch.equal(ours, theirs)
     assert features[0].tolist() == pytest.approx([-0.00704, 0.50445, 1.0], abs=1e-5)
     assert labels[0].item() == pytest.approx(0.47349, abs=1e-5)
 
