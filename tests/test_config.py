@@ -87,3 +87,10 @@ def test_batch_larger_than_the_data_is_one_batch(make_cfg):
 def test_more_bad_values_are_caught_before_any_work(make_cfg, override):
     with pytest.raises(ConfigError):
         validate(make_cfg(override))
+
+
+def test_the_model_names_checked_are_the_models_there_are():
+    from linreg.config import MODEL_NAMES
+    from linreg.models import MODELS
+
+    assert tuple(MODELS) == MODEL_NAMES

@@ -1,4 +1,10 @@
-"""Train one model on the tutorial's data: `run(cfg)` does the work, `main` is the Hydra entry."""
+"""Train one model on the tutorial's data: `run(cfg)` does the work, `main` is the Hydra entry.
+
+Lightning (and what imports it) takes seconds to import, so those imports sit inside the functions
+that need them: a bad command line is refused in a blink, before any of them load.
+"""
+
+from __future__ import annotations
 
 import json
 import logging
@@ -8,20 +14,18 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, validate
-from linreg.dashboard import dashboard_callbacks, run_label
-from linreg.data import RegressionDataModule
-from linreg.models import MODELS, RegressionModule
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -44,6 +48,10 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     """The loggers named under `logger` (tensorboard, csv); none when `logger=null`."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from linreg.dashboard import run_label
+
     lcfg = cfg.get("logger") or {}
     loggers: list[Logger] = []
     if lcfg.get("tensorboard") is not None:
@@ -64,6 +72,10 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
 
 def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
     """Lightning callbacks for this run (dashboards, checkpoints)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from linreg.dashboard import dashboard_callbacks
+
     # last.ckpt after every epoch's evaluation: what `resume=true` continues from.
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False, every_n_epochs=1
@@ -73,6 +85,8 @@ def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
 
 def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     """A Trainer lean enough for a 3-parameter model: no progress bar, summary or sanity run."""
+    import lightning as L
+
     t = cfg.trainer
     return L.Trainer(
         accelerator=t.accelerator,
@@ -151,7 +165,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.resume and (done := finished_metrics(out, cfg)) is not None:
         return done  # this job already finished with this config: nothing to redo
     out.mkdir(parents=True, exist_ok=True)
-    model_cls: type[RegressionModule] = MODELS[cfg.model.name]
+    import lightning as L
+
+    from linreg.data import RegressionDataModule
+    from linreg.models import MODELS
+
+    model_cls = MODELS[cfg.model.name]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = RegressionDataModule(
         **data_cfg, seed=cfg.seed, ones_column=model_cls.uses_ones_column, steps_per_call=cfg.trainer.steps_per_call
