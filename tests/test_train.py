@@ -106,11 +106,12 @@ def test_write_json_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
     train.write_json_atomic(path, {"status": "ok", "train_mse": 1.0})
 
-    def crash(self, text):
-        Path.write_bytes(self, text[:10].encode())  # half the bytes, then the process "dies"
+    def crash(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:10])  # half the bytes, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(KeyboardInterrupt):
         train.write_json_atomic(path, {"status": "ok", "train_mse": 2.0})
     monkeypatch.undo()

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from linreg.train import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,6 @@ def failure_message(sweep_dir: Path, rows: list[dict[str, Any]]) -> str | None:
 
 
 # ---------------------------------------------------------------- writing
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and a rename: readers never see half a table."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def csv_value(value: Any) -> Any:

@@ -39,11 +39,16 @@ def output_dir() -> Path:
     return Path(hc.runtime.output_dir)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via a temp file and a rename, so a crash never leaves a truncated file."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file and a rename, so a crash never leaves a truncated file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """`write_atomic` for a JSON document (metrics.json)."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
