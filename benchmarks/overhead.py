@@ -151,7 +151,8 @@ def grid(rounds: int, tmp: Path) -> list[dict[str, Any]]:
     for r in range(rounds):
         times.setdefault("plain", []).append(run_process(["-m", "benchmarks.overhead", "--plain-grid"]))
         for name, extra in launchers.items():
-            sweep = [f"hydra.sweep.dir={tmp / f'grid-{name}-{r}'}", *extra]
+            slug = "".join(c if c.isalnum() else "-" for c in name)  # a comma would read as a sweep list
+            sweep = [f"hydra.sweep.dir={tmp / f'grid-{slug}-{r}'}", *extra]
             times.setdefault(name, []).append(run_process(["-m", "linreg.train", "-m", *GRID, *sweep]))
     plain = times["plain"]
     return [
@@ -233,7 +234,16 @@ def scaling(sizes: list[int]) -> list[dict[str, Any]]:
             if proc.returncode != 0:
                 raise RuntimeError(f"scaling n={n} {acc} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
             rows.append(json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("{"))))
+        rows[-1 - (len(accelerators) - 1)]["plain_epoch_s"] = plain_epoch_seconds(n)
     return rows
+
+
+def plain_epoch_seconds(num_examples: int) -> float:
+    """One epoch of the tutorial's manual loop at the scaling batch size: the hardware's own scaling."""
+    from benchmarks.tutorial_loops import make_data, manual_loop
+
+    features, labels = make_data(num_examples)
+    return timed(lambda: manual_loop(features, labels, SCALING_BATCH, 0.03, 1))
 
 
 def machine() -> str:
@@ -277,14 +287,15 @@ def print_scaling(rows: list[dict[str, Any]]) -> None:
     setup = f"model=manual, batch {SCALING_BATCH}, {SCALING_EPOCHS} epochs, default config"
     print(f"\nScaling: {setup}, each size in a fresh process")
     print(
-        f"{'n':>10} {'device':<6} {'s/epoch':>8} {'steps/s':>8} {'data MiB':>9} {'peak MiB':>9} "
+        f"{'n':>10} {'device':<6} {'s/epoch':>8} {'plain s':>8} {'steps/s':>8} {'data MiB':>9} {'peak MiB':>9} "
         f"{'base MiB':>9} {'(peak-base)/data':>17}"
     )
     cpu = {r["num_examples"]: r["epoch_s"] for r in rows if r["accelerator"] == "cpu"}
     for r in rows:
         extra = (r["peak_rss"] - r["base_rss"]) / r["data_bytes"]
         line = (
-            f"{r['num_examples']:>10} {r['accelerator']:<6} {r['epoch_s']:>8.3f} {r['steps_per_s']:>8.0f} "
+            f"{r['num_examples']:>10} {r['accelerator']:<6} {r['epoch_s']:>8.3f} {r.get('plain_epoch_s', 0):>8.3f} "
+            f"{r['steps_per_s']:>8.0f} "
             f"{r['data_bytes'] / mib:>9.1f} {r['peak_rss'] / mib:>9.1f} {r['base_rss'] / mib:>9.1f} {extra:>17.2f}"
         )
         if r["accelerator"] != "cpu":
