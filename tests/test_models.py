@@ -8,13 +8,14 @@ from linreg.data import RegressionDataModule
 from linreg.models import MODELS, HandSGD, LinearRegression, ManualRegression, sgd, squared_loss
 
 
-def fit(name: str, steps_per_call: int = 1, max_epochs: int = 3, **model_kwargs):
-    """Fit one module on the tutorial's default data; returns the fitted module."""
+def fit(name: str, steps_per_call: int = 1, max_epochs: int = 3, lean: bool = True, **model_kwargs):
+    """Fit one module on the tutorial's default data (`lean=False`: every step through Lightning's wrappers)."""
     cls = MODELS[name]
     dm = RegressionDataModule(ones_column=cls.uses_ones_column, steps_per_call=steps_per_call)
     dm.setup("fit")
     torch.manual_seed(0)
     model = cls(in_features=dm.in_features, **model_kwargs)
+    model.lean_steps_allowed = lean
     trainer = L.Trainer(
         max_epochs=max_epochs,
         logger=False,
@@ -85,3 +86,20 @@ def test_a_huge_learning_rate_is_recorded_as_divergence():
     model = fit("linear", lr=50.0)
     assert model.diverged_epoch == 0
     assert len(model.epoch_mse) == 1
+
+
+@pytest.mark.parametrize("name", ["manual", "linear"])
+@pytest.mark.parametrize("steps_per_call", [1, 7])
+def test_lean_steps_give_bit_identical_weights_and_the_same_step_count(name, steps_per_call):
+    wrapped = fit(name, lean=False, steps_per_call=steps_per_call, max_epochs=2, log_every_n_steps=10)
+    lean = fit(name, lean=True, steps_per_call=steps_per_call, max_epochs=2, log_every_n_steps=10)
+    assert not wrapped.lean_steps and lean.lean_steps
+    assert lean.weights() == wrapped.weights()
+    assert lean.epoch_mse == wrapped.epoch_mse
+    assert lean.global_step_seen == wrapped.global_step_seen == 200  # 2 epochs x 100 batches, each step counted
+
+
+def test_manual_weight_stays_a_leaf_on_the_lean_path():
+    model = fit("manual", lean=True, max_epochs=1)
+    assert model.lean_steps and model.w.is_leaf and model.w.requires_grad
+    assert model.weights() == pytest.approx([2, -1, 1], abs=0.01)
