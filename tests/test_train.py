@@ -95,9 +95,18 @@ def test_resume_returns_a_finished_run_without_training(make_cfg, tmp_path):
     mtime = (tmp_path / "run" / "metrics.json").stat().st_mtime_ns
     again = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1", "resume=true"))
     assert again == first and (tmp_path / "run" / "metrics.json").stat().st_mtime_ns == mtime
-    # a different config in the same dir is not taken for finished: it trains (and continues no checkpoint)
-    other = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true"))
-    assert other["epochs"] == 2 and len(other["epoch_mse"]) == 2
+    # more epochs with resume=true: not finished, so it continues from the 1-epoch checkpoint
+    more = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true"))
+    assert more["epochs"] == 2 and more["epoch_mse"][0] == first["epoch_mse"][0] and more["steps"] == 40
+
+
+def test_resume_never_continues_a_checkpoint_of_another_config(make_cfg, tmp_path):
+    first = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2"))
+    (tmp_path / "run" / "metrics.json").unlink()  # as if killed after its last checkpoint
+    other = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.001", "resume=true"))
+    fresh = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.001", run_dir=tmp_path / "new"))
+    assert other["steps"] == 40 and other["epoch_mse"] == fresh["epoch_mse"] != first["epoch_mse"]
+    assert other["weights"] == fresh["weights"]
 
 
 def test_write_json_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):

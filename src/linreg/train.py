@@ -118,6 +118,29 @@ def job_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def checkpoint_config(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be continued: the job config, less epochs and loggers."""
+    plain = job_config(cfg)
+    plain.pop("logger", None)
+    plain.get("trainer", {}).pop("max_epochs", None)  # continuing to more epochs is what resume is for
+    return plain
+
+
+def resumable_checkpoint(out: Path, cfg: DictConfig) -> Path | None:
+    """`last.ckpt` in `out` if `resume=true` and it was trained with this config; else train from scratch."""
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if not (cfg.resume and ckpt.exists()):
+        return None
+    try:
+        saved = json.loads((out / "checkpoints" / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != checkpoint_config(cfg):
+        log.warning("resume: %s was trained with another config; training from scratch", ckpt)
+        return None
+    return ckpt
+
+
 def finite_or_none(value: Any) -> Any:
     """NaN/inf become null: JSON has no NaN, and a non-finite number is no result."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -190,9 +213,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **model_kwargs,
     )
     trainer = build_trainer(cfg, out)
-    ckpt = out / "checkpoints" / "last.ckpt"
+    ckpt = resumable_checkpoint(out, cfg)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    write_json_atomic(out / "checkpoints" / "config.json", checkpoint_config(cfg))
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if cfg.resume and ckpt.exists() else None)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     fit_seconds = time.perf_counter() - start
 
     metrics = {
