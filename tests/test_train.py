@@ -49,10 +49,21 @@ def test_any_number_of_features(make_cfg):
     assert metrics["weights"] == pytest.approx([1.5, -2], abs=0.01)
 
 
+# experiment preset -> (model, deg, delta): the tutorial's four experiments
+PRESETS = {
+    "tutorial_manual": ("manual", 1, 0.01),
+    "tutorial_linear": ("linear", 1, 0.01),
+    "deg2": ("linear", 2, 0.01),
+    "delta2": ("linear", 1, 2),
+}
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes(make_cfg, preset):
     cfg = make_cfg(f"experiment={preset}")
-    assert cfg.model.name in ("manual", "linear") and cfg.data.num_examples > 0
+    expected = PRESETS[preset]
+    assert (cfg.model.name, cfg.data.deg, cfg.data.delta) == expected
+    assert (cfg.data.num_examples, cfg.data.batch_size, cfg.model.lr, cfg.trainer.max_epochs) == (1000, 10, 0.03, 3)
 
 
 def test_the_cli_runs_end_to_end_and_writes_metrics(tmp_path):
