@@ -131,3 +131,12 @@ def test_planned_jobs_counts_the_sweep(overrides, jobs):
     n, swept = planned_jobs(cfg)
     assert n == jobs
     assert "model.lr" in swept
+
+
+def test_only_the_planned_jobs_are_collected_when_the_count_is_known(tmp_path):
+    from linreg.results import job_dirs
+
+    for name in ("0", "1", "2", "3"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+    assert [p.name for p in job_dirs(tmp_path, jobs=2)] == ["0", "1"]
+    assert [p.name for p in job_dirs(tmp_path)] == ["0", "1", "2", "3"]

@@ -62,9 +62,11 @@ class SweepFailedError(SystemExit):
 # ---------------------------------------------------------------- collecting
 
 
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The sweep's job dirs (what Hydra or a job wrote into), in job-number order."""
+def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
+    """The sweep's job dirs (what Hydra or a job wrote into), in job-number order; with `jobs`, only 0..jobs-1."""
     dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").exists())]
+    if jobs is not None:  # a re-run with a smaller grid leaves older job dirs that are not part of this sweep
+        dirs = [p for p in dirs if not p.name.isdigit() or int(p.name) < jobs]
     return sorted(dirs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
 
 
@@ -137,9 +139,9 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     }
 
 
-def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+def collect(sweep_dir: Path, jobs: int | None = None) -> list[dict[str, Any]]:
     """One row per job dir of the sweep."""
-    return [job_row(d) for d in job_dirs(sweep_dir)]
+    return [job_row(d) for d in job_dirs(sweep_dir, jobs)]
 
 
 def one_line(text: Any) -> str | None:
@@ -363,9 +365,9 @@ def plot_weights(rows: list[dict[str, Any]], path: Path) -> None:
 # ---------------------------------------------------------------- entry points
 
 
-def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+def summarize(sweep_dir: Path, jobs: int | None = None) -> list[dict[str, Any]]:
     """Write results.csv, results.md and the plots into the sweep dir; return the rows."""
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir, jobs)
     plots = {"mse.png": plot_mse, "weights.png": plot_weights}
     for name, plot in plots.items():
         plot(rows, sweep_dir / name)
@@ -452,9 +454,13 @@ class SweepResults(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Build the table and plots; exit non-zero with one line naming the failed jobs, if any."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir() or not job_dirs(sweep_dir):
+        try:
+            jobs = json.loads((sweep_dir / PLAN_FILE).read_text()).get("jobs")
+        except (OSError, ValueError):
+            jobs = None
+        if not sweep_dir.is_dir() or not job_dirs(sweep_dir, jobs):
             return
-        rows = summarize(sweep_dir)
+        rows = summarize(sweep_dir, jobs)
         log.info(f"sweep: {len(rows)} jobs: {status_counts(rows)} -> {sweep_dir / 'results.md'}")
         message = failure_message(sweep_dir, rows)
         if message:
