@@ -23,7 +23,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int/float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -40,13 +41,13 @@ def _check_data(cfg: DictConfig) -> None:
     _positive_int(cfg, "data.batch_size")
     _positive_int(cfg, "data.deg")
     w = OmegaConf.to_container(d.w) if OmegaConf.is_list(d.w) else d.w
-    if not isinstance(w, list) or not w or not all(_is_number(v) for v in w):
+    if not isinstance(w, list) or not w or not all(is_number(v) for v in w):
         raise ConfigError("data.w", w, "must be a non-empty list of finite numbers, e.g. [2,-1,1]")
     if not isinstance(d.bias, bool):
         raise ConfigError("data.bias", d.bias, "must be true or false")
     if d.bias and len(w) < 2:
         raise ConfigError("data.w", w, "needs at least one feature weight and the intercept when data.bias=true")
-    if not _is_number(d.delta) or d.delta < 0:
+    if not is_number(d.delta) or d.delta < 0:
         raise ConfigError("data.delta", d.delta, "must be a finite number >= 0")
 
 
@@ -54,7 +55,7 @@ def _check_model(cfg: DictConfig) -> None:
     if cfg.model.get("name") not in MODEL_NAMES:
         raise ConfigError("model.name", cfg.model.get("name"), f"must be one of {', '.join(MODEL_NAMES)}")
     lr = cfg.model.lr
-    if not _is_number(lr) or lr <= 0:
+    if not is_number(lr) or lr <= 0:
         raise ConfigError("model.lr", lr, "must be a finite number > 0")
     if cfg.model.name == "linear" and cfg.model.get("init") not in INITS:
         raise ConfigError("model.init", cfg.model.get("init"), f"must be one of {', '.join(INITS)}")

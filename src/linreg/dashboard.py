@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from linreg.models import RegressionModule
+from linreg.models import RegressionModule, log_scalars, log_step
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
@@ -48,12 +48,6 @@ def run_label(overrides: Sequence[str]) -> str:
     return label or "defaults"
 
 
-def log_step(trainer: L.Trainer) -> int:
-    """The step Lightning's own logging uses now (batches trained, not optimizer steps)."""
-    # Lightning logs `train/loss` and `train/mse` at this counter; using it keeps every curve on one axis.
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
 def param_names(count: int, bias: bool) -> list[str]:
     """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
     features = count - 1 if bias else count
@@ -63,12 +57,6 @@ def param_names(count: int, bias: bool) -> list[str]:
 def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
     """The run's TensorBoard logger, if it has one."""
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write scalars straight to every logger: no per-step bookkeeping in Lightning's result collection."""
-    for lg in trainer.loggers:
-        lg.log_metrics(metrics, step=step)
 
 
 class Dashboard(L.Callback):

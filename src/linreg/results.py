@@ -10,7 +10,6 @@ import fcntl
 import io
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from linreg.config import is_number
 from linreg.train import write_atomic
 
 log = logging.getLogger(__name__)
@@ -259,11 +259,6 @@ def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]], plots: list[str]) -
 
 
 # ---------------------------------------------------------------- plots
-
-
-def is_number(value: Any) -> bool:
-    """A finite int/float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def varying_params(rows: list[dict[str, Any]]) -> list[str]:
