@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from linreg.models import RegressionModule, log_scalars, log_step
+from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
@@ -153,8 +153,7 @@ def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
     """The model's MSE on the whole data set now."""
     x, y = trainer.datamodule.full_data()
     with torch.no_grad():
-        y_hat = module(x.to(module.device)).reshape(-1).cpu()
-    return torch.mean((y_hat - y.reshape(-1)) ** 2).item()
+        return squared_loss(module(x.to(module.device)).cpu(), y).item()
 
 
 def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points: int = 500) -> Any:
