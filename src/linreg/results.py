@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import is_number
-from linreg.train import write_atomic
+from linreg.train import config_fields, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +82,7 @@ def missing_metrics(job_dir: Path) -> dict[str, Any]:
     """A job that left no metrics.json (killed, interrupted, still running): its config, status missing."""
     path = job_dir / ".hydra" / "config.yaml"
     cfg = OmegaConf.load(path) if path.exists() else OmegaConf.create({})
-    return {
-        "status": "missing",
-        "model": OmegaConf.select(cfg, "model.name"),
-        "seed": OmegaConf.select(cfg, "seed"),
-        "data": OmegaConf.to_container(cfg.data) if "data" in cfg else {},
-        "lr": OmegaConf.select(cfg, "model.lr"),
-        "batch_size": OmegaConf.select(cfg, "data.batch_size"),
-        "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
-        "accelerator": OmegaConf.select(cfg, "trainer.accelerator"),
-        "error": "no metrics.json: the job did not finish",
-    }
+    return {"status": "missing", **config_fields(cfg), "error": "no metrics.json: the job did not finish"}
 
 
 def read_metrics(job_dir: Path) -> dict[str, Any]:

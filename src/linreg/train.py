@@ -161,22 +161,29 @@ def finished_metrics(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
-    """What a job that raised leaves behind: its config and the error, in one line."""
-    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None
+def config_fields(cfg: DictConfig) -> dict[str, Any]:
+    """The metrics.json fields a run's config decides (any missing key is None): shared by every status."""
     return {
-        "status": "failed",
         "model": OmegaConf.select(cfg, "model.name"),
-        "seed": cfg.get("seed"),
-        "data": data,
+        "seed": OmegaConf.select(cfg, "seed"),
+        "data": OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
         "lr": OmegaConf.select(cfg, "model.lr"),
         "batch_size": OmegaConf.select(cfg, "data.batch_size"),
         "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
         "accelerator": OmegaConf.select(cfg, "trainer.accelerator"),
+    }
+
+
+def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
+    """What a job that raised leaves behind: its config and the error, in one line."""
+    fields = config_fields(cfg)
+    return {
+        "status": "failed",
+        **fields,
         "epoch_mse": [],
         "train_mse": None,
         "weights": None,
-        "true_weights": (data or {}).get("w"),
+        "true_weights": (fields["data"] or {}).get("w"),
         "ols_mse": None,
         "steps": 0,
         "fit_seconds": 0.0,
@@ -222,13 +229,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     metrics = {
         "status": "ok" if model.diverged_epoch is None else "diverged",
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "data": data_cfg,
-        "lr": cfg.model.lr,
-        "batch_size": cfg.data.batch_size,
-        "epochs": cfg.trainer.max_epochs,
-        "accelerator": cfg.trainer.accelerator,
+        **config_fields(cfg),
         "epoch_mse": finite_or_none(model.epoch_mse),
         "train_mse": finite_or_none(model.epoch_mse[-1]) if model.epoch_mse else None,
         "weights": finite_or_none(model.weights()),
