@@ -75,7 +75,12 @@ def job_overrides(job_dir: Path) -> list[str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
         return []
-    return [str(o) for o in OmegaConf.load(path) if str(o).split("=", 1)[0].lstrip("+~") != "resume"]
+    return without_resume(str(o) for o in OmegaConf.load(path))
+
+
+def without_resume(overrides: Any) -> list[str]:
+    """Overrides less `resume` (and `+resume`/`~resume`): it is how a job was run, not what it computes."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume"]
 
 
 def missing_metrics(job_dir: Path) -> dict[str, Any]:
@@ -455,9 +460,8 @@ class SweepResults(Callback):
 def progress_line(k: int, plan: dict[str, Any], out: Path, job_return: JobReturn) -> str:
     """The progress line of the k-th finished job."""
     swept = set(plan.get("swept") or [])
-    overrides = [o for o in job_return.overrides or [] if o.partition("=")[0] in swept] or [
-        o for o in job_return.overrides or [] if not o.startswith("resume=")
-    ]
+    given = job_return.overrides or []
+    overrides = [o for o in given if o.partition("=")[0] in swept] or without_resume(given)
     metrics_path = out / "metrics.json"
     try:
         m = json.loads(metrics_path.read_text())
