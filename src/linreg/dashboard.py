@@ -167,8 +167,11 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points
     x, y, y_hat = x[::stride], y[::stride], y_hat[::stride]
     y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
     residual = y - y_hat
+    # Every job draws this picture: fixed margins instead of tight_layout (which draws the text twice)
+    # and marker lines instead of scatter collections halve its cost (~0.35 s to ~0.15 s here).
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.scatter(y, y_hat, s=6, alpha=0.6)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.91, wspace=0.22)
+    left.plot(y, y_hat, ".", markersize=3, alpha=0.6)
     lo, hi = y.min().item(), y.max().item()
     left.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = ŷ")
     left.set(xlabel="y (data)", ylabel="ŷ (fitted)", title=f"fitted vs. data, MSE {torch.nanmean(residual**2):.4g}")
@@ -176,12 +179,11 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points
     # Constant columns (the ones column of the manual model) carry no information: skip them.
     features = [j for j in range(x.shape[1]) if x[:, j].std() > 0]
     for j in features:
-        right.scatter(x[:, j], residual, s=6, alpha=0.5, label=f"x{j + 1}")
+        right.plot(x[:, j], residual, ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
     right.axhline(0, color="black", linewidth=1)
     right.set(xlabel="feature value", ylabel="residual y − ŷ", title="residuals (a curve: the model misses a shape)")
     if 0 < len(features) <= 10:
         right.legend(loc="upper right")
-    fig.tight_layout()
     return fig
 
 
