@@ -112,7 +112,9 @@ def test_resume_skips_finished_jobs_and_reproduces_the_table(grid):
     assert {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in "0123"} == stamps
     assert {j: metrics_of(sweep, j)["fit_seconds"] for j in "0123"} == fit
     assert (sweep / "results.csv").read_text() == before
-    assert "(done before)" in (sweep / "progress.log").read_text()
+    assert (sweep / "progress.log").read_text().count("(done before)") == 4
+    # Not launched at all: Hydra rewrites a launched job's .hydra/overrides.yaml (it would hold resume=true).
+    assert not any("resume" in (sweep / j / ".hydra" / "overrides.yaml").read_text() for j in "0123")
 
 
 def test_interrupted_sweep_shows_missing_jobs_and_resume_runs_only_those(grid):
@@ -132,6 +134,8 @@ def test_interrupted_sweep_shows_missing_jobs_and_resume_runs_only_those(grid):
     redone = metrics_of(sweep, "1")
     assert redone["status"] == lost["status"] == "diverged" and redone["weights"] == lost["weights"]
     assert [r["status"] for r in read_csv(sweep)] == ["ok", "diverged", "ok", "diverged"]
+    launched = [j for j in "0123" if "resume" in (sweep / j / ".hydra" / "overrides.yaml").read_text()]
+    assert launched == ["1"]
 
 
 def test_failing_job_is_marked_the_rest_run_and_the_sweep_exits_nonzero(tmp_path):

@@ -359,9 +359,13 @@ def summarize(sweep_dir: Path, jobs: int | None = None) -> list[dict[str, Any]]:
     """Write results.csv, results.md and the plots into the sweep dir; return the rows."""
     rows = collect(sweep_dir, jobs)
     plots = {"mse.png": plot_mse, "weights.png": plot_weights}
+    table = to_csv(rows)
+    outputs = [sweep_dir / name for name in ("results.csv", "results.md", *plots)]
+    if all(p.exists() for p in outputs) and (sweep_dir / "results.csv").read_text() == table:
+        return rows  # the same table as last time (a resumed sweep): its plots are already drawn
     for name, plot in plots.items():
         plot(rows, sweep_dir / name)
-    write_atomic(sweep_dir / "results.csv", to_csv(rows).encode())
+    write_atomic(sweep_dir / "results.csv", table.encode())
     write_atomic(sweep_dir / "results.md", to_markdown(sweep_dir, rows, list(plots)).encode())
     return rows
 

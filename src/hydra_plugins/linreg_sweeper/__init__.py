@@ -1,0 +1,1 @@
+"""linreg's Hydra sweeper (Hydra finds plugins only under the `hydra_plugins` namespace)."""
