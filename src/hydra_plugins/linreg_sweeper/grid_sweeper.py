@@ -33,23 +33,32 @@ class CachedConfigLoader(ConfigLoader):
     def __init__(self, loader: ConfigLoader) -> None:
         self.loader = loader
         self.composed: dict[tuple[str, ...], DictConfig] = {}
+        self.group_keys: dict[str, bool] = {}  # override key -> whether it names a config group
 
     def selects_config(self, override: Override) -> bool:
         """Whether an override changes the defaults list (a group choice, a hydra key): it needs a compose."""
         repository = getattr(self.loader, "repository", None)
         if repository is None or override.is_hydra_override() or override.package is not None:
             return True
-        return repository.group_exists(override.key_or_group)
+        key = override.key_or_group
+        if key not in self.group_keys:
+            self.group_keys[key] = repository.group_exists(key)
+        return self.group_keys[key]
 
-    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+    def split(self, sweep_overrides: Sequence[str]) -> tuple[list[Override], tuple[str, ...], list[Override]]:
+        """A job's overrides parsed, and split into those that select configs and plain `key=value` ones."""
         parsed = OverridesParser.create().parse_overrides(list(sweep_overrides))
         groups = tuple(o.input_line for o in parsed if self.selects_config(o))
+        return parsed, groups, [o for o in parsed if not self.selects_config(o)]
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        parsed, groups, values = self.split(sweep_overrides)
         if groups not in self.composed:
             self.composed[groups] = self.loader.load_sweep_config(master_config, list(groups))
         cfg = copy.deepcopy(self.composed[groups])
         OmegaConf.copy_cache(from_config=master_config, to_config=cfg)  # the same ${now:} as the master
         # What Hydra's compose does with the value overrides and with the job's override list.
-        ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if not self.selects_config(o)], cfg)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         task = [o for o in parsed if not o.is_hydra_override()]
         with open_dict(cfg.hydra):
             cfg.hydra.overrides.task = [o.input_line for o in task]
@@ -97,6 +106,8 @@ class SkipFinished(Launcher):
         """A stand-in return for a job that already finished with this config (resume=true), else None."""
         from linreg.train import finished_metrics
 
+        if not self.master_config.get("resume") and not any("resume" in o.split("=")[0] for o in overrides):
+            return None  # the common case, decided without composing the job's config
         cfg = self.hydra_context.config_loader.load_sweep_config(self.master_config, list(overrides))
         if not cfg.get("resume"):
             return None
@@ -107,9 +118,7 @@ class SkipFinished(Launcher):
         metrics = finished_metrics(out, cfg)
         if metrics is None:
             return None
-        task_cfg = copy.deepcopy(cfg)
-        with open_dict(task_cfg):
-            del task_cfg["hydra"]
+        task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         ret = JobReturn(overrides=list(overrides), cfg=task_cfg, hydra_cfg=cfg, working_dir=str(out))
         ret.status, ret.return_value = JobStatus.COMPLETED, metrics["train_mse"]
         # The callbacks hear of it as of any job (progress line); its files stay as the first run left them.
@@ -135,6 +144,20 @@ class SkipFinished(Launcher):
 
 class GridSweeper(BasicSweeper):
     """Hydra's basic sweeper with configs composed once per group choice and finished jobs skipped on resume."""
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        """Compose one job for each choice of groups and set of keys: what decides whether a config composes."""
+        # Hydra composes every job here, before launching any. Whether a job's config composes depends on
+        # the configs its groups select and on the keys it sets, not on the values (no typed schema here;
+        # bad values are linreg.config's to refuse, per job): one job per kind is the same check.
+        assert self.hydra_context is not None and self.config is not None
+        loader = self.hydra_context.config_loader
+        assert isinstance(loader, CachedConfigLoader)
+        kinds: dict[tuple[Any, ...], Sequence[str]] = {}
+        for overrides in batch:
+            _, groups, values = loader.split(overrides)
+            kinds.setdefault((groups, tuple(sorted(o.input_line.partition("=")[0] for o in values))), overrides)
+        super().validate_batch_is_legal(list(kinds.values()))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         cached = HydraContext(
