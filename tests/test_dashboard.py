@@ -41,10 +41,11 @@ def session_hparams(ea: EventAccumulator) -> dict[str, object]:
     return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
 
-@pytest.mark.parametrize("model", ["manual", "linear"])
-def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model):
-    # 1000 samples / batch 10 = 100 steps an epoch; sampled every 25: 4 points an epoch, +1 at its end.
-    metrics = run(make_cfg(f"model={model}", "trainer.log_every_n_steps=25"))
+@pytest.mark.parametrize(("model", "steps_per_call"), [("manual", 1), ("linear", 1), ("manual", 5)])
+def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model, steps_per_call):
+    # 1000 samples / batch 10 = 100 SGD steps an epoch, 300 in all; sampled every 25 of them.
+    cfg = make_cfg(f"model={model}", "trainer.log_every_n_steps=25", f"trainer.steps_per_call={steps_per_call}")
+    metrics = run(cfg)
     (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
     ea = accumulator(run_dir)
     tags = ea.Tags()
@@ -54,16 +55,17 @@ def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model):
     def values(tag: str) -> list[float]:
         return [e.value for e in ea.Scalars(tag)]
 
-    assert len(values("train/mse")) == 3 and values("train/mse")[-1] == pytest.approx(metrics["train_mse"])
-    assert len(values("train/loss")) == 3 * 4
+    def steps(tag: str) -> list[int]:
+        return [e.step for e in ea.Scalars(tag)]
+
+    # One axis for every curve, SGD steps, whatever steps_per_call is.
+    assert steps("train/mse") == [100, 200, 300] and values("train/mse")[-1] == pytest.approx(metrics["train_mse"])
+    assert steps("train/loss") == list(range(0, 300, 25))  # the loss of steps 0, 25, ...
     for name in ("w1", "w2", "b"):
-        assert len(values(f"params/{name}")) == 3 * (4 + 1)
+        assert steps(f"params/{name}") == list(range(0, 301, 25))  # the weights after 0, 25, ..., 300 steps
     ends = [values(f"params/{name}")[-1] for name in ("w1", "w2", "b")]
     assert ends == pytest.approx([2, -1, 1], abs=0.01)
     assert ends == pytest.approx(metrics["weights"])
-    # The params' epoch-end points share train/mse's steps: one axis for every curve.
-    mse_steps = {e.step for e in ea.Scalars("train/mse")}
-    assert mse_steps <= {e.step for e in ea.Scalars("params/b")}
 
     # HParams: real final values (not a -1 placeholder) and the same keys as every other job.
     assert values("hp/train_mse")[-1] == pytest.approx(metrics["train_mse"])

@@ -2,7 +2,7 @@
 
 Tags written here (a contract for dashboards and scripts; `train/loss` and `train/mse` come from the module):
 `params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap` and the image `fit`.
-All scalars use Lightning's own logger step, so they line up with `train/mse` and `train/loss`.
+Every scalar is written at the run's SGD step count (`global_step`), so all curves share one axis.
 """
 
 import math
@@ -62,7 +62,7 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
 class Dashboard(L.Callback):
     """Everything the dashboards need beyond the module's own curves, in one callback.
 
-    `params/<name>` after each epoch and every `every_n_steps` training calls; the HParams record
+    `params/<name>` after each epoch and every `every_n_steps` SGD steps; the HParams record
     (`hparams` with `hp/train_mse`, `hp/ols_gap`); and, with `fit_figure`, the image `fit` at the end.
     """
 
@@ -79,12 +79,18 @@ class Dashboard(L.Callback):
         self.hparams, self.every_n_steps, self.fit_figure = hparams, every_n_steps, fit_figure
         self.ols_mse = math.nan
         self.end_summary: Any = None
+        self.logged_at = -1  # the step params/* were last written at
+        self.next_sample = 0  # the step at or after which they are sampled next
 
     def log_params(self, trainer: L.Trainer, module: RegressionModule) -> None:
-        """One point per coefficient at the current step."""
+        """One point per coefficient at the current step (once per step)."""
+        step = log_step(trainer)
+        if step == self.logged_at:
+            return
         weights = module.weights()
         names = param_names(len(weights), bool(module.hparams.bias))
-        log_scalars(trainer, {f"params/{n}": v for n, v in zip(names, weights)}, log_step(trainer))
+        log_scalars(trainer, {f"params/{n}": v for n, v in zip(names, weights)}, step)
+        self.logged_at = step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ols_mse = trainer.datamodule.ols_mse()
@@ -97,13 +103,16 @@ class Dashboard(L.Callback):
             writer.add_summary(session_start)
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
+        self.log_params(trainer, pl_module)  # the starting weights (step 0, or where a resume starts)
+        self.next_sample = log_step(trainer) + self.every_n_steps
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Sampled like train/loss (same calls, same steps).
-        if self.every_n_steps > 0 and batch_idx % self.every_n_steps == 0:
+        # Every N SGD steps, like train/loss: exactly on its steps when N is a multiple of steps_per_call.
+        if self.every_n_steps > 0 and log_step(trainer) >= self.next_sample:
             self.log_params(trainer, pl_module)
+            self.next_sample = (log_step(trainer) // self.every_n_steps + 1) * self.every_n_steps
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation is the end-of-epoch evaluation here: the same step as that epoch's train/mse.

@@ -30,9 +30,8 @@ def sgd(params: list[Tensor], lr: float) -> None:
 
 
 def log_step(trainer: L.Trainer) -> int:
-    """The step Lightning's own logging uses now (batches trained, not optimizer steps)."""
-    # Lightning logs `train/mse` at this counter; using it keeps every curve on one axis.
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    """The x axis of every curve: SGD steps so far (`global_step`), whatever `steps_per_call` is."""
+    return trainer.global_step
 
 
 def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -71,6 +70,14 @@ class RegressionModule(L.LightningModule):
         self.lean_steps_allowed = True  # False: every step through Lightning's wrappers (tests compare both)
         self.lean_steps = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning names the running hook on the module ~20 times a training call; nn.Module's checks
+        # (is the value a Parameter? a Module? a buffer?) cost more than that: a string needs none of them.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def on_train_start(self) -> None:
         # On one device at 32-bit, Lightning's backward and optimizer wrappers only call hooks this
         # project does not use, yet cost more than the SGD step itself: call torch directly there.
@@ -104,26 +111,31 @@ class RegressionModule(L.LightningModule):
 
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
         opt = self.optimizers()
-        for x, y in batch:
+        first = self.trainer.global_step
+        every = self.hparams.log_every_n_steps
+        for step, (x, y) in enumerate(batch, start=first):
             loss = self.update(x, y, opt)
-        # Logging costs about as much as a step on this tiny model: sample it.
-        if batch_idx % self.hparams.log_every_n_steps == 0:
-            self.log_loss(loss)
+            # Logging costs about as much as a step on this tiny model: sample it, every N SGD steps.
+            if step % every == 0:
+                self.log_loss(loss, step)
 
-    def log_loss(self, loss: Tensor) -> None:
-        """Write `train/loss` straight to the loggers, at Lightning's own logger step."""
+    def log_loss(self, loss: Tensor, step: int) -> None:
+        """Write `train/loss` of SGD step `step` straight to the loggers."""
         # `self.log(on_step=True)` keeps the value in Lightning's results, so the Trainer re-logs and
         # flushes it (a TensorBoard fsync) after every later step too: ~1 ms a step, 3x the SGD step.
-        log_scalars(self.trainer, {"train/loss": loss.item()}, log_step(self.trainer))
+        # It also puts it at Lightning's count of training_step calls, not of SGD steps.
+        log_scalars(self.trainer, {"train/loss": loss.item()}, step)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         mse = squared_loss(self(x), y)
-        self.log("train/mse", mse, on_step=False, on_epoch=True)
+        # For callbacks (callback_metrics); the loggers get it at the SGD step below.
+        self.log("train/mse", mse, on_step=False, on_epoch=True, logger=False)
         if self.trainer.sanity_checking:
             return
         value = mse.item()
         self.epoch_mse.append(value)
+        log_scalars(self.trainer, {"train/mse": value}, log_step(self.trainer))
         if not (math.isfinite(value) and all(math.isfinite(v) for v in self.weights())):
             # Non-finite loss or weights: an outcome to record, not something to train on.
             self.diverged_epoch = self.current_epoch
