@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from linreg.data import RegressionDataModule, tensor_gen_reg
+from linreg.data import EXPAND_CHUNK, EpochBatchSampler, RegressionDataModule, index_batches, tensor_gen_reg
 
 
 def reference_tensor_gen_reg(num_examples=1000, w=(2, -1, 1), bias=True, delta=0.01, deg=1):
@@ -52,6 +52,47 @@ def test_generator_matches_tutorial_bit_for_bit(kwargs):
     torch.manual_seed(420)  # the global RNG gives the same tensors as a seeded generator
     gx, gy = tensor_gen_reg(**kwargs)
     assert torch.equal(gx, ref_x) and torch.equal(gy, ref_y)
+
+
+def allocating_tensor_gen_reg(num_examples=1000, w=(2, -1, 1), bias=True, delta=0.01, deg=1, generator=None):
+    """The generator before it was made to allocate less (temporaries and a `cat` copy), kept as the reference."""
+    w_all = torch.tensor(list(w), dtype=torch.float32).reshape(-1, 1)
+    w_true = w_all[:-1] if bias else w_all
+    features = torch.randn(num_examples, len(w_true), generator=generator)
+    labels = torch.mm(torch.pow(features, deg), w_true)
+    if bias:
+        labels = labels + w_all[-1]
+    labels = labels + torch.randn(labels.shape, generator=generator) * delta
+    if bias:
+        features = torch.cat((features, torch.ones(num_examples, 1)), 1)
+    return features, labels
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_examples": 1},
+        {"num_examples": 15},
+        {"num_examples": 17, "deg": 2},
+        {"num_examples": 1001, "bias": False},
+        {"num_examples": 999, "delta": 0},
+        {"num_examples": EXPAND_CHUNK + 5},
+        {"num_examples": EXPAND_CHUNK + 3, "deg": 3, "w": (1.5, -2, 0.5, 3)},
+        {"num_examples": EXPAND_CHUNK * 2 + 1, "w": (4, -1), "delta": 0.3},
+        {"num_examples": 13, "w": (-2.5,), "bias": False, "deg": 2},
+        {"num_examples": 9, "w": (7,)},
+        {"num_examples": 0},
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 420])
+def test_generator_matches_its_allocating_form_bit_for_bit(kwargs, seed):
+    ref_x, ref_y = allocating_tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(seed))
+    x, y = tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(seed))
+    assert x.is_contiguous() and torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    # without the ones column: the same numbers, the column never made
+    lx, ly = tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(seed), ones_column=False)
+    ref_lx = ref_x[:, :-1] if kwargs.get("bias", True) else ref_x
+    assert lx.is_contiguous() and torch.equal(lx, ref_lx) and torch.equal(ly, ref_y)
 
 
 def test_generator_gives_the_tutorials_first_row():
@@ -123,3 +164,23 @@ def test_setup_makes_the_data_once():
     x = dm.full_data()[0]
     dm.setup("fit")
     assert dm.full_data()[0] is x
+
+
+@pytest.mark.parametrize("num_examples, batch_size", [(95, 10), (100, 10), (7, 10), (1, 1), (0, 4)])
+def test_sampler_slices_the_seeded_permutation(num_examples, batch_size):
+    sampler = EpochBatchSampler(num_examples, batch_size, seed=3)
+    sampler.set_epoch(2)
+    batches = list(sampler)
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 2)
+    perm = torch.randperm(num_examples, generator=g)  # int64, as before
+    expected = [perm[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+    assert len(batches) == len(expected) == len(sampler)
+    assert all(torch.equal(b.long(), e) for b, e in zip(batches, expected))
+
+
+def test_last_index_batch_does_not_keep_the_permutation():
+    perm = torch.arange(10)
+    *views, last = index_batches(perm, 4)
+    assert [v.untyped_storage().data_ptr() for v in views] == [perm.untyped_storage().data_ptr()] * 2
+    assert last.untyped_storage().data_ptr() != perm.untyped_storage().data_ptr()
+    assert torch.equal(last, torch.tensor([8, 9]))

@@ -15,19 +15,47 @@ def tensor_gen_reg(
     delta: float = 0.01,
     deg: int = 1,
     generator: torch.Generator | None = None,
+    ones_column: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The tutorial's `tensorGenReg`: y = pow(X, deg) @ w (+ intercept) + noise * delta."""
     w_all = torch.tensor(list(w), dtype=torch.float32).reshape(-1, 1)
     w_true = w_all[:-1] if bias else w_all
+    n, k = num_examples, len(w_true)
+    ones = bias and ones_column  # `ones_column=False` gives the features without it (the `linear` view)
+    # One buffer for the returned features. The (n, k) draw goes contiguous into its start (a draw into
+    # strided columns gives other numbers) and is spread out in place, never copied whole; until
+    # then, the room left for the ones column holds the noise.
+    flat = torch.empty(n * (k + int(ones)))
+    features = flat[: n * k].view(n, k)
+    noise = flat[n * k :].view(n, 1) if ones else torch.empty(n, 1)
     # Exactly two random draws, in the tutorial's order, so a seed gives its tensors bit for bit.
-    features = torch.randn(num_examples, len(w_true), generator=generator)
-    labels = torch.mm(torch.pow(features, deg), w_true)
+    torch.randn(n, k, generator=generator, out=features)
+    torch.randn(n, 1, generator=generator, out=noise)
+    # One whole mm, as the tutorial: products of row chunks can round differently (BLAS blocking).
+    labels = torch.mm(features if deg == 1 else torch.pow(features, deg), w_true)  # pow(X, 1) is a copy of X
     if bias:
-        labels = labels + w_all[-1]
-    labels = labels + torch.randn(labels.shape, generator=generator) * delta
-    if bias:
-        features = torch.cat((features, torch.ones(num_examples, 1)), 1)
-    return features, labels
+        labels.add_(w_all[-1])
+    labels.add_(noise.mul_(delta))  # in place, the same two sums: (X @ w + b) + noise * delta
+    return (open_ones_column(flat, n, k) if ones else features), labels
+
+
+# Values moved at a time when the ones column is opened up (128 KiB): at most torch's grain for
+# splitting a copy across threads. Chunks of 2^16 rows, each copy split, took seconds, not 0.1 s,
+# on a machine whose cores were busy (every chunk waited for all threads).
+EXPAND_CHUNK = 1 << 15
+
+
+def open_ones_column(flat: Tensor, n: int, k: int) -> Tensor:
+    """Rows of k values packed at the start of `flat`, spread in place into rows of k + 1 ending in 1."""
+    wide = flat.view(n, k + 1)
+    rows = max(1, EXPAND_CHUNK // max(k, 1))
+    # Row i moves from offset i*k up to i*(k+1). Going from the last rows down, a chunk lands only on
+    # rows already moved and on itself (hence its copy first), never on rows still to move.
+    for start in reversed(range(0, n, rows)):
+        stop = min(start + rows, n)
+        wide[start:stop, :k] = flat[start * k : stop * k].view(stop - start, k).clone()
+    wide[:, k] = 1
+    return wide
 
 
 OLS_CHUNK = 1 << 18  # rows per chunk of the least-squares sums (6 MiB of float64 for 3 columns)
@@ -54,9 +82,23 @@ class EpochBatchSampler:
 
     def __iter__(self) -> Iterator[Tensor]:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        perm = torch.randperm(self.num_examples, generator=g)
-        # Sliced lazily: `perm.split()` makes every view up front, ~50 us each (0.17 s an epoch at 30,000/10).
-        return (perm[i : i + self.batch_size] for i in range(0, self.num_examples, self.batch_size))
+        # int32 where it fits: half the bytes, the same permutation (randperm's draws don't depend on the dtype).
+        dtype = torch.int32 if self.num_examples < 2**31 else torch.int64
+        return index_batches(torch.randperm(self.num_examples, generator=g, dtype=dtype), self.batch_size)
+
+
+def index_batches(perm: Tensor, batch_size: int) -> Iterator[Tensor]:
+    """Consecutive slices of `perm`; the last one a copy, so that `perm` is freed before the epoch ends."""
+    # Sliced lazily: `perm.split()` makes every view up front, ~50 us each (0.17 s an epoch at 30,000/10).
+    starts = range(0, len(perm), batch_size)
+    for i in starts[:-1]:
+        yield perm[i : i + batch_size]
+    if starts:
+        # Lightning fetches the last batch before its last step: with the n indices dropped here,
+        # the end-of-epoch full-data evaluation does not run alongside them.
+        last = perm[starts[-1] :].clone() if starts[-1] else perm  # one batch: the whole perm, no copy
+        del perm
+        yield last
 
 
 class BatchLoader:
@@ -129,10 +171,11 @@ class RegressionDataModule(L.LightningDataModule):
             return
         h = self.hparams
         g = torch.Generator().manual_seed(h.seed)
-        features, self.labels = tensor_gen_reg(h.num_examples, h.w, h.bias, h.delta, h.deg, generator=g)
         # `manual` uses the ones column as its intercept input (the tutorial's linreg(X, w));
-        # `linear` drops it (the tutorial's features[:, :-1]) and has nn.Linear's bias instead.
-        self.features = features if (not h.bias or h.ones_column) else features[:, :-1].contiguous()
+        # `linear` goes without it (the tutorial's features[:, :-1]) and has nn.Linear's bias instead.
+        self.features, self.labels = tensor_gen_reg(
+            h.num_examples, h.w, h.bias, h.delta, h.deg, generator=g, ones_column=h.ones_column
+        )
 
     def design_matrix(self) -> Tensor:
         """Features with the intercept column, whichever view is served (for least squares)."""
