@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from linreg.data import RegressionDataModule
-from linreg.models import MODELS, HandSGD, LinearRegression, ManualRegression, sgd, squared_loss
+from linreg.models import MODELS, HandSGD, LinearRegression, ManualRegression, eval_squared_loss, sgd, squared_loss
 
 
 def fit(name: str, steps_per_call: int = 1, max_epochs: int = 3, lean: bool = True, **model_kwargs):
@@ -103,3 +103,11 @@ def test_manual_weight_stays_a_leaf_on_the_lean_path():
     model = fit("manual", lean=True, max_epochs=1)
     assert model.lean_steps and model.w.is_leaf and model.w.requires_grad
     assert model.weights() == pytest.approx([2, -1, 1], abs=0.01)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_eval_squared_loss_is_squared_loss_bit_for_bit(n):
+    g = torch.Generator().manual_seed(n)
+    y_hat, y = torch.randn(n, 1, generator=g), torch.randn(n, generator=g)
+    expected = squared_loss(y_hat, y)
+    assert eval_squared_loss(y_hat.clone(), y).item() == expected.item()

@@ -15,13 +15,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
+from linreg.models import RegressionModule, eval_squared_loss, log_scalars, log_step
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
 HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
 LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
+FIT_POINTS = 500  # about this many data points are drawn in the fit image (every k-th)
 
 
 def dashboard_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -131,9 +132,11 @@ class Dashboard(L.Callback):
             tb.experiment._get_file_writer().add_summary(self.end_summary)  # status: finished
         if self.fit_figure:
             x, y = trainer.datamodule.full_data()
+            stride = max(1, len(y) // FIT_POINTS)
+            x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            fig = fit_figure(x, y.reshape(-1), y_hat)
+            fig = fit_figure(x, y.reshape(-1), y_hat, mse)
             tb.experiment.add_figure("fit", fig, global_step=log_step(trainer), close=True)
 
     def metrics(self, mse: float) -> dict[str, float]:
@@ -162,19 +165,17 @@ def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
     """The model's MSE on the whole data set now."""
     x, y = trainer.datamodule.full_data()
     with torch.no_grad():
-        return squared_loss(module(x.to(module.device)).cpu(), y).item()
+        return eval_squared_loss(module(x.to(module.device)).cpu(), y).item()
 
 
-def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points: int = 500) -> Any:
-    """Two panels: fitted vs. true y (a straight line when the model fits), residuals vs. features."""
+def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> Any:
+    """Two panels of the given points: fitted vs. true y (a line when the model fits), residuals vs. features."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; imported here so runs without a dashboard never load it
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    stride = max(1, len(y) // max_points)
-    x, y, y_hat = x[::stride], y[::stride], y_hat[::stride]
     y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
     residual = y - y_hat
     # Every job draws this picture, and matplotlib's layout work costs more than a small job's training:
@@ -186,7 +187,7 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, max_points
     lo, hi = y.min().item(), y.max().item()
     left.plot([lo, hi], [lo, hi], color="black", linewidth=1, label="y = ŷ")
     left.set(xlabel="y (data)", ylabel="ŷ (fitted)")
-    left.set_title(f"fitted vs. data, MSE {torch.nanmean(residual**2):.4g}", y=1.0)
+    left.set_title(f"fitted vs. data, MSE {mse:.4g}", y=1.0)
     left.legend(loc="upper left")
     # Constant columns (the ones column of the manual model) carry no information: skip them.
     features = [j for j in range(x.shape[1]) if x[:, j].std() > 0]
