@@ -310,15 +310,18 @@ def plot_mse(rows: list[dict[str, Any]], path: Path) -> None:
 
     params = varying_params(rows)
     models = sorted({str(r["model"]) for r in rows})
-    fig, axes = plt.subplots(2, len(params), figsize=(4.5 * len(params), 7.5), squeeze=False)
+    width = 4.5 * len(params)
+    fig, axes = plt.subplots(2, len(params), figsize=(width, 7.5), squeeze=False)
+    # Fixed margins: tight_layout measures every label of every panel (seconds for a 10-panel figure).
+    fig.subplots_adjust(left=0.9 / width, right=1 - 0.15 / width, bottom=0.08, top=0.93, wspace=0.25, hspace=0.22)
     for col, param in enumerate(params):
         for row, (key, label) in enumerate([("train_mse", "final train MSE"), ("gap", "gap to least-squares floor")]):
             plot_panel(axes[row][col], rows, param, key, models)
-            axes[row][col].set_ylabel(label)
+            if col == 0:
+                axes[row][col].set_ylabel(label)
     skipped = sum(1 for r in rows if not is_number(r["train_mse"]))
     title = "dots: jobs, lines: median per model"
     fig.suptitle(f"{title} ({skipped} diverged/failed jobs not shown)" if skipped else title)
-    fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
 
@@ -345,9 +348,9 @@ def plot_weights(rows: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
     ax.set_xlabel("true coefficient")
     ax.set_ylabel("learned coefficient")
-    ax.set_title(f"coefficients of {len(done)} finished jobs")
+    ax.set_title(f"coefficients of {len(done)} finished jobs", y=1.0)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.11, top=0.93)
     save_figure(fig, path)
     plt.close(fig)
 

@@ -6,6 +6,7 @@ that need them: a bad command line is refused in a blink, before any of them loa
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -193,6 +194,19 @@ def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
     }
 
 
+def freeze_imported_objects() -> None:
+    """Once per process: move what the imports made out of the cyclic garbage collector's sight."""
+    # Lightning, torch and Hydra leave ~0.5M long-lived objects that every full collection walks again:
+    # ~3.5 s of a 48-job sweep here. Frozen, they are never collected; nothing of a job's is frozen later.
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
+
+
+_frozen = False
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate, generate the data, fit (or resume) the configured model; write and return metrics.json."""
     validate(cfg)
@@ -223,6 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resumable_checkpoint(out, cfg)
     (out / "checkpoints").mkdir(exist_ok=True)
     write_json_atomic(out / "checkpoints" / "config.json", checkpoint_config(cfg))
+    freeze_imported_objects()
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     fit_seconds = time.perf_counter() - start
