@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from benchmarks.tutorial_loops import tensor_gen_reg as allocating_tensor_gen_reg  # the tutorial's form
 from linreg.data import EXPAND_CHUNK, EpochBatchSampler, RegressionDataModule, index_batches, tensor_gen_reg
 
 
@@ -52,20 +53,6 @@ def test_generator_matches_tutorial_bit_for_bit(kwargs):
     torch.manual_seed(420)  # the global RNG gives the same tensors as a seeded generator
     gx, gy = tensor_gen_reg(**kwargs)
     assert torch.equal(gx, ref_x) and torch.equal(gy, ref_y)
-
-
-def allocating_tensor_gen_reg(num_examples=1000, w=(2, -1, 1), bias=True, delta=0.01, deg=1, generator=None):
-    """The generator before it was made to allocate less (temporaries and a `cat` copy), kept as the reference."""
-    w_all = torch.tensor(list(w), dtype=torch.float32).reshape(-1, 1)
-    w_true = w_all[:-1] if bias else w_all
-    features = torch.randn(num_examples, len(w_true), generator=generator)
-    labels = torch.mm(torch.pow(features, deg), w_true)
-    if bias:
-        labels = labels + w_all[-1]
-    labels = labels + torch.randn(labels.shape, generator=generator) * delta
-    if bias:
-        features = torch.cat((features, torch.ones(num_examples, 1)), 1)
-    return features, labels
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """TensorBoard dashboards: parameter trajectories, the HParams record and a picture of the fit.
 
 Tags written here (a contract for dashboards and scripts; `train/loss` and `train/mse` come from the module):
-`params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap` and the image `fit`.
+`params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap`, the image `fit` and the model graph.
 Every scalar is written at the run's SGD step count (`global_step`), so all curves share one axis.
 """
 
@@ -76,8 +76,10 @@ class Dashboard(L.Callback):
     on_before_optimizer_step = None
     on_before_zero_grad = None
 
-    def __init__(self, hparams: dict[str, Any], every_n_steps: int, fit_figure: bool = True) -> None:
-        self.hparams, self.every_n_steps, self.fit_figure = hparams, every_n_steps, fit_figure
+    def __init__(
+        self, hparams: dict[str, Any], every_n_steps: int, fit_figure: bool = True, graph: bool = True
+    ) -> None:
+        self.hparams, self.every_n_steps, self.fit_figure, self.graph = hparams, every_n_steps, fit_figure, graph
         self.ols_mse = math.nan
         self.end_summary: Any = None
         self.logged_at = -1  # the step params/* were last written at
@@ -102,6 +104,8 @@ class Dashboard(L.Callback):
             writer = tb.experiment._get_file_writer()  # as Lightning's own log_hyperparams writes them
             writer.add_summary(experiment)
             writer.add_summary(session_start)
+            if self.graph:
+                writer.add_graph(model_graph(pl_module))  # the tutorial's add_graph
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
         self.log_params(trainer, pl_module)  # the starting weights (step 0, or where a resume starts)
@@ -161,6 +165,24 @@ def hparams_summaries(hparams: dict[str, Any], metrics: dict[str, float]) -> tup
     return experiment, session_start, session_end
 
 
+_graphs: dict[tuple[Any, ...], Any] = {}  # traced graphs, by what decides their shape
+
+
+def model_graph(module: L.LightningModule) -> Any:
+    """The module's graph for TensorBoard (a jit trace of `forward`), traced once per class and shape."""
+    from lightning.pytorch.core.module import _jit_is_scripting
+    from torch.utils.tensorboard._pytorch_graph import graph
+
+    # A graph holds the ops and shapes, not the weights' values: every job of a sweep with the same
+    # model draws the same one, and tracing it costs ~20 ms a job (what Lightning's log_graph does).
+    x = module.example_input_array
+    key = (type(module), tuple(x.shape), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+    if key not in _graphs:
+        with _jit_is_scripting():  # as Lightning's own log_graph traces a LightningModule
+            _graphs[key] = graph(module, x.to(module.device))
+    return _graphs[key]
+
+
 def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
     """The model's MSE on the whole data set now."""
     x, y = trainer.datamodule.full_data()
@@ -204,5 +226,6 @@ def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
         return []
     tb = lcfg.get("tensorboard")
     figure = tb is not None and bool(tb.get("fit_figure", True))
+    graph = tb is not None and bool(tb.get("log_graph", True))
     # params/* are sampled at train/loss's cadence: one knob, and the curves share their points.
-    return [Dashboard(dashboard_hparams(cfg), cfg.trainer.log_every_n_steps, fit_figure=figure)]
+    return [Dashboard(dashboard_hparams(cfg), cfg.trainer.log_every_n_steps, fit_figure=figure, graph=graph)]

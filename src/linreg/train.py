@@ -67,7 +67,7 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
                 name="tensorboard",
                 # TensorBoard names a run by its path: <job num>/tensorboard/<overrides> says which job it is.
                 version=run_label(HydraConfig.get().overrides.task),
-                log_graph=bool(lcfg.tensorboard.get("log_graph", True)),
+                log_graph=False,  # the Dashboard writes the graph (traced once per model shape)
                 default_hp_metric=False,
             )
         )
