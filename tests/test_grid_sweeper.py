@@ -75,6 +75,7 @@ def test_cached_configs_are_independent_copies(loaders):
     [
         ("model=manual,nosuch", "Could not find 'model/nosuch'"),
         ("data.nokey=1,2", "Could not override 'data.nokey'"),
+        ("+data.w=[2,-1,1],3", "Could not append to config"),  # the same key, a value of another kind
     ],
 )
 def test_a_bad_sweep_value_is_refused_before_any_job_runs(tmp_path, sweep, message):

@@ -114,7 +114,8 @@ class Dashboard(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Every N SGD steps, like train/loss: exactly on its steps when N is a multiple of steps_per_call.
+        # Every N SGD steps, like train/loss, at the end of the call that reaches each multiple of N: the same
+        # steps as train/loss's when no call straddles one (N a multiple of steps_per_call, whole calls an epoch).
         if self.every_n_steps > 0 and log_step(trainer) >= self.next_sample:
             self.log_params(trainer, pl_module)
             self.next_sample = (log_step(trainer) // self.every_n_steps + 1) * self.every_n_steps
@@ -123,6 +124,8 @@ class Dashboard(L.Callback):
         # Validation is the end-of-epoch evaluation here: the same step as that epoch's train/mse.
         if not trainer.sanity_checking:
             self.log_params(trainer, pl_module)
+            for logger in trainer.loggers:
+                logger.save()  # each epoch, so a killed run keeps its curves (the CSV logger writes on save)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_mse = getattr(pl_module, "epoch_mse", None)

@@ -195,9 +195,10 @@ def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
 
 
 def freeze_imported_objects() -> None:
-    """Once per process: move what the imports made out of the cyclic garbage collector's sight."""
+    """Once per process, before the first job makes anything: the imports' objects out of the GC's sight."""
     # Lightning, torch and Hydra leave ~0.5M long-lived objects that every full collection walks again:
-    # ~3.5 s of a 48-job sweep here. Frozen, they are never collected; nothing of a job's is frozen later.
+    # ~3.5 s of a 48-job sweep here. Frozen objects are never collected, so this runs before any of a
+    # job's objects exist (a frozen Trainer/DataModule cycle would keep its data for the process's life).
     global _frozen
     if not _frozen:
         gc.freeze()
@@ -215,10 +216,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return done  # this job already finished with this config: nothing to redo
     out.mkdir(parents=True, exist_ok=True)
     import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger  # noqa: F401 (imported before the freeze)
 
+    import linreg.dashboard  # noqa: F401 (imported before the freeze)
     from linreg.data import RegressionDataModule
     from linreg.models import MODELS
 
+    freeze_imported_objects()  # before this job makes anything: none of its objects may be frozen
     model_cls = MODELS[cfg.model.name]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = RegressionDataModule(
@@ -237,7 +241,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = resumable_checkpoint(out, cfg)
     (out / "checkpoints").mkdir(exist_ok=True)
     write_json_atomic(out / "checkpoints" / "config.json", checkpoint_config(cfg))
-    freeze_imported_objects()
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     fit_seconds = time.perf_counter() - start

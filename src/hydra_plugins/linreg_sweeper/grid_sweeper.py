@@ -4,17 +4,21 @@
   ~0.2 s each here: more than a small job trains. Jobs that choose the same config groups differ only in
   plain `key=value` overrides, so the groups are composed once and the values applied to a copy, as Hydra
   itself applies them after composing.
-- With `resume=true`, a job whose dir already holds a finished metrics.json of the same config is not
-  launched at all; the callbacks still hear of it (progress line, results table). Job numbers stay as planned.
+- With `resume=true` and the basic launcher, a job whose dir already holds a finished metrics.json of the
+  same config is not launched at all; the callbacks still hear of it (progress line, results table), and
+  job numbers stay as planned. A parallel launcher gets the whole batch (one pool, one array job), and its
+  finished jobs return at once from `linreg.train.run`'s own check.
 """
 
 import copy
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -56,6 +60,10 @@ class CachedConfigLoader(ConfigLoader):
         return parsed, groups, [o for o in parsed if not self.selects_config(o)]
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        if master_config.hydra.searchpath:
+            # Groups found through hydra.searchpath exist only in the repository Hydra builds per compose,
+            # so they cannot be told from plain keys here: compose every job, as Hydra does.
+            return self.loader.load_sweep_config(master_config, list(sweep_overrides))
         parsed, groups, values = self.split(sweep_overrides)
         if groups not in self.composed:
             self.composed[groups] = self.loader.load_sweep_config(master_config, list(groups))
@@ -124,12 +132,18 @@ class SkipFinished(Launcher):
             return None
         task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         ret = JobReturn(overrides=list(overrides), cfg=task_cfg, hydra_cfg=cfg, working_dir=str(out))
-        ret.status, ret.return_value = JobStatus.COMPLETED, metrics["train_mse"]
+        mse = metrics["train_mse"]
+        ret.status, ret.return_value = JobStatus.COMPLETED, math.inf if mse is None else mse  # as train.main
         # The callbacks hear of it as of any job (progress line); its files stay as the first run left them.
         self.hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
         return ret
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if not isinstance(self.launcher, BasicLauncher):
+            # A parallel launcher (joblib, submitit) runs a batch as one pool or one array job; split into
+            # runs of unfinished jobs it would wait for each in turn. Launched whole, its finished jobs
+            # return at once from run()'s own check.
+            return self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         returns: list[JobReturn | None] = [self.finished(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
         skipped = sum(r is not None for r in returns)
         if skipped:
@@ -152,15 +166,17 @@ class GridSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Compose one job for each choice of groups and set of keys: what decides whether a config composes."""
         # Hydra composes every job here, before launching any. Whether a job's config composes depends on
-        # the configs its groups select and on the keys it sets, not on the values (no typed schema here;
-        # bad values are linreg.config's to refuse, per job): one job per kind is the same check.
+        # the configs its groups select, the keys it sets and the kinds of values (a `+key=` on an existing
+        # key is refused unless it merges a list or dict): one job per such kind is the same check. Bad
+        # values are linreg.config's to refuse, per job.
         assert self.hydra_context is not None and self.config is not None
         loader = self.hydra_context.config_loader
         assert isinstance(loader, CachedConfigLoader)
         kinds: dict[tuple[Any, ...], Sequence[str]] = {}
         for overrides in batch:
             _, groups, values = loader.split(overrides)
-            kinds.setdefault((groups, tuple(sorted(o.input_line.partition("=")[0] for o in values))), overrides)
+            shape = tuple(sorted((o.input_line.partition("=")[0], type(o.value()).__name__) for o in values))
+            kinds.setdefault((groups, shape), overrides)
         super().validate_batch_is_legal(list(kinds.values()))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
