@@ -83,7 +83,6 @@ class Dashboard(L.Callback):
         self.ols_mse = math.nan
         self.end_summary: Any = None
         self.logged_at = -1  # the step params/* were last written at
-        self.next_sample = 0  # the step at or after which they are sampled next
 
     def log_params(self, trainer: L.Trainer, module: RegressionModule) -> None:
         """One point per coefficient at the current step (once per step)."""
@@ -109,16 +108,15 @@ class Dashboard(L.Callback):
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
         self.log_params(trainer, pl_module)  # the starting weights (step 0, or where a resume starts)
-        self.next_sample = log_step(trainer) + self.every_n_steps
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Every N SGD steps, like train/loss, at the end of the call that reaches each multiple of N: the same
         # steps as train/loss's when no call straddles one (N a multiple of steps_per_call, whole calls an epoch).
-        if self.every_n_steps > 0 and log_step(trainer) >= self.next_sample:
+        every = self.every_n_steps
+        if every > 0 and log_step(trainer) // every > self.logged_at // every:  # a multiple of N passed since
             self.log_params(trainer, pl_module)
-            self.next_sample = (log_step(trainer) // self.every_n_steps + 1) * self.every_n_steps
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation is the end-of-epoch evaluation here: the same step as that epoch's train/mse.

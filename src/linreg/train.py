@@ -199,13 +199,8 @@ def freeze_imported_objects() -> None:
     # Lightning, torch and Hydra leave ~0.5M long-lived objects that every full collection walks again:
     # ~3.5 s of a 48-job sweep here. Frozen objects are never collected, so this runs before any of a
     # job's objects exist (a frozen Trainer/DataModule cycle would keep its data for the process's life).
-    global _frozen
-    if not _frozen:
+    if gc.get_freeze_count() == 0:
         gc.freeze()
-        _frozen = True
-
-
-_frozen = False
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
