@@ -417,6 +417,14 @@ def planned_jobs(config: DictConfig) -> tuple[int | None, list[str]]:
         return None, list(params)
 
 
+def read_plan(sweep_dir: Path) -> dict[str, Any]:
+    """What `on_multirun_start` recorded; unknowns (None, no swept keys) when the file is missing or torn."""
+    try:
+        return json.loads((sweep_dir / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return {"jobs": None, "swept": [], "started": None}
+
+
 def append_progress(path: Path, make_line: Any) -> str:
     """Append one line under an exclusive lock; `make_line(k)` gets this job's finishing rank."""
     with open(path, "a+") as f:
@@ -447,20 +455,14 @@ class SweepResults(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir, out = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
-        try:
-            plan = json.loads((sweep_dir / PLAN_FILE).read_text())
-        except (OSError, ValueError):
-            plan = {"jobs": None, "swept": [], "started": None}
+        plan = read_plan(sweep_dir)
         line = append_progress(sweep_dir / PROGRESS_FILE, lambda k: progress_line(k, plan, out, job_return))
         log.info(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Build the table and plots; exit non-zero with one line naming the failed jobs, if any."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            jobs = json.loads((sweep_dir / PLAN_FILE).read_text()).get("jobs")
-        except (OSError, ValueError):
-            jobs = None
+        jobs = read_plan(sweep_dir)["jobs"]
         if not sweep_dir.is_dir() or not job_dirs(sweep_dir, jobs):
             return
         rows = summarize(sweep_dir, jobs)

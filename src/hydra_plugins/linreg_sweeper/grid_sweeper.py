@@ -56,8 +56,9 @@ class CachedConfigLoader(ConfigLoader):
         if key not in self.parsed:
             self.parsed[key] = OverridesParser.create().parse_overrides(list(sweep_overrides))
         parsed = self.parsed[key]
-        groups = tuple(o.input_line for o in parsed if self.selects_config(o))
-        return parsed, groups, [o for o in parsed if not self.selects_config(o)]
+        selecting = [self.selects_config(o) for o in parsed]
+        groups = tuple(o.input_line for o, sel in zip(parsed, selecting) if sel)
+        return parsed, groups, [o for o, sel in zip(parsed, selecting) if not sel]
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         if master_config.hydra.searchpath:
