@@ -67,7 +67,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class EpochBatchSampler:
-    """Index batches of a fresh permutation per epoch; Lightning calls `set_epoch` before each one."""
+    """Index slices of a fresh permutation per epoch (a slice: one call's mini-batches); Lightning calls `set_epoch`."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
@@ -102,27 +102,22 @@ def index_batches(perm: Tensor, batch_size: int) -> Iterator[Tensor]:
 
 
 class BatchLoader:
-    """Mini-batches gathered a whole batch at a time (no per-sample collation).
+    """The mini-batches of one `training_step` call per item: gathered in one go, then split (no collation).
 
-    With `steps_per_call > 1` each item is a list of that many mini-batches: the
-    module then makes that many SGD steps in one `training_step`, with the same updates.
+    With `steps_per_call > 1` the sampler's index slices hold that many mini-batches: one gather
+    per call instead of one per SGD step (~13 us a step here), the same rows in the same order.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, sampler: EpochBatchSampler, steps_per_call: int = 1) -> None:
-        self.x, self.y, self.sampler, self.steps_per_call = x, y, sampler, steps_per_call
+    def __init__(self, x: Tensor, y: Tensor, sampler: EpochBatchSampler, batch_size: int) -> None:
+        self.x, self.y, self.sampler, self.batch_size = x, y, sampler, batch_size
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.steps_per_call)
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
-        chunk: list[tuple[Tensor, Tensor]] = []
         for idx in self.sampler:
-            chunk.append((self.x.index_select(0, idx), self.y.index_select(0, idx)))
-            if len(chunk) == self.steps_per_call:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+            xs, ys = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            yield list(zip(xs.split(self.batch_size), ys.split(self.batch_size)))
 
 
 class FullBatch:
@@ -217,8 +212,9 @@ class RegressionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> BatchLoader:
         """Shuffled mini-batches; the order depends only on (seed, epoch)."""
         x, y = self.full_data()
-        sampler = EpochBatchSampler(len(x), self.hparams.batch_size, self.hparams.seed)
-        return BatchLoader(x, y, sampler, self.hparams.steps_per_call)
+        h = self.hparams
+        sampler = EpochBatchSampler(len(x), h.batch_size * h.steps_per_call, h.seed)  # a call's rows a slice
+        return BatchLoader(x, y, sampler, h.batch_size)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # The data is made on the CPU: there, skip Lightning's walk over every tensor of every batch (~80 us).
