@@ -8,7 +8,14 @@ from linreg.data import RegressionDataModule
 from linreg.models import MODELS, HandSGD, LinearRegression, ManualRegression, eval_squared_loss, sgd, squared_loss
 
 
-def fit(name: str, steps_per_call: int = 1, max_epochs: int = 3, lean: bool = True, **model_kwargs):
+def fit(
+    name: str,
+    steps_per_call: int = 1,
+    max_epochs: int = 3,
+    lean: bool = True,
+    deterministic: bool = False,
+    **model_kwargs,
+):
     """Fit one module on the tutorial's default data (`lean=False`: every step through Lightning's wrappers)."""
     cls = MODELS[name]
     dm = RegressionDataModule(ones_column=cls.uses_ones_column, steps_per_call=steps_per_call)
@@ -24,6 +31,7 @@ def fit(name: str, steps_per_call: int = 1, max_epochs: int = 3, lean: bool = Tr
         enable_model_summary=False,
         num_sanity_val_steps=0,
         accelerator="cpu",
+        deterministic=deterministic,
     )
     trainer.fit(model, datamodule=dm)
     model.global_step_seen = trainer.global_step
@@ -111,3 +119,19 @@ def test_eval_squared_loss_is_squared_loss_bit_for_bit(n):
     y_hat, y = torch.randn(n, 1, generator=g), torch.randn(n, generator=g)
     expected = squared_loss(y_hat, y)
     assert eval_squared_loss(y_hat.clone(), y).item() == expected.item()
+
+
+@pytest.mark.parametrize("name", ["manual", "linear"])
+def test_deterministic_runs_without_the_nan_fill_give_the_same_bits(name):
+    # run() turns torch's NaN fill of new tensors off under deterministic=True: it may cost time, never numbers.
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        filled = fit(name, deterministic=True, steps_per_call=7, max_epochs=2)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        unfilled = fit(name, deterministic=True, steps_per_call=7, max_epochs=2)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
+        torch.use_deterministic_algorithms(False)
+    assert unfilled.weights() == filled.weights()
+    assert unfilled.epoch_mse == filled.epoch_mse
