@@ -83,7 +83,18 @@ def test_batch_larger_than_the_data_is_one_batch(make_cfg):
     validate(make_cfg("data.num_examples=5", "data.batch_size=50"))
 
 
-@pytest.mark.parametrize("override", ["data.w=[3]", "model.name=lasso", "trainer.steps_per_call=0", "resume=1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.w=[3]",
+        "model.name=lasso",
+        "trainer.steps_per_call=0",
+        "resume=1",
+        "logger.tensorboard.write_every_s=-1",
+        "logger.tensorboard.write_every_s=soon",
+        "logger.tensorboard.fit_figure=maybe",
+    ],
+)
 def test_more_bad_values_are_caught_before_any_work(make_cfg, override):
     with pytest.raises(ConfigError):
         validate(make_cfg(override))

@@ -15,7 +15,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from linreg.dashboard import HEADLINE_HPARAMS, HP_METRICS, dashboard_callbacks, param_names, run_label
+from linreg.dashboard import (
+    HEADLINE_HPARAMS,
+    HP_METRICS,
+    BufferedTensorBoardLogger,
+    dashboard_callbacks,
+    param_names,
+    run_label,
+)
 from linreg.train import run
 from tests.conftest import REPO, run_cli
 
@@ -90,6 +97,27 @@ def test_deg2_fit_figure_is_an_image(make_cfg, tmp_path):
     (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
     (image,) = accumulator(run_dir).Images("fit")
     assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > image.height > 100
+
+
+def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
+    logger = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="tb", version="run", write_every_s=3600)
+    logger.log_metrics({"a": 1.0}, step=0)
+    logger.log_metrics({"a": 2.0, "b": 3.0}, step=5)
+    assert event_dirs(tmp_path) == []  # nothing handed to TensorBoard's writer yet
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in accumulator(tmp_path / "tb" / "run").Scalars(tag)]
+
+    logger.save()  # each epoch's end
+    assert scalars("a") == [(0, 1.0), (5, 2.0)] and scalars("b") == [(5, 3.0)]
+    logger.log_metrics({"a": 4.0}, step=9)
+    logger.finalize("failed")  # Lightning's call when fit raises
+    assert scalars("a") == [(0, 1.0), (5, 2.0), (9, 4.0)]
+
+    live = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="tb", version="live", write_every_s=0)
+    live.log_metrics({"a": 1.0}, step=0)
+    assert live.pending == []  # write_every_s passed: handed over at once
+    live.finalize("success")
 
 
 def test_no_logger_means_no_dashboard_cost(make_cfg):

@@ -72,6 +72,18 @@ def _check_trainer(cfg: DictConfig) -> None:
         raise ConfigError("trainer.accelerator", acc, "no GPU available; use trainer=cpu")
 
 
+def _check_logger(cfg: DictConfig) -> None:
+    tb = OmegaConf.select(cfg, "logger.tensorboard")
+    if tb is None:
+        return
+    for key in ("log_graph", "fit_figure"):
+        if not isinstance(tb.get(key, True), bool):
+            raise ConfigError(f"logger.tensorboard.{key}", tb.get(key), "must be true or false")
+    every = tb.get("write_every_s", 10.0)
+    if not is_number(every) or every < 0:
+        raise ConfigError("logger.tensorboard.write_every_s", every, "must be a finite number >= 0")
+
+
 def _gpu_available() -> bool:
     import torch  # only here: torch takes seconds to import, and only a GPU run needs the answer
 
@@ -103,4 +115,5 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg)
     _check_model(cfg)
     _check_trainer(cfg)
+    _check_logger(cfg)
     _check_memory(cfg)

@@ -7,12 +7,14 @@ Every scalar is written at the run's SGD step count (`global_step`), so all curv
 
 import math
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from linreg.models import RegressionModule, eval_squared_loss, log_scalars, log_step
@@ -53,6 +55,42 @@ def param_names(count: int, bias: bool) -> list[str]:
     """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
     features = count - 1 if bias else count
     return [f"w{i + 1}" for i in range(features)] + (["b"] if bias else [])
+
+
+class BufferedTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, with scalars held in memory and written at each save (each epoch here).
+
+    TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread
+    (~0.35 ms an event here: ~8% of a 9,000-step run sampled every 50 steps). Held, they are written in
+    one burst. They are also written once `write_every_s` has passed, so a long epoch still shows up live.
+    """
+
+    def __init__(self, *args: Any, write_every_s: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_every_s = write_every_s
+        self.pending: list[tuple[dict[str, Any], int | None]] = []
+        self.written_at = time.monotonic()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.pending.append((dict(metrics), step))
+        if time.monotonic() - self.written_at >= self.write_every_s:
+            self.write_pending()
+
+    def write_pending(self) -> None:
+        """Hand the held scalars to TensorBoard's writer, in the order they were logged."""
+        pending, self.pending = self.pending, []
+        for metrics, step in pending:
+            super().log_metrics(metrics, step)
+        self.written_at = time.monotonic()
+
+    def save(self) -> None:
+        self.write_pending()
+        super().save()  # flushes the event file
+
+    def finalize(self, status: str) -> None:
+        self.write_pending()  # also when the run failed: what was logged is kept
+        super().finalize(status)
 
 
 def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:

@@ -54,15 +54,16 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     """The loggers named under `logger` (tensorboard, csv); none when `logger=null`."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import CSVLogger
 
-    from linreg.dashboard import run_label
+    from linreg.dashboard import BufferedTensorBoardLogger, run_label
 
     lcfg = cfg.get("logger") or {}
     loggers: list[Logger] = []
-    if lcfg.get("tensorboard") is not None:
+    if (tb := lcfg.get("tensorboard")) is not None:
         loggers.append(
-            TensorBoardLogger(
+            BufferedTensorBoardLogger(
+                write_every_s=tb.get("write_every_s", 10.0),
                 save_dir=str(out),
                 name="tensorboard",
                 # TensorBoard names a run by its path: <job num>/tensorboard/<overrides> says which job it is.
