@@ -83,6 +83,16 @@ def w_overrides(num_examples: int, epochs: int, batch_size: int, lr: float) -> l
     return [f"data.num_examples={n}", f"trainer.max_epochs={e}", f"data.batch_size={b}", f"model.lr={lr}"]
 
 
+def torch_defaults() -> None:
+    """Torch's global flags as the tutorial runs with them: a Trainer leaves deterministic mode on process-wide."""
+    import torch
+
+    # Left on, the plain loop would pay for deterministic mode's NaN fill of new tensors (~12% a step here),
+    # which the project turns off for itself: the baseline must be the tutorial's loop as it runs alone.
+    torch.use_deterministic_algorithms(False)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Wall seconds of one call."""
     start = time.perf_counter()
@@ -111,6 +121,7 @@ def ratios(rounds: int, workload: dict[str, Any], tmp: Path) -> list[dict[str, A
         project_run(model, ["data.num_examples=1000", "trainer.max_epochs=1"], tmp / f"warm-{model}")
     for r in range(rounds):
         for model in ("manual", "linear"):
+            torch_defaults()
             times.setdefault((model, "plain"), []).append(timed(lambda m=model: train(m, **plain_args)))
             for setting in SETTINGS:
                 times.setdefault((model, setting), []).append(project(model, setting))
