@@ -1,15 +1,18 @@
 """`run(cfg)` and the CLI: metrics.json, the tutorial's bands, presets, any number of features."""
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 
+from linreg.data import RegressionDataModule
 from linreg.train import CONFIG_DIR, run
 from tests.conftest import REPO, run_cli
 
@@ -92,6 +95,24 @@ def test_same_config_gives_bit_identical_numbers(make_cfg, tmp_path):
     b = run(make_cfg("model=linear", "data.num_examples=300", run_dir=tmp_path / "b"))
     a.pop("fit_seconds"), b.pop("fit_seconds")
     assert a == b  # exact equality: every float bit for bit
+
+
+def test_finished_runs_leave_their_data_to_the_gc(make_cfg, tmp_path, monkeypatch):
+    # The imports are frozen out of the GC once per process: a freeze after a job had made its objects
+    # would keep that job's data (a Trainer/DataModule cycle) for the life of a sweep's process.
+    made: list[weakref.ref] = []
+    setup = RegressionDataModule.setup
+
+    def tracked_setup(self: RegressionDataModule, stage: str | None = None) -> None:
+        if not any(ref() is self for ref in made):  # run() and Trainer.fit both call setup
+            made.append(weakref.ref(self))
+        setup(self, stage)
+
+    monkeypatch.setattr(RegressionDataModule, "setup", tracked_setup)
+    for i in range(3):
+        run(make_cfg("data.num_examples=100", "trainer.max_epochs=1", run_dir=tmp_path / str(i)))
+    gc.collect()
+    assert len(made) == 3 and [ref() for ref in made] == [None, None, None]
 
 
 def test_a_diverging_run_is_an_outcome_not_a_crash(make_cfg):
