@@ -6,7 +6,6 @@ that need them: a bad command line is refused in a blink, before any of them loa
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import logging
@@ -202,9 +201,15 @@ def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
     }
 
 
-@functools.cache
+_stack_imported = False  # a flag, not functools.cache: run as `-m linreg.train` this module is __main__, and
+# joblib and submitit pickle its functions by value, which a cache wrapper (pickled by name) does not survive
+
+
 def import_training_stack() -> None:
     """Import Lightning and this package's modules on it once per process; then freeze what the imports made."""
+    global _stack_imported
+    if _stack_imported:
+        return
     # The imports make ~0.5M long-lived objects. With the GC on, the full collections during the imports walk
     # them again and again (~1.4 s here), and after them every full collection would (~3.5 s of a 48-job
     # sweep). Frozen objects are never collected, so the freeze comes before any job's objects exist (a
@@ -220,6 +225,7 @@ def import_training_stack() -> None:
         import linreg.models  # noqa: F401
     finally:
         gc.freeze()
+        _stack_imported = True
         if enabled:
             gc.enable()
 
