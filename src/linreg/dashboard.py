@@ -237,7 +237,9 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float
     from matplotlib.ticker import MaxNLocator
 
     y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
-    residual = y - y_hat
+    # NumPy arrays, not tensors: matplotlib's unit checks call iter() on what it plots, and iterating a
+    # tensor makes a tensor per element (a third of the figure's cost).
+    residual, x = (y - y_hat).numpy(), x.numpy()
     # Every job draws this picture, and matplotlib's layout and text cost more than a small job's training:
     # one panel, fixed margins (no tight_layout), a title at a fixed height (automatic placement measures
     # every tick label), few ticks, and marker lines instead of scatter collections (~0.4 s to ~0.13 s).
