@@ -179,8 +179,8 @@ class Dashboard(L.Callback):
             x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            fig = fit_figure(x, y.reshape(-1), y_hat, mse)
-            tb.experiment.add_figure("fit", fig, global_step=log_step(trainer), close=True)
+            image = png_summary("fit", fit_figure(x, y.reshape(-1), y_hat, mse))
+            tb.experiment._get_file_writer().add_summary(image, log_step(trainer))
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
@@ -258,6 +258,27 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.yaxis.set_major_locator(MaxNLocator(5))
     return fig
+
+
+def png_summary(tag: str, fig: Any) -> Any:
+    """A figure as a TensorBoard image summary: what `SummaryWriter.add_figure` writes, made with less work."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    width, height = canvas.get_width_height()
+    png = io.BytesIO()
+    # add_figure goes through float copies of the pixels and PNG's default compression (~20 ms a figure,
+    # every job); zlib level 1 takes a third of that for a file a third larger.
+    Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB").save(
+        png, format="PNG", compress_level=1
+    )
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
