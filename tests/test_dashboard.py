@@ -12,15 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import linreg.dashboard
 from linreg.dashboard import (
     HEADLINE_HPARAMS,
     HP_METRICS,
     BufferedTensorBoardLogger,
     dashboard_callbacks,
+    fit_figure,
     param_names,
+    png_summary,
     run_label,
 )
 from linreg.train import run
@@ -118,6 +122,34 @@ def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
     live.log_metrics({"a": 1.0}, step=0)
     assert live.pending == []  # write_every_s passed: handed over at once
     live.finalize("success")
+
+
+def fit_data(seed: int, scale: float, diverged: bool = False) -> tuple[torch.Tensor, ...]:
+    """Features with a ones column, labels and predictions for a fit figure."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat((torch.randn(300, 2, generator=g) * scale, torch.ones(300, 1)), 1)
+    y = x[:, 0] ** 2 + torch.randn(300, generator=g)
+    y_hat = torch.full((300,), torch.nan) if diverged else x[:, 0] * 0.5
+    return x, y, y_hat
+
+
+def fit_png(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> bytes:
+    return png_summary("fit", fit_figure(x, y, y_hat, mse)).value[0].image.encoded_image_string
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [((1, 1.0, False), (2, 10.0, False)), ((3, 5.0, False), (4, 1.0, True)), ((4, 1.0, True), (3, 5.0, False))],
+)
+def test_a_reused_fit_figure_draws_the_pixels_of_a_new_one(before, after):
+    # Each process keeps one fit figure per set of features and redraws it for every job.
+    linreg.dashboard._fit_figures.clear()
+    fit_png(*fit_data(*before), mse=0.5)  # an earlier job's picture, other data and limits
+    reused = fit_png(*fit_data(*after), mse=2.0)
+    linreg.dashboard._fit_figures.clear()
+    fresh = fit_png(*fit_data(*after), mse=2.0)
+    assert reused == fresh
+    assert fit_png(*fit_data(*before), mse=0.5) != fresh  # the picture does show the data
 
 
 def test_no_logger_means_no_dashboard_cost(make_cfg):
