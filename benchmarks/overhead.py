@@ -193,8 +193,14 @@ def grid(rounds: int, tmp: Path) -> list[dict[str, Any]]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """This process's peak resident set size so far (since its exec: not its parent's)."""
+    # ru_maxrss also counts the parent's RSS at the fork (Linux folds the old memory's peak in at exec):
+    # a child of a big benchmark process would start its "peak" at the parent's size. VmHWM does not.
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def scaling_child(num_examples: int, accelerator: str) -> None:
