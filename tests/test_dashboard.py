@@ -115,8 +115,9 @@ def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
     logger.save()  # each epoch's end
     assert scalars("a") == [(0, 1.0), (5, 2.0)] and scalars("b") == [(5, 3.0)]
     logger.log_metrics({"a": 4.0}, step=9)
+    logger.log_metrics({"t": torch.tensor(2.5)}, step=9)  # a tensor, as Lightning's self.log may pass one
     logger.finalize("failed")  # Lightning's call when fit raises
-    assert scalars("a") == [(0, 1.0), (5, 2.0), (9, 4.0)]
+    assert scalars("a") == [(0, 1.0), (5, 2.0), (9, 4.0)] and scalars("t") == [(9, 2.5)]
 
     live = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="tb", version="live", write_every_s=0)
     live.log_metrics({"a": 1.0}, step=0)
