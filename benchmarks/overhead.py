@@ -107,7 +107,7 @@ def ratios(rounds: int, workload: dict[str, Any], tmp: Path) -> list[dict[str, A
 
     base = w_overrides(**workload)
     plain_args = {k: workload[k] for k in ("num_examples", "batch_size", "lr", "epochs")}
-    times: dict[tuple[str, str], list[float]] = {}
+    times: dict[tuple[str, ...], list[float]] = {}
     counter = iter(range(10**6))
 
     def project(model: str, setting: str) -> float:
@@ -121,16 +121,17 @@ def ratios(rounds: int, workload: dict[str, Any], tmp: Path) -> list[dict[str, A
         project_run(model, ["data.num_examples=1000", "trainer.max_epochs=1"], tmp / f"warm-{model}")
     for r in range(rounds):
         for model in ("manual", "linear"):
-            torch_defaults()
-            times.setdefault((model, "plain"), []).append(timed(lambda m=model: train(m, **plain_args)))
             for setting in SETTINGS:
+                # Each project run right after a plain run of its own: this VM's speed drifts within seconds,
+                # so a ratio is only taken between neighbours.
+                torch_defaults()
+                times.setdefault((model, "plain", setting), []).append(timed(lambda m=model: train(m, **plain_args)))
                 times.setdefault((model, setting), []).append(project(model, setting))
         print(f"  round {r + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     rows = []
     for model in ("manual", "linear"):
-        plain = times[(model, "plain")]
         for setting in SETTINGS:
-            proj = times[(model, setting)]
+            plain, proj = times[(model, "plain", setting)], times[(model, setting)]
             per_round = [p / q for p, q in zip(proj, plain)]
             rows.append(
                 {
