@@ -222,7 +222,8 @@ def model_graph(module: L.LightningModule) -> Any:
     # A graph holds the ops and shapes, not the weights' values: every job of a sweep with the same
     # model draws the same one, and tracing it costs ~20 ms a job (what Lightning's log_graph does).
     x = module.example_input_array
-    key = (type(module), tuple(x.shape), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
+    key = (type(module), tuple(x.shape), str(module.device), params)  # a graph records devices and dtypes too
     if key not in _graphs:
         with _jit_is_scripting():  # as Lightning's own log_graph traces a LightningModule
             _graphs[key] = graph(module, x.to(module.device))
