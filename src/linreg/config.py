@@ -28,6 +28,11 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def override_key(override: str) -> str:
+    """The config key a command-line override sets: `x.y` for `x.y=1`, `+x.y=1`, `++x.y=1` and `~x.y`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _positive_int(cfg: DictConfig, key: str) -> int:
     v = OmegaConf.select(cfg, key)
     if not _is_int(v) or v <= 0:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from linreg.config import override_key
 from linreg.models import RegressionModule, eval_squared_loss, log_scalars, log_step
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
@@ -45,7 +46,7 @@ def dashboard_hparams(cfg: DictConfig) -> dict[str, Any]:
 def run_label(overrides: Sequence[str]) -> str:
     """A run's folder name from its command-line overrides (as Hydra's `override_dirname`), one path part."""
     # `resume=true` must land in the same run as the first try (and `logger=...` changes no result).
-    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in LABEL_EXCLUDE)
+    kept = sorted(o for o in overrides if override_key(o) not in LABEL_EXCLUDE)
     # A '/' in an override (a path) would nest folders and split the run in TensorBoard.
     label = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]", "_", ",".join(kept))[:MAX_LABEL]
     return label or "defaults"

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import is_number
+from linreg.config import is_number, override_key
 from linreg.train import config_fields, write_atomic
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def job_overrides(job_dir: Path) -> list[str]:
 
 def without_resume(overrides: Any) -> list[str]:
     """Overrides less `resume` (and `+resume`/`~resume`): it is how a job was run, not what it computes."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume"]
+    return [o for o in overrides if override_key(o) != "resume"]
 
 
 def missing_metrics(job_dir: Path) -> dict[str, Any]:

@@ -117,9 +117,10 @@ class SkipFinished(Launcher):
 
     def finished(self, overrides: Sequence[str], num: int) -> JobReturn | None:
         """A stand-in return for a job that already finished with this config (resume=true), else None."""
+        from linreg.config import override_key
         from linreg.train import finished_metrics
 
-        if not self.master_config.get("resume") and not any("resume" in o.split("=")[0] for o in overrides):
+        if not self.master_config.get("resume") and not any(override_key(o) == "resume" for o in overrides):
             return None  # the common case, decided without composing the job's config
         cfg = self.hydra_context.config_loader.load_sweep_config(self.master_config, list(overrides))
         if not cfg.get("resume"):
