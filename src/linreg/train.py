@@ -6,7 +6,6 @@ that need them: a bad command line is refused in a blink, before any of them loa
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, validate
+from linreg.stack import import_training_stack
 
 if TYPE_CHECKING:
     import lightning as L
@@ -63,7 +63,7 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     if (tb := lcfg.get("tensorboard")) is not None:
         loggers.append(
             BufferedTensorBoardLogger(
-                write_every_s=tb.get("write_every_s", 10.0),
+                write_every_s=tb.write_every_s,
                 save_dir=str(out),
                 name="tensorboard",
                 # TensorBoard names a run by its path: <job num>/tensorboard/<overrides> says which job it is.
@@ -110,10 +110,12 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         deterministic=t.deterministic,
         default_root_dir=str(out),
     )
-    # `deterministic=True` also has torch fill every new tensor with NaN before an op writes it: a check for
-    # ops that read memory they never wrote, ~35 us of a ~250 us SGD step here. Every op here writes its
-    # output whole, so the numbers are the same bits without it (PyTorch's docs: "still deterministic").
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    if t.deterministic:
+        # Deterministic mode also has torch fill every new tensor with NaN before an op writes it: a check for
+        # ops that read memory they never wrote, ~35 us of a ~250 us SGD step here. Every op here writes its
+        # output whole, so the numbers are the same bits without it (PyTorch's docs: "still deterministic").
+        # Like the mode itself (Lightning sets it), this stays so for the rest of the process.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     return trainer
 
 
@@ -199,35 +201,6 @@ def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
         "error": str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}",
         "config": job_config(cfg),
     }
-
-
-_stack_imported = False  # a flag, not functools.cache: run as `-m linreg.train` this module is __main__, and
-# joblib and submitit pickle its functions by value, which a cache wrapper (pickled by name) does not survive
-
-
-def import_training_stack() -> None:
-    """Import Lightning and this package's modules on it once per process; then freeze what the imports made."""
-    global _stack_imported
-    if _stack_imported:
-        return
-    # The imports make ~0.5M long-lived objects. With the GC on, the full collections during the imports walk
-    # them again and again (~1.4 s here), and after them every full collection would (~3.5 s of a 48-job
-    # sweep). Frozen objects are never collected, so the freeze comes before any job's objects exist (a
-    # frozen Trainer/DataModule cycle would keep its data for the process's life).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import lightning  # noqa: F401
-        from lightning.pytorch.loggers import TensorBoardLogger  # noqa: F401
-
-        import linreg.dashboard  # noqa: F401
-        import linreg.data  # noqa: F401
-        import linreg.models  # noqa: F401
-    finally:
-        gc.freeze()
-        _stack_imported = True
-        if enabled:
-            gc.enable()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
