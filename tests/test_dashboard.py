@@ -105,7 +105,9 @@ def test_deg2_fit_figure_is_an_image(make_cfg, tmp_path):
 
 def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
     logger = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="tb", version="run", write_every_s=3600)
+    logged_at = time.time()
     logger.log_metrics({"a": 1.0}, step=0)
+    time.sleep(0.2)  # held a while before it is written
     logger.log_metrics({"a": 2.0, "b": 3.0}, step=5)
     assert event_dirs(tmp_path) == []  # nothing handed to TensorBoard's writer yet
 
@@ -116,12 +118,16 @@ def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
     assert scalars("a") == [(0, 1.0), (5, 2.0)] and scalars("b") == [(5, 3.0)]
     logger.log_metrics({"a": 4.0}, step=9)
     logger.log_metrics({"t": torch.tensor(2.5)}, step=9)  # a tensor, as Lightning's self.log may pass one
+    with pytest.raises(ValueError, match="b='x'"):
+        logger.log_metrics({"b": "x"}, step=9)  # refused at the call that logs it: the rest is kept
     logger.finalize("failed")  # Lightning's call when fit raises
     assert scalars("a") == [(0, 1.0), (5, 2.0), (9, 4.0)] and scalars("t") == [(9, 2.5)]
+    # A point keeps the wall time it was logged at, not the time it was written (TensorBoard's Wall axis).
+    assert accumulator(tmp_path / "tb" / "run").Scalars("a")[0].wall_time - logged_at < 0.1
 
     live = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="tb", version="live", write_every_s=0)
-    live.log_metrics({"a": 1.0}, step=0)
-    assert live.pending == []  # write_every_s passed: handed over at once
+    live.log_metrics({"a": 1.0}, step=0)  # write_every_s has passed: saved to the event file at once
+    assert [(e.step, e.value) for e in accumulator(tmp_path / "tb" / "live").Scalars("a")] == [(0, 1.0)]
     live.finalize("success")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -63,33 +64,38 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
 
     TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread
     (~0.35 ms an event here: ~8% of a 9,000-step run sampled every 50 steps). Held, they are written in
-    one burst. They are also written once `write_every_s` has passed, so a long epoch still shows up live.
+    one burst, at their own wall times. After `write_every_s` they are saved from the logging call itself,
+    so a long epoch still shows up live. Values are numbers or one-element tensors (no dicts).
     """
 
     def __init__(self, *args: Any, write_every_s: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.write_every_s = write_every_s
-        self.pending: list[tuple[dict[str, Any], int | None]] = []
+        self.pending: list[tuple[dict[str, float], int | None, float]] = []  # (scalars, step, wall time)
         self.written_at = time.monotonic()
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        self.pending.append((dict(metrics), step))
+        values = {}
+        # Checked here, so a bad value fails at the call that logs it, not at the end of the epoch.
+        for key, value in _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR).items():
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key}={value!r}: TensorBoard scalars are numbers or one-element tensors")
+            values[key] = float(value)
+        self.pending.append((values, step, time.time()))
         if time.monotonic() - self.written_at >= self.write_every_s:
-            self.write_pending()
+            self.save()
 
     def write_pending(self) -> None:
-        """Hand the held scalars to TensorBoard's writer, in the order they were logged: one event per call."""
+        """Hand the held scalars to TensorBoard's writer in the order they were logged: one event per call."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         pending, self.pending = self.pending, []
-        for metrics, step in pending:
-            if all(isinstance(v, (int, float)) for v in metrics.values()):
-                # One summary of all the call's values: add_scalar makes an event per value (~110 us each).
-                values = [Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]
-                self.experiment._get_file_writer().add_summary(Summary(value=values), step)
-            else:
-                super().log_metrics(metrics, step)  # tensors and dicts, as Lightning logs them
+        for values, step, walltime in pending:
+            # One summary of all the call's values: add_scalar makes an event per value (~110 us each).
+            summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+            file_writer(self).add_summary(summary, step, walltime)
         self.written_at = time.monotonic()
 
     def save(self) -> None:
@@ -99,6 +105,11 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     def finalize(self, status: str) -> None:
         self.write_pending()  # also when the run failed: what was logged is kept
         super().finalize(status)
+
+
+def file_writer(tb: TensorBoardLogger) -> Any:
+    """The event-file writer under TensorBoard's SummaryWriter: what Lightning's own log_hyperparams writes to."""
+    return tb.experiment._get_file_writer()
 
 
 def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -146,7 +157,7 @@ class Dashboard(L.Callback):
         tb = tensorboard_logger(trainer)
         if tb is not None:
             experiment, session_start, self.end_summary = hparams_summaries(self.hparams, start)
-            writer = tb.experiment._get_file_writer()  # as Lightning's own log_hyperparams writes them
+            writer = file_writer(tb)
             writer.add_summary(experiment)
             writer.add_summary(session_start)
             if self.graph:
@@ -180,7 +191,7 @@ class Dashboard(L.Callback):
         if tb is None:
             return
         if self.end_summary is not None:
-            tb.experiment._get_file_writer().add_summary(self.end_summary)  # status: finished
+            file_writer(tb).add_summary(self.end_summary)  # status: finished
         if self.fit_figure:
             x, y = trainer.datamodule.full_data()
             stride = max(1, len(y) // FIT_POINTS)
@@ -188,7 +199,7 @@ class Dashboard(L.Callback):
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
             image = png_summary("fit", fit_figure(x, y.reshape(-1), y_hat, mse))
-            tb.experiment._get_file_writer().add_summary(image, log_step(trainer))
+            file_writer(tb).add_summary(image, log_step(trainer))
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
