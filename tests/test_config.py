@@ -1,6 +1,7 @@
 """Bad input through the real CLI: one line naming the key, a non-zero exit, no traceback, no files."""
 
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -92,11 +93,14 @@ def test_batch_larger_than_the_data_is_one_batch(make_cfg):
         "resume=1",
         "logger.tensorboard.write_every_s=-1",
         "logger.tensorboard.write_every_s=soon",
+        "~logger.tensorboard.write_every_s",
         "logger.tensorboard.fit_figure=maybe",
+        "logger.tensorboard=off",
     ],
 )
 def test_more_bad_values_are_caught_before_any_work(make_cfg, override):
-    with pytest.raises(ConfigError):
+    key = override.lstrip("~").split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}="):  # the message starts with the key
         validate(make_cfg(override))
 
 

@@ -145,7 +145,10 @@ def test_steps_per_call_chunks_the_same_batches():
     plain, chunked = make_dm(), make_dm(steps_per_call=4)
     loader = chunked.train_dataloader()
     assert len(loader) == 3 and [len(c) for c in loader] == [4, 4, 2]
-    assert all(torch.equal(p, q) for p, q in zip(epoch_labels(plain, 1), epoch_labels(chunked, 1)))
+    plain_batches, chunked_batches = epoch_labels(plain, 1), epoch_labels(chunked, 1)
+    assert [len(y) for y in chunked_batches] == [10] * 9 + [5]
+    assert len(plain_batches) == len(chunked_batches)
+    assert all(torch.equal(p, q) for p, q in zip(plain_batches, chunked_batches))
 
 
 def test_setup_makes_the_data_once():

@@ -81,10 +81,12 @@ def _check_logger(cfg: DictConfig) -> None:
     tb = OmegaConf.select(cfg, "logger.tensorboard")
     if tb is None:
         return
+    if not isinstance(tb, DictConfig):
+        raise ConfigError("logger.tensorboard", tb, "must be a mapping (conf/logger/tensorboard.yaml) or null")
     for key in ("log_graph", "fit_figure"):
         if not isinstance(tb.get(key, True), bool):
             raise ConfigError(f"logger.tensorboard.{key}", tb.get(key), "must be true or false")
-    every = tb.get("write_every_s", 10.0)
+    every = tb.get("write_every_s")
     if not is_number(every) or every < 0:
         raise ConfigError("logger.tensorboard.write_every_s", every, "must be a finite number >= 0")
 
