@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the checkout, or its copy in the wheel
 
 
 def output_dir() -> Path:
