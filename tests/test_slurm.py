@@ -1,8 +1,14 @@
-"""The submitit_slurm launcher against a real SLURM cluster (`scripts/slurm-local.sh start`); skipped without one."""
+"""The submitit_slurm launcher against a real SLURM cluster (`scripts/slurm-local.sh start`); skipped without one.
+
+Also `scripts/slurm-local.sh` as root: planted state dirs and pid files are refused or ignored (needs root, no
+cluster), and a running cluster takes connections from loopback only.
+"""
 
 import csv
+import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -13,6 +19,7 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 SCRIPTS = REPO / "scripts"
+SLURM_LOCAL = SCRIPTS / "slurm-local.sh"
 PARTITION = "debug"  # scripts/slurm-local.sh's only partition
 
 
@@ -117,3 +124,183 @@ def test_hard_dead_job_is_reported(slurm: dict[str, str], tmp_path: Path, monkey
     with pytest.raises(submitit.core.utils.UncompletedJobError):
         job.result()
     assert job.state == "FAILED"
+
+
+# --- scripts/slurm-local.sh as root: what another user plants in its state dir is not trusted ---
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="slurm-local.sh start/stop run as root only")
+
+
+def slurm_local(command: str, state_dir: Path) -> subprocess.CompletedProcess:
+    """`scripts/slurm-local.sh COMMAND` on its own state dir (never the one a running cluster uses)."""
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state_dir)}
+    return subprocess.run([str(SLURM_LOCAL), command], capture_output=True, text=True, timeout=120, env=env)
+
+
+def processes_naming(path: Path) -> list[str]:
+    """Command lines of the processes whose arguments mention path (a daemon started on that state dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def plant(kind: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A state dir as another user could leave it, and the victim file that a write through it would hit."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "slurm.conf").write_text("precious\n")
+    state = tmp_path / "state"
+    if kind == "symlink":
+        state.symlink_to(victim)
+    elif kind == "other-owner":
+        state.mkdir()
+        (state / "slurm.conf").symlink_to(victim / "slurm.conf")
+        os.chown(state, 65534, 65534)  # nobody
+    elif kind == "world-writable":
+        state.mkdir()
+        state.chmod(0o777)
+        (state / "slurm.conf").symlink_to(victim / "slurm.conf")
+    elif kind == "foreign":  # root's own, not empty, not made by the script: never emptied
+        state.mkdir()
+        (state / "data").write_text("keep\n")
+    return state, victim
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("command", "kind", "reason"),
+    [
+        ("start", "symlink", "it is a symlink"),
+        ("start", "other-owner", "owned by uid 65534"),
+        ("start", "world-writable", "lets other users write"),
+        ("start", "foreign", "not made by"),
+        ("stop", "symlink", "it is a symlink"),
+        ("stop", "other-owner", "owned by uid 65534"),
+        ("stop", "world-writable", "lets other users write"),
+    ],
+)
+def test_planted_state_dir_is_refused(command: str, kind: str, reason: str, tmp_path: Path) -> None:
+    """A state dir that is a symlink, someone else's, writable by others or not the script's: one line, exit 1."""
+    state, victim = plant(kind, tmp_path)
+    before = {p.name: p.read_bytes() for p in state.iterdir()} if kind == "foreign" else None
+    proc = slurm_local(command, state)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and proc.stdout == "", proc.stdout + proc.stderr
+    assert lines[0].startswith(f"slurm-local: refusing state dir {state}") and reason in lines[0], lines[0]
+    # Nothing was written through it, and no daemon was started on it.
+    assert sorted(p.name for p in victim.iterdir()) == ["slurm.conf"]
+    assert (victim / "slurm.conf").read_text() == "precious\n"
+    if before is not None:
+        assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    assert processes_naming(state) == []
+    assert processes_naming(victim) == []
+
+
+@needs_root
+def test_planted_pid_file_is_not_killed(tmp_path: Path) -> None:
+    """stop leaves alone a process that a planted pid file names (not this dir's daemon), and says so."""
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "100"])
+    try:
+        for name in ("slurmd", "slurmctld", "munged"):
+            (state / "run" / f"{name}.pid").write_text(f"{bystander.pid}\n")
+        proc = slurm_local("stop", state)
+        assert proc.returncode == 0, proc.stderr
+        assert bystander.poll() is None, "stop killed the process a planted pid file named"
+        for name in ("slurmd", "slurmctld", "munged"):
+            assert f"ignoring {state}/run/{name}.pid: pid {bystander.pid} is " in proc.stderr, proc.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@needs_root
+def test_pid_file_of_another_cluster_is_not_killed(slurm: dict[str, str], tmp_path: Path) -> None:
+    """A pid file naming the running cluster's own slurmctld, planted in another state dir, kills nothing."""
+    run_dir = Path(os.environ["SLURM_CONF"]).parent / "run"
+    pid = int((run_dir / "slurmctld.pid").read_text())
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    (state / "run" / "slurmctld.pid").write_text(f"{pid}\n")
+    proc = slurm_local("stop", state)
+    assert proc.returncode == 0, proc.stderr
+    assert f"ignoring {state}/run/slurmctld.pid: pid {pid} is " in proc.stderr, proc.stderr
+    assert Path(f"/proc/{pid}").exists()
+    assert cluster_problem() is None
+
+
+# --- a running cluster: private state dir, connections from loopback only ---
+
+
+def conf_value(key: str) -> str | None:
+    """A `Key=value` setting of the cluster's slurm.conf (the first one), or None."""
+    for line in Path(os.environ["SLURM_CONF"]).read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.strip().lower() == key.lower():
+            return value.split("#")[0].strip()
+    return None
+
+
+def listening_addresses(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Local addresses of the TCP sockets listening on port, from /proc/net/tcp and tcp6."""
+    found = []
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            addr, hex_port = fields[1].split(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append(ipaddress.ip_address(raw) if size == 16 else ipaddress.IPv4Address(raw))
+    return found
+
+
+def loopback_only(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True when a socket bound to addr can be reached from this machine only."""
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def test_daemons_take_loopback_connections_only(slurm: dict[str, str]) -> None:
+    """slurmctld's and slurmd's ports: bound to loopback addresses, or dropped by iptables on other interfaces."""
+    ctld_port = int(conf_value("SlurmctldPort") or 6817)
+    slurmd_port = int(conf_value("SlurmdPort") or 6818)
+    rules = None
+    for port in (ctld_port, slurmd_port):
+        addrs = listening_addresses(port)
+        assert addrs, f"nothing listens on port {port} while the cluster answers"
+        if all(loopback_only(a) for a in addrs):
+            continue
+        if rules is None:
+            try:
+                rules = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, text=True, check=True).stdout
+            except (OSError, subprocess.CalledProcessError) as err:
+                pytest.fail(f"port {port} listens on {[str(a) for a in addrs]} and iptables cannot be read: {err}")
+        rule = f"-A INPUT ! -i lo -p tcp -m tcp --dport {port} -j DROP"
+        assert rule in rules.splitlines(), f"port {port} listens on {[str(a) for a in addrs]} with no rule {rule!r}"
+
+
+def test_state_dir_is_private(slurm: dict[str, str]) -> None:
+    """The running cluster's state dir (slurm-local.sh's) is root's 0711, its munge dir munge's, no symlinks."""
+    state = Path(os.environ["SLURM_CONF"]).parent
+    if not (state / ".slurm-local").exists():
+        pytest.skip(f"{state} is not a scripts/slurm-local.sh state dir")
+    st = state.lstat()
+    assert (st.st_uid, oct(st.st_mode & 0o7777)) == (0, "0o711")
+    munge = (state / "munge").lstat()
+    assert (munge.st_uid, oct(munge.st_mode & 0o7777)) == (pwd.getpwnam("munge").pw_uid, "0o711")
+    links = [p for d in (state, state / "run", state / "munge") for p in d.iterdir() if p.is_symlink()]
+    assert links == []
