@@ -225,3 +225,7 @@ class RegressionDataModule(L.LightningDataModule):
     def val_dataloader(self) -> FullBatch:
         """The full data set as one batch: the tutorial's per-epoch `loss(net(features, w), labels)`."""
         return FullBatch(*self.full_data())
+
+    def test_dataloader(self) -> FullBatch:
+        """The full data set as one batch, for `Trainer.test` (linreg.evaluate)."""
+        return FullBatch(*self.full_data())
