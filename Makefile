@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench tensorboard clean
+.PHONY: run test lint bench tensorboard optuna-dashboard clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ bench: $(STAMP)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1
+
+# make optuna-dashboard SWEEP=<sweep dir> [PORT=8080]: the study in <sweep dir>/optuna.db, on this machine only
+# (or STORAGE=<SQLAlchemy URL> for a study kept elsewhere, hydra.sweeper.storage).
+PORT ?= 8080
+optuna-dashboard: $(STAMP)
+	@if [ -z "$(STORAGE)" ] && [ ! -f "$(SWEEP)/optuna.db" ]; then \
+		echo "error: SWEEP='$(SWEEP)': no optuna.db there; usage: make optuna-dashboard SWEEP=<sweep dir> [PORT=8080]" >&2; \
+		exit 2; fi
+	exec $(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port $(PORT) \
+		"$(or $(STORAGE),sqlite:///$(abspath $(SWEEP))/optuna.db)"
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/reproduce
