@@ -31,7 +31,27 @@ BAD_INPUT = {
     "w_text": (["data.w=[2,a,1]"], "data.w", "finite numbers"),
     "bias_text": (["data.bias=maybe"], "data.bias", "true or false"),
     "max_epochs_zero": (["trainer.max_epochs=0"], "trainer.max_epochs", "positive integer"),
-    "seed_negative": (["seed=-1"], "seed", "integer >= 0"),
+    "seed_negative": (["seed=-1"], "seed", "integer from 0"),
+    "seed_too_big": (["seed=100000000000000"], "seed", "integer from 0 to 4294967295"),
+    "batch_size_beyond_int64": (["data.batch_size=99999999999999999999999"], "data.batch_size", "positive integer"),
+    "w_overflows_float32": (["data.w=[1e39,1]"], "data.w", "fit float32"),
+    "delta_overflows_float32": (["data.delta=1e39"], "data.delta", "float32"),
+    "deg_too_high": (["data.deg=1000"], "data.deg", "at most 20"),
+    "lr_overflows_float32": (["model.lr=1e39"], "model.lr", "float32"),
+    "unknown_data_key": (["+data.foo=1"], "data.foo", "unknown key"),
+    "unknown_model_key": (["+model.momentum=0.9"], "model.momentum", "unknown key"),
+    "typo_in_trainer": (["+trainer.max_epoch=5"], "trainer.max_epoch", "did you mean trainer.max_epochs?"),
+    "typo_at_top": (["+sede=5"], "sede", "did you mean seed?"),
+    "init_on_manual": (["+model.init=zeros"], "model.init", "unknown key"),
+    "deterministic_text": (["trainer.deterministic=maybe"], "trainer.deterministic", "true or false"),
+    "csv_logger_value": (["+logger.csv=5"], "logger.csv", "{} (on) or null (off)"),
+    "devices_zero": (["trainer.devices=0"], "trainer.devices", "one device"),
+    "devices_text": (["trainer.devices=abc"], "trainer.devices", "one device"),
+    "devices_two": (["trainer.devices=2"], "trainer.devices", "one device"),
+    "no_data_group": (["~data"], "data", "choose a config group, e.g. data=tutorial"),
+    "no_model_group": (["~model"], "model", "choose a config group, e.g. model=manual"),
+    "bad_interpolation": (["model.lr=${data.foo}"], "model.lr", "cannot be resolved"),
+    "threads_zero": (["threads=0"], "threads", "positive integer"),
     "init_unknown": (["model=linear", "model.init=random"], "model.init", "default, zeros"),
     "too_much_data": (["data.num_examples=100000000000"], "data.num_examples", "GiB"),
 }
@@ -71,6 +91,55 @@ def test_unknown_model_choice_gets_hydras_message(tmp_path):
     proc = _run(tmp_path / "run", ["model=lasso"])
     assert proc.returncode != 0
     assert "model/lasso" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_input_keeps_a_run_dir_that_was_there(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    proc = _run(keep, ["seed=-1"])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: seed=")
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+
+
+def test_an_empty_run_dir_is_refused_and_the_working_dir_kept(tmp_path):
+    (tmp_path / "mine.txt").write_text("mine")
+    cmd = [sys.executable, "-m", "linreg.train", "hydra.run.dir="]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: hydra.run.dir='': must be a non-empty path"
+    assert (tmp_path / "mine.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_a_run_dir_under_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = _run(tmp_path / "file" / "run", [])
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_full_error_zero_is_not_set(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, "-m", "linreg.train", "data.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("hydra/launcher=joblib hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs"),
+        ("hydra.sweeper.max_batch_size=0", "hydra.sweeper.max_batch_size"),
+        ("model.lr=-1", "model.lr"),
+    ],
+)
+def test_bad_sweep_settings_are_refused_before_any_job(tmp_path, override, key):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "linreg.train", "-m", *override.split(), "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {key}=") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert not sweep.exists() or not any(p.is_dir() for p in sweep.iterdir())
 
 
 def test_full_error_shows_the_traceback(tmp_path):

@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 import linreg.train
 from linreg.data import RegressionDataModule
 from linreg.stack import import_training_stack
-from linreg.train import CONFIG_DIR, run
+from linreg.train import CONFIG_DIR, RunDirBusy, run
 from tests.conftest import REPO, run_cli
 
 METRIC_KEYS = {
@@ -153,26 +154,39 @@ def test_a_diverging_run_is_an_outcome_not_a_crash(make_cfg):
 
 
 def test_resume_returns_a_finished_run_without_training(make_cfg, tmp_path):
-    first = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1"))
-    mtime = (tmp_path / "run" / "metrics.json").stat().st_mtime_ns
-    again = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1", "resume=true"))
-    assert again == first and (tmp_path / "run" / "metrics.json").stat().st_mtime_ns == mtime
+    d = tmp_path / "run"
+    first = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1", run_dir=d))
+    mtime = (d / "metrics.json").stat().st_mtime_ns
+    again = run(make_cfg("data.num_examples=200", "trainer.max_epochs=1", "resume=true", run_dir=d))
+    assert again == first and (d / "metrics.json").stat().st_mtime_ns == mtime
     # more epochs with resume=true: not finished, so it continues from the 1-epoch checkpoint
-    more = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true"))
+    more = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true", run_dir=d))
     assert more["epochs"] == 2 and more["epoch_mse"][0] == first["epoch_mse"][0] and more["steps"] == 40
 
 
 def test_resume_never_continues_a_checkpoint_of_another_config(make_cfg, tmp_path):
-    first = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2"))
-    (tmp_path / "run" / "metrics.json").unlink()  # as if killed after its last checkpoint
-    other = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.001", "resume=true"))
-    fresh = run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.001", run_dir=tmp_path / "new"))
-    assert other["steps"] == 40 and other["epoch_mse"] == fresh["epoch_mse"] != first["epoch_mse"]
-    assert other["weights"] == fresh["weights"]
+    d = tmp_path / "run"
+    run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", run_dir=d))
+    (d / "metrics.json").unlink()  # as if killed after its last checkpoint
+    before = {p: p.read_bytes() for p in (d / "checkpoints").iterdir()}
+    with pytest.raises(RunDirBusy, match="checkpoint of another config"):
+        run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.001", "resume=true", run_dir=d))
+    assert {p: p.read_bytes() for p in (d / "checkpoints").iterdir()} == before
+
+
+def test_a_finished_run_is_never_trained_over(make_cfg, tmp_path):
+    d = tmp_path / "run"
+    run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", run_dir=d))
+    kept = (d / "metrics.json").read_bytes()
+    with pytest.raises(RunDirBusy, match="holds a finished run"):
+        run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.1", run_dir=d))
+    with pytest.raises(RunDirBusy, match="finished run of another config"):
+        run(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "model.lr=0.1", "resume=true", run_dir=d))
+    assert (d / "metrics.json").read_bytes() == kept
 
 
 def test_write_json_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
-    from linreg import train
+    from linreg import record as train
 
     path = tmp_path / "metrics.json"
     train.write_json_atomic(path, {"status": "ok", "train_mse": 1.0})
@@ -187,7 +201,16 @@ def test_write_json_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
         train.write_json_atomic(path, {"status": "ok", "train_mse": 2.0})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "ok", "train_mse": 1.0}
-    assert [p.name for p in tmp_path.glob("*.json")] == ["metrics.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left either
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path):
+    from linreg.record import write_atomic
+
+    (tmp_path / "metrics.json").mkdir()  # the rename cannot replace a directory: as a full or read-only disk fails
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "metrics.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -219,8 +242,121 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_resuming_a_diverged_run_from_its_checkpoint_stays_diverged(make_cfg, tmp_path):
     args = ("model=linear", "model.lr=100", "data.num_examples=100", "trainer.max_epochs=3")
-    first = run(make_cfg(*args))
+    first = run(make_cfg(*args, run_dir=tmp_path / "run"))
     (tmp_path / "run" / "metrics.json").unlink()  # only last.ckpt is left
-    again = run(make_cfg(*args, "resume=true"))
+    again = run(make_cfg(*args, "resume=true", run_dir=tmp_path / "run"))
     assert first["status"] == again["status"] == "diverged"
     assert again["diverged_epoch"] == first["diverged_epoch"] == 0 and again["steps"] == first["steps"] == 10
+
+
+SMALL = ("data.num_examples=100", "trainer.max_epochs=1")
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line of a refused command (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_a_diverging_run_exits_0_through_the_cli(tmp_path):
+    proc = run_cli("model.lr=100", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "status=diverged" in proc.stdout and "diverged in epoch 1 of 1" in proc.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_a_single_run_prints_the_tutorials_epoch_lines_once(tmp_path):
+    proc = run_cli("data.num_examples=200", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    lines = (proc.stdout + proc.stderr).splitlines()
+    epochs = [line for line in lines if "] - epoch " in line]
+    assert [line.split(" - ")[1].split(",")[0] for line in epochs] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert all(re.search(r"epoch \d, loss \d+\.\d{6}$", line) for line in epochs)
+    assert len(lines) == 4 and lines[-1].startswith("manual: status=ok"), lines  # nothing else: no banner, no tip
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("epoch 1, loss") == 1
+
+
+def test_lightning_lines_reach_the_job_log_once_in_hydras_format(tmp_path):
+    proc = run_cli(*SMALL, "trainer.max_epochs=2", "+trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/r")
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO: " not in proc.stderr and "Tip" not in proc.stdout + proc.stderr
+    assert "GPU available" not in proc.stdout + proc.stderr  # no device banners without a GPU
+
+
+def test_a_second_run_into_a_busy_dir_is_refused(tmp_path):
+    import fcntl
+
+    d = tmp_path / "run"
+    d.mkdir()
+    with open(d / ".lock", "w") as held:  # what a running job holds for its whole life
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        line = one_error_line(run_cli(*SMALL, f"hydra.run.dir={d}"))
+    assert "another run (pid 4242) is using it" in line and str(d) in line
+    assert not (d / "metrics.json").exists()
+
+
+def test_a_rerun_into_a_finished_run_keeps_it(tmp_path):
+    d = tmp_path / "run"
+    assert run_cli(*SMALL, "trainer.max_epochs=4", f"hydra.run.dir={d}").returncode == 0
+    kept = {p: p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+    line = one_error_line(run_cli(*SMALL, "model.lr=0.1", f"hydra.run.dir={d}"))
+    assert "holds a finished run" in line
+    line = one_error_line(run_cli(*SMALL, "trainer.max_epochs=2", "resume=true", f"hydra.run.dir={d}"))
+    assert line.startswith("error: trainer.max_epochs=2:") and "already has 4 epochs" in line
+    assert {p: p.read_bytes() for p in kept} == kept
+    again = run_cli(*SMALL, "trainer.max_epochs=4", "resume=true", f"hydra.run.dir={d}")
+    assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "directory"])
+def test_a_corrupt_checkpoint_gives_one_warning_and_a_fresh_start(tmp_path, damage):
+    d = tmp_path / "run"
+    assert run_cli(*SMALL, "trainer.max_epochs=2", f"hydra.run.dir={d}").returncode == 0
+    expected = json.loads((d / "metrics.json").read_text())
+    (d / "metrics.json").unlink()  # killed before its record
+    ckpt = d / "checkpoints" / "last.ckpt"
+    data = ckpt.read_bytes()
+    ckpt.unlink()
+    if damage == "directory":
+        ckpt.mkdir()
+    else:
+        ckpt.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(4096)}[damage])
+    proc = run_cli(*SMALL, "trainer.max_epochs=2", "resume=true", f"hydra.run.dir={d}")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "training from scratch" in warnings[0], warnings
+    if damage != "directory":
+        assert json.loads((d / "metrics.json").read_text())["epoch_mse"] == expected["epoch_mse"]
+
+
+def test_a_malformed_record_is_no_reason_for_a_traceback(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.json").write_text("[1, 2, 3]")
+    proc = run_cli(*SMALL, "resume=true", f"hydra.run.dir={d}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((d / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_data_that_overflows_float32_is_refused_before_training(tmp_path):
+    line = one_error_line(run_cli(*SMALL, "data.w=[3e38,1]", f"hydra.run.dir={tmp_path / 'run'}"))
+    assert line.startswith("error: data.w=") and "overflows float32" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_attempt_never_replaces_a_finished_result(make_cfg, tmp_path, monkeypatch):
+    from linreg.record import write_failure
+    from linreg.train import main  # noqa: F401  (the module whose failure path is tested)
+
+    d = tmp_path / "run"
+    first = run(make_cfg(*SMALL, run_dir=d))
+    write_failure(d, {"status": "failed", "error": "boom"})
+    assert json.loads((d / "metrics.json").read_text()) == first
+    assert json.loads((d / "failed.json").read_text())["error"] == "boom"

@@ -1,14 +1,26 @@
 """Checks a composed config before any work, so a bad value fails in one clear line."""
 
+import difflib
 import math
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 MODEL_NAMES = ("manual", "linear")  # linreg.models.MODELS (not imported here: Lightning is slow to import)
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 INITS = ("default", "zeros")
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything also seeds
+MAX_DEG = 20
 
 
 class ConfigError(ValueError):
@@ -33,62 +45,194 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
-    v = OmegaConf.select(cfg, key)
-    if not _is_int(v) or v <= 0:
-        raise ConfigError(key, v, "must be a positive integer")
-    return v
+# ---------------------------------------------------------------- one check per kind of value
+
+Check = Callable[[str, Any], None]
 
 
-def _check_data(cfg: DictConfig) -> None:
-    d = cfg.data
-    _positive_int(cfg, "data.num_examples")
-    _positive_int(cfg, "data.batch_size")
-    _positive_int(cfg, "data.deg")
-    w = OmegaConf.to_container(d.w) if OmegaConf.is_list(d.w) else d.w
-    if not isinstance(w, list) or not w or not all(is_number(v) for v in w):
-        raise ConfigError("data.w", w, "must be a non-empty list of finite numbers, e.g. [2,-1,1]")
-    if not isinstance(d.bias, bool):
-        raise ConfigError("data.bias", d.bias, "must be true or false")
-    if d.bias and len(w) < 2:
-        raise ConfigError("data.w", w, "needs at least one feature weight and the intercept when data.bias=true")
-    if not is_number(d.delta) or d.delta < 0:
-        raise ConfigError("data.delta", d.delta, "must be a finite number >= 0")
+def int_in(low: int, high: int, allowed: str) -> Check:
+    """An integer in [low, high]."""
+
+    def check(key: str, v: Any) -> None:
+        if not _is_int(v) or not low <= v <= high:
+            raise ConfigError(key, v, allowed)
+
+    return check
 
 
-def _check_model(cfg: DictConfig) -> None:
-    if cfg.model.get("name") not in MODEL_NAMES:
-        raise ConfigError("model.name", cfg.model.get("name"), f"must be one of {', '.join(MODEL_NAMES)}")
-    lr = cfg.model.lr
-    if not is_number(lr) or lr <= 0:
-        raise ConfigError("model.lr", lr, "must be a finite number > 0")
-    if cfg.model.name == "linear" and cfg.model.get("init") not in INITS:
-        raise ConfigError("model.init", cfg.model.get("init"), f"must be one of {', '.join(INITS)}")
+positive_int = int_in(1, INT64_MAX, "must be a positive integer")
 
 
-def _check_trainer(cfg: DictConfig) -> None:
-    _positive_int(cfg, "trainer.max_epochs")
-    _positive_int(cfg, "trainer.log_every_n_steps")
-    _positive_int(cfg, "trainer.steps_per_call")
-    acc = cfg.trainer.accelerator
-    if acc not in ACCELERATORS:
-        raise ConfigError("trainer.accelerator", acc, f"must be one of {', '.join(ACCELERATORS)}")
-    if acc in ("gpu", "cuda") and not _gpu_available():
-        raise ConfigError("trainer.accelerator", acc, "no GPU available; use trainer=cpu")
+def number_in(low: float, low_open: bool, allowed: str) -> Check:
+    """A finite number from `low` (exclusive when `low_open`) up to float32's largest."""
+
+    def check(key: str, v: Any) -> None:
+        if not is_number(v) or v < low or (low_open and v == low) or abs(v) > FLOAT32_MAX:
+            raise ConfigError(key, v, allowed)
+
+    return check
 
 
-def _check_logger(cfg: DictConfig) -> None:
-    tb = OmegaConf.select(cfg, "logger.tensorboard")
-    if tb is None:
+def boolean(key: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(key, v, "must be true or false")
+
+
+def optional_boolean(key: str, v: Any) -> None:
+    if v is not None and not isinstance(v, bool):
+        raise ConfigError(key, v, "must be true, false or null (automatic)")
+
+
+def one_of(*choices: Any) -> Check:
+    def check(key: str, v: Any) -> None:
+        if v not in choices:
+            raise ConfigError(key, v, f"must be one of {', '.join(map(str, choices))}")
+
+    return check
+
+
+def weights(key: str, v: Any) -> None:
+    if not isinstance(v, list) or not v or not all(is_number(x) and abs(x) <= FLOAT32_MAX for x in v):
+        raise ConfigError(key, v, "must be a non-empty list of finite numbers that fit float32, e.g. [2,-1,1]")
+
+
+def one_device(key: str, v: Any) -> None:
+    if v != 1 and v != [0]:
+        raise ConfigError(key, v, "must be 1: this project trains one small model on one device")
+
+
+# The whole config a run reads: every key, and what it may hold. Anything else is refused.
+DATA = {
+    "num_examples": positive_int,
+    "w": weights,
+    "bias": boolean,
+    "delta": number_in(0, False, "must be a finite number >= 0 (at most 3.4e38, float32)"),
+    "deg": int_in(1, MAX_DEG, f"must be a positive integer (at most {MAX_DEG}: higher powers overflow float32)"),
+    "batch_size": positive_int,
+}
+MODEL = {
+    "name": one_of(*MODEL_NAMES),
+    "lr": number_in(0, True, "must be a finite number > 0 (at most 3.4e38, float32)"),
+}
+MODEL_EXTRA = {"linear": {"init": one_of(*INITS)}}
+TRAINER = {
+    "accelerator": one_of(*ACCELERATORS),
+    "devices": one_device,
+    "max_epochs": positive_int,
+    "log_every_n_steps": positive_int,
+    "steps_per_call": positive_int,
+    "deterministic": boolean,
+    "enable_progress_bar": optional_boolean,
+}
+TENSORBOARD = {
+    "log_graph": boolean,
+    "fit_figure": boolean,
+    "write_every_s": number_in(0, False, "must be a finite number >= 0"),
+}
+TOP = {
+    "seed": int_in(0, SEED_MAX, f"must be an integer from 0 to {SEED_MAX}"),
+    "resume": boolean,
+    "threads": int_in(1, 1024, "must be a positive integer (torch's intra-op threads for this run)"),
+}
+GROUPS = {"data": DATA, "model": MODEL, "trainer": TRAINER}
+OPTIONAL = {"trainer.enable_progress_bar"}  # keys that may be left out
+
+
+def unknown_key(key: str, value: Any, known: list[str]) -> ConfigError:
+    """`+data.foo=1`-style typos: refused, with the nearest valid key when there is one."""
+    prefix, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}? " if near else ""
+    return ConfigError(key, value, f"unknown key; {hint}(known here: {', '.join(known)})")
+
+
+def check_mapping(prefix: str, got: Any, schema: dict[str, Check], option: str) -> None:
+    """Every key of `schema` present and valid, and no other key."""
+    if got is None:
+        raise ConfigError(prefix, None, f"missing: choose a config group, e.g. {prefix}={option}")
+    if not isinstance(got, dict):
+        raise ConfigError(prefix, got, f"must be a config group, e.g. {prefix}={option}")
+    for key, value in got.items():
+        if key not in schema:
+            raise unknown_key(f"{prefix}.{key}", value, list(schema))
+    for key, check in schema.items():
+        full = f"{prefix}.{key}"
+        if key not in got:
+            if full in OPTIONAL:
+                continue
+            raise ConfigError(full, None, f"missing (conf/{prefix}/ sets it)")
+        check(full, got[key])
+
+
+def check_logger(lcfg: Any) -> None:
+    """`logger`: null (no logging), or any of `tensorboard` (with its settings) and `csv`."""
+    if lcfg is None:
         return
-    if not isinstance(tb, DictConfig):
-        raise ConfigError("logger.tensorboard", tb, "must be a mapping (conf/logger/tensorboard.yaml) or null")
-    for key in ("log_graph", "fit_figure"):
-        if not isinstance(tb.get(key, True), bool):
-            raise ConfigError(f"logger.tensorboard.{key}", tb.get(key), "must be true or false")
-    every = tb.get("write_every_s")
-    if not is_number(every) or every < 0:
-        raise ConfigError("logger.tensorboard.write_every_s", every, "must be a finite number >= 0")
+    if not isinstance(lcfg, dict):
+        raise ConfigError("logger", lcfg, "must be a logger config (logger=tensorboard, csv, tensorboard_csv) or null")
+    for key, value in lcfg.items():
+        if key not in ("tensorboard", "csv"):
+            raise unknown_key(f"logger.{key}", value, ["tensorboard", "csv"])
+    tb = lcfg.get("tensorboard")
+    if tb is not None:
+        if not isinstance(tb, dict):
+            raise ConfigError("logger.tensorboard", tb, "must be a mapping (conf/logger/tensorboard.yaml) or null")
+        check_mapping("logger.tensorboard", tb, TENSORBOARD, "tensorboard")
+    csv = lcfg.get("csv")
+    if csv is not None and csv != {}:
+        raise ConfigError("logger.csv", csv, "must be {} (on) or null (off): the CSV logger has no settings")
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config without `hydra`, resolved: one line naming the key whose interpolation fails."""
+    try:
+        return {k: resolved(cfg, k) for k in cfg if k != "hydra"}
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(key, raw_value(cfg, key), f"cannot be resolved: {one_line(err)}") from None
+
+
+def resolved(cfg: DictConfig, key: str) -> Any:
+    """One top-level value as plain Python, interpolations resolved against the whole config."""
+    value = cfg[key]
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def raw_value(cfg: DictConfig, key: str) -> Any:
+    """A key's value as written (an interpolation unresolved), or None."""
+    value: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def one_line(err: BaseException) -> str:
+    """An OmegaConf error's first line (its message adds the full key and type on more lines)."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first bad value; cheap, and runs before any data is made."""
+    c = plain(cfg)
+    for key, value in c.items():
+        if key not in (*TOP, *GROUPS, "logger"):
+            raise unknown_key(key, value, [*TOP, *GROUPS, "logger"])
+    for key, check in TOP.items():
+        if key not in c:
+            raise ConfigError(key, None, "missing (conf/train.yaml sets it)")
+        check(key, c[key])
+    check_mapping("data", c.get("data"), DATA, "tutorial")
+    model = c.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    check_mapping("model", model, {**MODEL, **MODEL_EXTRA.get(name, {})}, "manual")
+    check_mapping("trainer", c.get("trainer"), TRAINER, "cpu")
+    check_logger(c.get("logger"))
+    d = c["data"]
+    if d["bias"] and len(d["w"]) < 2:
+        raise ConfigError("data.w", d["w"], "needs at least one feature weight and the intercept when data.bias=true")
+    if c["trainer"]["accelerator"] in ("gpu", "cuda") and not _gpu_available():
+        raise ConfigError("trainer.accelerator", c["trainer"]["accelerator"], "no GPU available; use trainer=cpu")
+    _check_memory(d)
 
 
 def _gpu_available() -> bool:
@@ -97,30 +241,104 @@ def _gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _check_memory(cfg: DictConfig) -> None:
+def _check_memory(d: dict[str, Any]) -> None:
     """Refuse data that would not fit, instead of letting the OS kill the process."""
-    d = cfg.data
-    n_cols = len(d.w) + 2  # features (with the ones column) and the label
-    # float32 data, plus the generator's intermediates (pow, the cat with the ones column): ~3 copies at peak
-    needed = 3 * 4 * d.num_examples * n_cols
+    n_cols = len(d["w"]) + 2  # features (with the ones column) and the label
+    # float32 data, plus the generator's intermediates: ~3 copies at peak
+    needed = 3 * 4 * d["num_examples"] * n_cols
     available = psutil.virtual_memory().available
     if needed > available:
         raise ConfigError(
             "data.num_examples",
-            d.num_examples,
+            d["num_examples"],
             f"needs about {needed / 2**30:.1f} GiB for the data, only {available / 2**30:.1f} GiB available",
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first bad value; cheap, and runs before any data is made."""
-    seed = cfg.get("seed")
-    if not _is_int(seed) or seed < 0:
-        raise ConfigError("seed", seed, "must be an integer >= 0")
-    if not isinstance(cfg.get("resume"), bool):
-        raise ConfigError("resume", cfg.get("resume"), "must be true or false")
-    _check_data(cfg)
-    _check_model(cfg)
-    _check_trainer(cfg)
-    _check_logger(cfg)
-    _check_memory(cfg)
+# ---------------------------------------------------------------- the launch: Hydra's own keys
+
+
+def check_run_dir(key: str, value: Any) -> Path:
+    """A run or sweep dir that can be made: a non-empty path whose nearest existing parent is a writable dir."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, value, "must be a non-empty path")
+    path = Path(value).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(key, value, f"{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, value, f"{existing} is not writable")
+    return path
+
+
+LAUNCH_KEYS = {
+    "hydra.launcher.n_jobs": "must be a non-zero integer (joblib: -1 means one job per CPU)",
+    "hydra.launcher.timeout_min": "must be a positive integer",
+    "hydra.launcher.cpus_per_task": "must be a positive integer",
+    "hydra.launcher.array_parallelism": "must be a positive integer",
+    "hydra.sweeper.max_batch_size": "must be null or a positive integer",
+    "hydra.sweeper.n_trials": "must be a positive integer",
+}
+
+
+def validate_launch(config: DictConfig) -> None:
+    """The sweep's launcher and sweeper settings: checked before the first job."""
+    check_run_dir("hydra.sweep.dir", OmegaConf.select(config, "hydra.sweep.dir"))
+    for key, allowed in LAUNCH_KEYS.items():
+        v = OmegaConf.select(config, key, default=None)
+        if v is None:
+            continue
+        if not _is_int(v) or v == 0 or (v < 0 and key != "hydra.launcher.n_jobs"):
+            raise ConfigError(key, v, allowed)
+
+
+def full_error() -> bool:
+    """Hydra's rule: tracebacks only with HYDRA_FULL_ERROR=1."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def refuse(err: ConfigError) -> None:
+    """One line on stderr and exit 2 (a SystemExit passes through Hydra's callback guard)."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+NEW_RUN_DIRS: set[Path] = set()  # run dirs this process's run will create: only those may be removed again
+
+
+def remove_if_created(out: Path) -> None:
+    """Remove a run dir this run created, if it holds only what Hydra wrote: bad input leaves nothing behind."""
+    if out.absolute() in NEW_RUN_DIRS and out.is_dir():
+        if all(p.name in (".hydra", "train.log", ".lock") for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+
+
+class CheckConfig(Callback):
+    """Refuses bad input before Hydra makes a run dir, so a bad command line leaves nothing behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if full_error():
+            return  # run() validates again and raises, so Hydra prints the traceback
+        from linreg.record import refuse_other_runs
+
+        try:
+            validate(config)
+            run_dir = check_run_dir("hydra.run.dir", OmegaConf.select(config, "hydra.run.dir"))
+            if run_dir.is_dir():
+                refuse_other_runs(run_dir, config)  # before Hydra rewrites the .hydra/ of a run it must keep
+        except ConfigError as err:
+            refuse(err)
+        if not run_dir.exists():
+            NEW_RUN_DIRS.add(run_dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Values swept per job are each job's to check (a bad one is a failed row); the rest fail here, once.
+        try:
+            validate_launch(config)
+            validate(config)
+        except ConfigError as err:
+            if full_error():
+                raise SystemExit(f"error: {err}") from err
+            refuse(err)
+        # Jobs in other processes (joblib, submitit_local) compare their pid with it: are they a worker?
+        os.environ["LINREG_SWEEP_PID"] = str(os.getpid())

@@ -6,13 +6,13 @@ that need them: a bad command line is refused in a blink, before any of them loa
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
 import math
 import os
-import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import ConfigError, validate
+from linreg.config import ConfigError, full_error, refuse, remove_if_created, validate
+from linreg.record import (
+    RunDirBusy,
+    checkpoint_config,
+    config_fields,
+    failed_metrics,
+    finished_metrics,
+    finite_or_none,
+    job_config,
+    read_json,
+    refuse_other_runs,
+    write_atomic,  # noqa: F401  (linreg.results imports it from here)
+    write_failure,
+    write_json_atomic,
+)
 from linreg.stack import import_training_stack
 
 if TYPE_CHECKING:
@@ -32,6 +46,14 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the checkout, or its copy in the wheel
 
 
+NOISE = (  # third-party warnings with nothing for a user to do (matched by message, nothing else hidden)
+    r"Checkpoint directory .* exists and is not empty",  # a resume writes into its own checkpoints/
+    r"The `srun` command is available on your system but is not used",
+    r".*LeafSpec.* is deprecated",
+)
+PROGRESS_MIN_STEPS = 20_000  # a single run this long (a few seconds) shows Lightning's progress bar on a terminal
+
+
 def output_dir() -> Path:
     """This job's output dir: Hydra's runtime dir, or `hydra.run.dir` for a composed config."""
     hc = HydraConfig.get()
@@ -40,23 +62,38 @@ def output_dir() -> Path:
     return Path(hc.runtime.output_dir)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and a rename, so a crash never leaves a truncated file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+class RunDirLock:
+    """An exclusive lock on a run dir for a run's whole life: the kernel drops it when the process dies."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+        self.file: Any = None
+
+    def __enter__(self) -> RunDirLock:
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            out = str(self.path.parent)
+            raise RunDirBusy("hydra.run.dir", out, f"another run (pid {holder}) is using it") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()  # closing drops the lock
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """`write_atomic` for a JSON document (metrics.json)."""
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
+def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Logger]:
     """The loggers named under `logger` (tensorboard, csv); none when `logger=null`."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from linreg.dashboard import BufferedTensorBoardLogger, run_label
+    from linreg.dashboard import BufferedTensorBoardLogger
 
     lcfg = cfg.get("logger") or {}
     loggers: list[Logger] = []
@@ -66,8 +103,7 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
                 write_every_s=tb.write_every_s,
                 save_dir=str(out),
                 name="tensorboard",
-                # TensorBoard names a run by its path: <job num>/tensorboard/<overrides> says which job it is.
-                version=run_label(HydraConfig.get().overrides.task),
+                version=label,  # TensorBoard names a run by its path: <job num>/tensorboard/<overrides>
                 log_graph=False,  # the Dashboard writes the graph (traced once per model shape)
                 default_hp_metric=False,
             )
@@ -77,34 +113,48 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, out: Path) -> list[L.Callback]:
-    """Lightning callbacks for this run (dashboards, checkpoints)."""
+def build_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool) -> list[L.Callback]:
+    """Lightning callbacks for this run (checkpoints, the saved config, dashboards, epoch lines)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from linreg.callbacks import EndWithSweep, EpochLines, SaveRunConfig
     from linreg.dashboard import dashboard_callbacks
 
     # last.ckpt after every epoch's evaluation: what `resume=true` continues from.
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False, every_n_epochs=1
     )
-    return [checkpoint, *dashboard_callbacks(cfg)]
+    callbacks = [checkpoint, SaveRunConfig(out, checkpoint_config(cfg)), *dashboard_callbacks(cfg)]
+    if progress:
+        callbacks.append(EpochLines())
+    if in_sweep and os.environ.get("LINREG_SWEEP_PID") != str(os.getpid()):
+        callbacks.append(EndWithSweep())  # a worker process of a sweep (joblib, submitit_local)
+    return callbacks
 
 
-def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
-    """A Trainer lean enough for a 3-parameter model: no progress bar, summary or sanity run."""
+def estimated_steps(cfg: DictConfig) -> int:
+    """SGD steps the run will take."""
+    return cfg.trainer.max_epochs * math.ceil(cfg.data.num_examples / cfg.data.batch_size)
+
+
+def build_trainer(cfg: DictConfig, out: Path, label: str, progress: bool, in_sweep: bool) -> L.Trainer:
+    """A Trainer lean enough for a 3-parameter model: no summary or sanity run; a progress bar only on a terminal."""
     import lightning as L
     import torch
 
     t = cfg.trainer
+    bar = t.get("enable_progress_bar")
+    if bar is None:  # automatic: a long single run on a terminal
+        bar = progress and sys.stderr.isatty() and estimated_steps(cfg) >= PROGRESS_MIN_STEPS
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         max_epochs=t.max_epochs,
-        logger=build_loggers(cfg, out) or False,
-        callbacks=build_callbacks(cfg, out),
+        logger=build_loggers(cfg, out, label) or False,
+        callbacks=build_callbacks(cfg, out, progress, in_sweep),
         log_every_n_steps=1,  # the module samples train/loss itself
         enable_checkpointing=True,
-        enable_progress_bar=False,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=t.deterministic,
@@ -112,116 +162,95 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
     )
     if t.deterministic:
         # Deterministic mode also has torch fill every new tensor with NaN before an op writes it: a check for
-        # ops that read memory they never wrote, ~35 us of a ~250 us SGD step here. Every op here writes its
-        # output whole, so the numbers are the same bits without it (PyTorch's docs: "still deterministic").
-        # Like the mode itself (Lightning sets it), this stays so for the rest of the process.
+        # ops that read memory they never wrote. Every op here writes its output whole, so the numbers are the
+        # same bits without it (PyTorch's docs: "still deterministic").
         torch.utils.deterministic.fill_uninitialized_memory = False
+    if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+        log.info("training on GPU: %s", torch.cuda.get_device_name(trainer.strategy.root_device))
     return trainer
 
 
-def job_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's own config (no `hydra`, no `resume`): what a resumed job must match."""
-    return {
-        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        for key, value in cfg.items()
-        if key not in ("hydra", "resume")
-    }
+def readable_checkpoint(ckpt: Path) -> str | None:
+    """None when torch can load the checkpoint safely (weights_only), else why not, in a few words."""
+    import torch
 
-
-def checkpoint_config(cfg: DictConfig) -> dict[str, Any]:
-    """What a checkpoint must have been trained with to be continued: the job config, less epochs and loggers."""
-    plain = job_config(cfg)
-    plain.pop("logger", None)
-    plain.get("trainer", {}).pop("max_epochs", None)  # continuing to more epochs is what resume is for
-    return plain
-
-
-def resumable_checkpoint(out: Path, cfg: DictConfig) -> Path | None:
-    """`last.ckpt` in `out` if `resume=true` and it was trained with this config; else train from scratch."""
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if not (cfg.resume and ckpt.exists()):
-        return None
     try:
-        saved = json.loads((out / "checkpoints" / "config.json").read_text())
-    except (OSError, ValueError):
-        saved = None
-    if saved != checkpoint_config(cfg):
-        log.warning("resume: %s was trained with another config; training from scratch", ckpt)
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, empty, random bytes, a directory, pickled code: all unreadable here
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    return None
+
+
+def resume_point(out: Path, cfg: DictConfig) -> Path | None:
+    """The checkpoint to continue from (None: train from scratch); refuses a dir that holds another run."""
+    refuse_other_runs(out, cfg, check_lock=False)  # run() holds the lock
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if not cfg.resume or not (ckpt.exists() or (out / "checkpoints" / "config.json").exists()):
+        return None
+    if read_json(out / "checkpoints" / "config.json") is None or not ckpt.exists():
+        log.warning("resume: no readable checkpoint and config in %s; training from scratch", ckpt.parent)
+        return None
+    if (why := readable_checkpoint(ckpt)) is not None:
+        log.warning("resume: %s cannot be read (%s); training from scratch", ckpt, why)
         return None
     return ckpt
 
 
-def finite_or_none(value: Any) -> Any:
-    """NaN/inf become null: JSON has no NaN, and a non-finite number is no result."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [finite_or_none(v) for v in value]
-    return value
+def check_finite_data(dm: Any, cfg: DictConfig) -> None:
+    """Refuse data that overflowed float32 (huge w, delta or deg) before training on it."""
+    import torch
+
+    x, y = dm.full_data()
+    if not (torch.isfinite(y).all() and torch.isfinite(x).all()):
+        key = "data.deg" if cfg.data.deg > 1 else "data.w"
+        raise ConfigError(key, OmegaConf.select(cfg, key), "the generated data overflows float32; use smaller values")
 
 
-def finished_metrics(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """A finished (ok/diverged) metrics.json of this very config in `out`, if there is one."""
-    try:
-        metrics = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if metrics.get("status") in ("ok", "diverged") and metrics.get("config") == job_config(cfg):
-        return metrics
-    return None
+def run(
+    cfg: DictConfig,
+    out_dir: str | Path | None = None,
+    *,
+    label: str = "defaults",
+    progress: bool = False,
+    in_sweep: bool = False,
+) -> dict[str, Any]:
+    """Validate, generate the data, fit (or resume) the configured model in `out_dir`; write and return metrics.json.
 
-
-def config_fields(cfg: DictConfig) -> dict[str, Any]:
-    """The metrics.json fields a run's config decides (any missing key is None): shared by every status."""
-    return {
-        "model": OmegaConf.select(cfg, "model.name"),
-        "seed": OmegaConf.select(cfg, "seed"),
-        "data": OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None,
-        "lr": OmegaConf.select(cfg, "model.lr"),
-        "batch_size": OmegaConf.select(cfg, "data.batch_size"),
-        "epochs": OmegaConf.select(cfg, "trainer.max_epochs"),
-        "accelerator": OmegaConf.select(cfg, "trainer.accelerator"),
-    }
-
-
-def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
-    """What a job that raised leaves behind: its config and the error, in one line."""
-    fields = config_fields(cfg)
-    return {
-        "status": "failed",
-        **fields,
-        "epoch_mse": [],
-        "train_mse": None,
-        "weights": None,
-        "true_weights": (fields["data"] or {}).get("w"),
-        "ols_mse": None,
-        "steps": 0,
-        "fit_seconds": 0.0,
-        "diverged_epoch": None,
-        "error": str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}",
-        "config": job_config(cfg),
-    }
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, generate the data, fit (or resume) the configured model; write and return metrics.json."""
+    No Hydra state is needed when `out_dir` is given (None: Hydra's output dir). `label` names the TensorBoard
+    run; `progress` logs a line per epoch (and shows a bar on a terminal).
+    """
     validate(cfg)
-    out = output_dir()
-    if cfg.resume and (done := finished_metrics(out, cfg)) is not None:
-        return done  # this job already finished with this config: nothing to redo
+    out = Path(out_dir) if out_dir is not None else output_dir()
     out.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(out):
+        if cfg.resume and (done := finished_metrics(out, cfg)) is not None:
+            log.info("resume: %s already finished with this config; nothing to train", out)
+            return done
+        ckpt = resume_point(out, cfg)
+        with warnings.catch_warnings():
+            for message in NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            return fit(cfg, out, ckpt, label, progress, in_sweep)
+
+
+def fit(cfg: DictConfig, out: Path, ckpt: Path | None, label: str, progress: bool, in_sweep: bool) -> dict[str, Any]:
+    """Build DataModule, LightningModule and Trainer, fit, and write the run record."""
+    import torch
+
     import_training_stack()  # before this job makes anything: none of its objects may be frozen
     import lightning as L
 
     from linreg.data import RegressionDataModule
     from linreg.models import MODELS
 
+    torch.set_num_threads(cfg.threads)  # the same reductions whichever process (launcher) runs the job
     model_cls = MODELS[cfg.model.name]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = RegressionDataModule(
         **data_cfg, seed=cfg.seed, ones_column=model_cls.uses_ones_column, steps_per_call=cfg.trainer.steps_per_call
     )
     dm.setup("fit")
+    check_finite_data(dm, cfg)
     L.seed_everything(cfg.seed, verbose=False)  # the linear model's default init
     model_kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
     model = model_cls(
@@ -230,12 +259,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         **model_kwargs,
     )
-    trainer = build_trainer(cfg, out)
-    ckpt = resumable_checkpoint(out, cfg)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    write_json_atomic(out / "checkpoints" / "config.json", checkpoint_config(cfg))
+    trainer = build_trainer(cfg, out, label, progress, in_sweep)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     fit_seconds = time.perf_counter() - start
 
     metrics = {
@@ -256,38 +282,51 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def is_multirun() -> bool:
-    """Whether this job is one of a Hydra sweep's."""
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def remove_if_fresh(out: Path) -> None:
-    """Remove a run dir that holds only what Hydra wrote before the job: bad input leaves nothing behind."""
-    if out.is_dir() and all(p.name in (".hydra", "train.log") for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)
+def result_line(metrics: dict[str, Any]) -> str:
+    """`manual: status=ok train_mse=0.000101 weights=[2.0006, -0.9999, 1.0007]` (diverged: no numbers)."""
+    weights = metrics["weights"]
+    shown = "[" + ", ".join("nan" if v is None else f"{v:.4f}" for v in weights) + "]" if weights else "n/a"
+    mse = metrics["train_mse"]
+    text = f"{metrics['model']}: status={metrics['status']} train_mse={'n/a' if mse is None else f'{mse:.6g}'}"
+    if metrics["status"] == "diverged":
+        text += f" (diverged in epoch {metrics['diverged_epoch'] + 1} of {metrics['epochs']})"
+    return f"{text} weights={shown}"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.train [overrides]` or `linreg-train [overrides]`."""
+    from linreg.callbacks import SweepGone
+    from linreg.dashboard import run_label
+
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    out = output_dir()
     try:
-        metrics = run(cfg)
+        metrics = run(cfg, out, label=run_label(hc.overrides.task), progress=not sweep, in_sweep=sweep)
+    except SweepGone as err:
+        log.warning("job ended: %s", err)
+        return math.inf
+    except RunDirBusy as err:  # the dir is another run's: write nothing there
+        if sweep:
+            log.error("job refused: %s", err)
+            return math.inf
+        if full_error():
+            raise
+        refuse(err)
     except Exception as err:
-        if isinstance(err, ConfigError) and not is_multirun() and not os.environ.get("HYDRA_FULL_ERROR"):
-            remove_if_fresh(output_dir())
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        out = output_dir()
-        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(err, ConfigError) and not sweep and not full_error():
+            remove_if_created(out)
+            refuse(err)
         failed = failed_metrics(cfg, err)
-        write_json_atomic(out / "metrics.json", failed)
-        if not is_multirun():
+        write_failure(out, failed)
+        if not sweep:
             raise
         # In a sweep a failing job is a row of the results table, not the end of the sweep.
         log.error("job failed: %s", failed["error"])
         return math.inf  # a sweeper minimising train_mse (optuna) needs a number
-    weights = metrics["weights"] and [round(v, 4) for v in metrics["weights"]]
-    print(f"{metrics['model']}: status={metrics['status']} train_mse={metrics['train_mse']} weights={weights}")
+    if not sweep:
+        print(result_line(metrics))
     return math.inf if metrics["train_mse"] is None else metrics["train_mse"]
 
 
