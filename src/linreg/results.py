@@ -1,7 +1,8 @@
-"""A sweep as one result: every job's metrics.json in results.csv/results.md and PNG plots.
+"""A sweep as one result: every job's metrics.json in results.csv/results.md, and the plots of linreg.plots.
 
 `python -m linreg.results DIR` rebuilds them for any sweep dir (an interrupted or old one too);
 `SweepResults` is the Hydra callback that prints one line per finished job and builds them at the end.
+A job dir's record is checked before it becomes a row: one that cannot be read or trusted is `corrupt`.
 """
 
 import argparse
@@ -10,23 +11,29 @@ import fcntl
 import io
 import json
 import logging
-import statistics
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import is_number, override_key
+from linreg.config import override_key
 from linreg.train import config_fields, write_atomic
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("ok", "diverged")  # outcomes; anything else (failed, missing) fails the sweep
+FINISHED = ("ok", "diverged")  # outcomes; anything else (failed, missing, corrupt) fails the sweep
+STATUSES = ("ok", "diverged", "failed")  # what a job may write; missing and corrupt are found here
 COLUMNS = [
     "job",
     "model",
@@ -50,16 +57,23 @@ COLUMNS = [
     "overrides",
     "dir",
 ]
-PARAMS = ["model", "deg", "delta", "lr", "batch_size", "accelerator", "seed", "epochs"]  # candidate plot axes
 PLAN_FILE = ".sweep-plan.json"  # written at multirun start: job count, swept keys (jobs may run elsewhere)
 PROGRESS_FILE = "progress.log"  # one line per finished job, in finishing order
+PLOTS = ("mse.png", "weights.png")
+ERROR_CHARS = 120  # an error's share of the one-line summary (results.md has it whole)
+GROUPS_SHOWN = 3  # distinct errors named in the summary line, per kind of failure
+RANGES_SHOWN = 6  # job-number ranges named per error in the summary line
 
 
 class SweepFailedError(SystemExit):
-    """Some jobs failed: a SystemExit, since Hydra turns a callback's ordinary exception into a warning."""
+    """The sweep failed or its results could not be written: a SystemExit, which Hydra lets through to exit 1."""
 
 
-# ---------------------------------------------------------------- collecting
+class CorruptRecord(ValueError):
+    """A job record that cannot be read or trusted; the message says which file and why."""
+
+
+# ---------------------------------------------------------------- reading a job's record
 
 
 def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
@@ -70,12 +84,32 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
     return sorted(dirs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
 
 
+def load_yaml(job_dir: Path, name: str) -> Any:
+    """`.hydra/<name>` as plain data, None when absent; CorruptRecord when it cannot be read or parsed."""
+    path = job_dir / ".hydra" / name
+    if not path.exists():
+        return None
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+        raise CorruptRecord(f".hydra/{name}: {reason(err)}") from err
+
+
+def reason(err: BaseException) -> str:
+    """An exception as a short one-line reason: the OS's words for an OSError, else its type and message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return one_line(f"{type(err).__name__}: {err}") or type(err).__name__
+
+
 def job_overrides(job_dir: Path) -> list[str]:
     """The job's task overrides as Hydra saved them, without `resume` (not part of the job's config)."""
-    path = job_dir / ".hydra" / "overrides.yaml"
-    if not path.exists():
+    overrides = load_yaml(job_dir, "overrides.yaml")
+    if overrides is None:
         return []
-    return without_resume(str(o) for o in OmegaConf.load(path))
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise CorruptRecord(".hydra/overrides.yaml: not a list of overrides")
+    return without_resume(overrides)
 
 
 def without_resume(overrides: Any) -> list[str]:
@@ -83,55 +117,146 @@ def without_resume(overrides: Any) -> list[str]:
     return [o for o in overrides if override_key(o) != "resume"]
 
 
-def missing_metrics(job_dir: Path) -> dict[str, Any]:
-    """A job that left no metrics.json (killed, interrupted, still running): its config, status missing."""
-    path = job_dir / ".hydra" / "config.yaml"
-    cfg = OmegaConf.load(path) if path.exists() else OmegaConf.create({})
-    return {"status": "missing", **config_fields(cfg), "error": "no metrics.json: the job did not finish"}
+def saved_config_fields(job_dir: Path) -> dict[str, Any]:
+    """The row fields the job's saved config decides (model, lr, ...), for a job without a usable metrics.json."""
+    cfg = load_yaml(job_dir, "config.yaml")
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise CorruptRecord(".hydra/config.yaml: not a mapping")
+    fields = config_fields(OmegaConf.create(cfg))
+    data = fields.pop("data", None)
+    data = data if isinstance(data, dict) else {}
+    return {**fields, "deg": data.get("deg"), "delta": data.get("delta")}
 
 
-def read_metrics(job_dir: Path) -> dict[str, Any]:
-    """The job's metrics.json, or a `missing` stand-in when it has none (or an unreadable one)."""
+def read_metrics(job_dir: Path) -> dict[str, Any] | None:
+    """The job's metrics.json as a dict, None when there is none; CorruptRecord when it is no JSON object."""
+    path = job_dir / "metrics.json"
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        return json.loads((job_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return missing_metrics(job_dir)
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptRecord(
+            f"metrics.json: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise CorruptRecord(f"metrics.json: {reason(err)}") from err
+    if not isinstance(metrics, dict):
+        raise CorruptRecord(f"metrics.json: holds {json_type(metrics)}, not an object")
+    return metrics
 
 
-def gap(train_mse: Any, ols_mse: Any) -> float | None:
-    """How far above the least-squares floor the run ended."""
-    if isinstance(train_mse, (int, float)) and isinstance(ols_mse, (int, float)):
-        return train_mse - ols_mse
-    return None
+def json_type(value: Any) -> str:
+    """`a list`, `null`, `a string '0.1'`: what a JSON value is, for an error message."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return f"{names.get(type(value), type(value).__name__)} {text[:40]}"
+
+
+def is_finite(value: Any) -> bool:
+    """A number with a value: any int (JSON ints are exact), a finite float; not a bool, not a string."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def check_value(metrics: dict[str, Any], key: str, kind: str) -> None:
+    """CorruptRecord unless `metrics[key]` is of `kind`: number, number?, numbers? (a list), text?; ? allows null."""
+    value = metrics.get(key)
+    if kind.endswith("?") and value is None:
+        return
+    kind = kind.rstrip("?")
+    if kind == "number":
+        good = is_finite(value)
+    elif kind == "numbers":
+        good = isinstance(value, list) and all(is_finite(v) for v in value)
+    elif kind == "numbers or nulls":  # a diverged run's weights: NaN/inf were written as null
+        good = isinstance(value, list) and all(v is None or is_finite(v) for v in value)
+    else:
+        good = isinstance(value, str)
+    if not good:
+        want = {"number": "a finite number", "text": "a string", "numbers": "a list of finite numbers"}.get(
+            kind, "a list of finite numbers or nulls"
+        )
+        raise CorruptRecord(f"metrics.json: {key} is {json_type(value)}, not {want}")
+
+
+METRIC_KEYS = [k for k in COLUMNS if k not in ("job", "deg", "delta", "gap", "overrides", "dir")]  # from metrics.json
+# What an ok or diverged record must hold: a failed job may have written whatever bad value it was given.
+RESULT_KINDS = {
+    "model": "text?",
+    "accelerator": "text?",
+    "seed": "number?",
+    "lr": "number?",
+    "batch_size": "number?",
+    "epochs": "number?",
+    "deg": "number?",
+    "delta": "number?",
+    "ols_mse": "number?",
+    "steps": "number?",
+    "fit_seconds": "number?",
+    "diverged_epoch": "number?",
+    "true_weights": "numbers?",
+    "error": "text?",
+}
+OK_KINDS = {"train_mse": "number", "ols_mse": "number", "weights": "numbers"}
+DIVERGED_KINDS = {"train_mse": "number?", "weights": "numbers or nulls?", "diverged_epoch": "number"}
+
+
+def metrics_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The row fields of a metrics.json, checked: CorruptRecord for a record that cannot be trusted."""
+    status = metrics.get("status")
+    if status not in STATUSES:
+        raise CorruptRecord(f"metrics.json: status is {json_type(status)}, not one of {', '.join(STATUSES)}")
+    data = metrics.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise CorruptRecord(f"metrics.json: data is {json_type(data)}, not an object")
+    data = data or {}
+    fields = {k: metrics.get(k) for k in METRIC_KEYS}
+    fields.update(deg=data.get("deg"), delta=data.get("delta"), status=status)
+    error = metrics.get("error")
+    fields["error"] = one_line(error)
+    if status != "failed":
+        kinds = {**RESULT_KINDS, **(OK_KINDS if status == "ok" else DIVERGED_KINDS)}
+        for key, kind in kinds.items():
+            check_value(fields, key, kind)
+    fields["gap"] = fields["train_mse"] - fields["ols_mse"] if status == "ok" else None
+    return fields
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """One table row for a job dir."""
-    m = read_metrics(job_dir)
-    data = m.get("data") or {}
-    return {
+    """One table row for a job dir: its metrics, or its saved config with status missing or corrupt."""
+    row: dict[str, Any] = {
+        **dict.fromkeys(COLUMNS),
         "job": job_dir.name,
-        "model": m.get("model"),
-        "deg": data.get("deg"),
-        "delta": data.get("delta"),
-        "lr": m.get("lr"),
-        "batch_size": m.get("batch_size"),
-        "accelerator": m.get("accelerator"),
-        "seed": m.get("seed"),
-        "epochs": m.get("epochs"),
-        "status": m.get("status") or "missing",
-        "train_mse": m.get("train_mse"),
-        "ols_mse": m.get("ols_mse"),
-        "gap": gap(m.get("train_mse"), m.get("ols_mse")),
-        "weights": m.get("weights"),
-        "true_weights": m.get("true_weights"),
-        "steps": m.get("steps"),
-        "fit_seconds": m.get("fit_seconds"),
-        "diverged_epoch": m.get("diverged_epoch"),
-        "error": one_line(m.get("error")),
-        "overrides": job_overrides(job_dir),
+        "overrides": [],
         "dir": str(job_dir.resolve()),
     }
+    problems = []
+    try:
+        row["overrides"] = job_overrides(job_dir)
+    except CorruptRecord as err:
+        problems.append(str(err))
+    try:
+        metrics = read_metrics(job_dir)
+        if metrics is not None:
+            row.update(metrics_fields(metrics))
+    except CorruptRecord as err:
+        problems.append(str(err))
+        metrics = None
+    if metrics is None:
+        try:
+            row.update(saved_config_fields(job_dir))
+        except CorruptRecord as err:
+            problems.append(str(err))
+        row.update(status="missing", error="no metrics.json")
+    if problems:
+        row.update(status="corrupt", error="; ".join(problems), gap=None)
+    return row
 
 
 def collect(sweep_dir: Path, jobs: int | None = None) -> list[dict[str, Any]]:
@@ -144,41 +269,98 @@ def one_line(text: Any) -> str | None:
     return None if text is None else " ".join(str(text).split())
 
 
-def swept_keys(rows: list[dict[str, Any]]) -> set[str]:
-    """Override keys whose value differs between jobs: what names a job within its sweep."""
+# ---------------------------------------------------------------- naming jobs and failures
+
+
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs, in the order the jobs give them: what names a job."""
     values: dict[str, set[str]] = {}
     for row in rows:
         for o in row["overrides"]:
-            key, _, value = o.partition("=")
-            values.setdefault(key, set()).add(value)
-    per_job = [{o.partition("=")[0] for o in row["overrides"]} for row in rows]
-    return {k for k, v in values.items() if len(v) > 1 or any(k not in keys for keys in per_job)}
+            values.setdefault(override_key(o), set()).add(o.partition("=")[2])
+    per_job = [{override_key(o) for o in row["overrides"]} for row in rows]
+    return [k for k, v in values.items() if len(v) > 1 or any(k not in keys for keys in per_job)]
 
 
-def job_label(row: dict[str, Any], keys: set[str]) -> str:
-    """`#3 [model=linear model.lr=0.1]`: the job number and its swept overrides."""
-    shown = [o for o in row["overrides"] if o.partition("=")[0] in keys] or row["overrides"]
-    return f"#{row['job']} [{' '.join(shown)}]"
+def job_ranges(names: list[str], limit: int | None = None) -> str:
+    """`0-15`, `0, 2, 5-7`: job numbers as ranges (other names as they are), `limit` pieces at most."""
+    numbers = sorted(int(n) for n in names if n.isdigit())
+    pieces: list[str] = []
+    start = prev = None
+    for n in [*numbers, None]:
+        if start is not None and n != prev + 1:
+            pieces.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if n is not None and start is None:
+            start = n
+        prev = n
+    pieces += sorted(n for n in names if not n.isdigit())
+    if limit is not None and len(pieces) > limit:
+        pieces = [*pieces[:limit], f"… ({len(names)} in all)"]
+    return ", ".join(pieces)
 
 
-def failure_message(sweep_dir: Path, rows: list[dict[str, Any]]) -> str | None:
-    """One line naming every job that failed or left no result; None when all finished."""
-    bad = [r for r in rows if r["status"] not in FINISHED]
-    if not bad:
-        return None
+def jobs_label(rows: list[dict[str, Any]], limit: int | None = None) -> str:
+    """`#3` for one job, `jobs 0-15` for several."""
+    names = [r["job"] for r in rows]
+    return f"#{names[0]}" if len(names) == 1 else f"jobs {job_ranges(names, limit)}"
+
+
+def common_overrides(rows: list[dict[str, Any]], keys: list[str], error: str) -> list[str]:
+    """The swept overrides all these jobs share and their error does not name: what sets them apart."""
+    shared = set(rows[0]["overrides"]).intersection(*(r["overrides"] for r in rows[1:]))
+    return [o for o in rows[0]["overrides"] if o in shared and override_key(o) in keys and override_key(o) not in error]
+
+
+def by_error(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Jobs grouped by their error, in the order of their first job."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["error"] or "(no error recorded)", []).append(r)
+    return list(groups.items())
+
+
+def clipped(text: str, limit: int = ERROR_CHARS) -> str:
+    """`text`, cut to `limit` characters with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def failure_clause(bad: list[dict[str, Any]], total: int, status: str, keys: list[str]) -> str:
+    """`16 of 48 jobs failed: <error> (jobs 0-15)`: one kind of failure, jobs failing alike named once."""
+    verb = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}.get(status, status)
+    groups = by_error(bad)
+    named = []
+    for error, rows in groups[:GROUPS_SHOWN]:
+        label = jobs_label(rows, RANGES_SHOWN)
+        if status == "missing":
+            named.append(f"{label} ({error})")
+            continue
+        extra = common_overrides(rows, keys, error) if status == "failed" else []
+        named.append(f"{clipped(error)} ({label}{': ' + clipped(' '.join(extra), 60) if extra else ''})")
+    if len(groups) > GROUPS_SHOWN:
+        named.append(f"{len(groups) - GROUPS_SHOWN} more errors in results.md")
+    return f"{len(bad)} of {total} {'job' if total == 1 else 'jobs'} {verb}: {'; '.join(named)}"
+
+
+def failure_message(sweep_dir: Path, rows: list[dict[str, Any]], problems: list[str] | None = None) -> str | None:
+    """One line: what could not be written, and the jobs that failed, did not finish or are corrupt; else None."""
     keys = swept_keys(rows)
-    named = "; ".join(f"{job_label(r, keys)} {r['status']}: {r['error']}" for r in bad)
-    return f"sweep {sweep_dir}: {len(bad)} of {len(rows)} jobs failed: {named}"
+    clauses = list(problems or [])
+    for status in ("failed", "missing", "corrupt"):
+        bad = [r for r in rows if r["status"] == status]
+        if bad:
+            clauses.append(failure_clause(bad, len(rows), status, keys))
+    return f"sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
-# ---------------------------------------------------------------- writing
+# ---------------------------------------------------------------- the table
 
 
 def csv_value(value: Any) -> Any:
-    """Lists as JSON (exact floats), None as empty."""
+    """Lists and objects as JSON (exact floats), None as empty."""
     if value is None:
         return ""
-    if isinstance(value, list):
+    if isinstance(value, (list, dict)):
         return json.dumps(value)
     return value
 
@@ -222,6 +404,11 @@ MD_COLUMNS = [
 ]
 
 
+def jobs_count(rows: list[Any]) -> str:
+    """`1 job`, `48 jobs`."""
+    return f"{len(rows)} job{'' if len(rows) == 1 else 's'}"
+
+
 def status_counts(rows: list[dict[str, Any]]) -> str:
     """`46 ok, 1 diverged, 1 failed`."""
     counts: dict[str, int] = {}
@@ -230,17 +417,25 @@ def status_counts(rows: list[dict[str, Any]]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: kv[0] not in FINISHED))
 
 
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown list items: each error once with its jobs, and the diverged jobs by epoch."""
+    lines = []
+    for status in ("failed", "missing", "corrupt"):
+        for error, group in by_error([r for r in rows if r["status"] == status]):
+            lines.append(f"- **{status}** {jobs_label(group)}: {fmt(error)}")
+    diverged: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "diverged":
+            diverged.setdefault(r["diverged_epoch"], []).append(r)
+    lines += [f"- diverged at epoch {epoch}: {jobs_label(group)}" for epoch, group in diverged.items()]
+    return lines
+
+
 def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]], plots: list[str]) -> str:
     """A readable summary: counts, failures, the table and the plots."""
-    lines = [f"# Sweep {sweep_dir.name}", "", f"{len(rows)} jobs: {status_counts(rows)}.", ""]
-    keys = swept_keys(rows)
-    for r in rows:
-        if r["status"] not in FINISHED:
-            lines.append(f"- **{r['status']}** {job_label(r, keys)}: {fmt(r['error'])}")
-        elif r["status"] == "diverged":
-            lines.append(f"- diverged {job_label(r, keys)} at epoch {r['diverged_epoch']}")
-    if lines[-1]:
-        lines.append("")
+    lines = [f"# Sweep {sweep_dir.name}", "", f"{jobs_count(rows)}: {status_counts(rows)}.", ""]
+    if failed := failure_lines(rows):
+        lines += [*failed, ""]
     lines.append("| " + " | ".join(title for _, title in MD_COLUMNS) + " |")
     lines.append("|" + "---|" * len(MD_COLUMNS))
     for r in rows:
@@ -253,147 +448,97 @@ def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]], plots: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- plots
+# ---------------------------------------------------------------- writing
 
 
-def varying_params(rows: list[dict[str, Any]]) -> list[str]:
-    """The table's parameters that take more than one value: the plot's x axes (lr when none varies)."""
-    varying = [p for p in PARAMS if p != "model" and len({json.dumps(r[p]) for r in rows}) > 1]
-    return varying or ["lr"]
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """PNG via a temp file and a rename."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    write_atomic(path, buf.getvalue())
-
-
-GAP_FLOOR = 1e-9  # gaps below this (float32 training against a float64 floor) are drawn at it: log axis
-
-
-def plot_panel(ax: Any, rows: list[dict[str, Any]], param: str, key: str, models: list[str], legend: bool) -> None:
-    """One parameter's panel: `key` of every finished job against the parameter, a median line per model."""
-    from matplotlib.ticker import FormatStrFormatter, NullLocator
-
-    done = [r for r in rows if is_number(r[key])]
-    values = sorted({json.dumps(r[param]) for r in rows})
-    numeric = all(is_number(json.loads(v)) for v in values)
-    xs_of = {v: (json.loads(v) if numeric else i) for i, v in enumerate(values)}
-    for i, model in enumerate(models):
-        pts = [(xs_of[json.dumps(r[param])], max(r[key], GAP_FLOOR)) for r in done if str(r["model"]) == model]
-        if not pts:
+def write_outputs(sweep_dir: Path, files: dict[str, Callable[[], bytes]]) -> list[str]:
+    """Make and write each file (one failing does not stop the rest); the failures, one text per reason."""
+    failed: dict[tuple[str, str], list[str]] = {}
+    for name, make in files.items():
+        path = sweep_dir / name
+        try:
+            write_atomic(path, make())
             continue
-        shift = 1 + 0.04 * (i - (len(models) - 1) / 2)  # models side by side, not on top of each other
-        xs = [x * shift if numeric else x + (shift - 1) * 2 for x, _ in pts]
-        ax.plot(xs, [y for _, y in pts], "o", alpha=0.6, color=f"C{i}")  # marker lines: cheaper than scatter
-        line_x = sorted({x for x, _ in pts})
-        ax.plot(line_x, [statistics.median(y for x, y in pts if x == lx) for lx in line_x], color=f"C{i}", label=model)
-    positive = [json.loads(v) for v in values if numeric and json.loads(v) > 0]
-    if numeric and len(positive) == len(values) > 1 and max(positive) / min(positive) >= 10:
-        ax.set_xscale("log")
-    if len(values) <= 12:  # the swept values themselves as ticks
-        ax.set_xticks([xs_of[v] for v in values], [str(json.loads(v)) for v in values])
-        ax.minorticks_off()
-    if done:
-        ax.set_yscale("log")
-        # Decades only, plainly labelled: a log axis's minor ticks (8 a decade) and its 10^k mathtext
-        # labels were most of this figure's ~2 s.
-        ax.yaxis.set_minor_locator(NullLocator())
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel(param)
-    ax.grid(True, alpha=0.3)
-    if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        except OSError as err:  # a full disk, a read-only dir, a directory in the file's place
+            failed.setdefault(("cannot write", reason(err)), []).append(name)
+        except Exception as err:  # a plot that cannot be drawn must not cost the table, nor pass unnoticed
+            failed.setdefault(("could not make", reason(err)), []).append(name)
+        try:
+            path.unlink(missing_ok=True)  # an older file would pass for this sweep's
+        except OSError:
+            pass  # what could not be written may not be removable either: the message names it
+    return [
+        f"{verb} {', '.join([str(sweep_dir / names[0]), *names[1:]])}: {why}" for (verb, why), names in failed.items()
+    ]
 
 
-def plot_mse(rows: list[dict[str, Any]], path: Path) -> None:
-    """Final train MSE, and its gap to the least-squares floor, against each swept parameter, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
-    import matplotlib.pyplot as plt
-
-    params = varying_params(rows)
-    models = sorted({str(r["model"]) for r in rows})
-    width = 4.5 * len(params)
-    fig, axes = plt.subplots(2, len(params), figsize=(width, 7.5), squeeze=False)
-    # Fixed margins: tight_layout measures every label of every panel (seconds for a 10-panel figure).
-    fig.subplots_adjust(left=0.9 / width, right=1 - 0.15 / width, bottom=0.08, top=0.93, wspace=0.25, hspace=0.22)
-    for col, param in enumerate(params):
-        for row, (key, label) in enumerate([("train_mse", "final train MSE"), ("gap", "gap to least-squares floor")]):
-            plot_panel(axes[row][col], rows, param, key, models, legend=(row, col) == (0, 0))  # one legend
-            if col == 0:
-                axes[row][col].set_ylabel(label)
-    skipped = sum(1 for r in rows if not is_number(r["train_mse"]))
-    title = "dots: jobs, lines: median per model"
-    fig.suptitle(f"{title} ({skipped} diverged/failed jobs not shown)" if skipped else title)
-    save_figure(fig, path)
-    plt.close(fig)
+def same_results(sweep_dir: Path, table: str) -> bool:
+    """Whether the sweep dir already holds this table and every output (a resumed sweep): nothing to redo."""
+    try:
+        return all((sweep_dir / n).is_file() for n in ("results.md", *PLOTS)) and (
+            (sweep_dir / "results.csv").read_text() == table
+        )
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
-def plot_weights(rows: list[dict[str, Any]], path: Path) -> None:
-    """Learned coefficients against the true ones (the diagonal is a perfect fit), one colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    done = [r for r in rows if r["weights"] and r["true_weights"] and all(is_number(w) for w in r["weights"])]
-    models = sorted({str(r["model"]) for r in rows})
-    for i, model in enumerate(models):
-        pts = [(t, w) for r in done if str(r["model"]) == model for t, w in zip(r["true_weights"], r["weights"])]
-        if pts:
-            jitter = 0.04 * (i - (len(models) - 1) / 2)
-            ax.scatter([t + jitter for t, _ in pts], [w for _, w in pts], alpha=0.6, label=model)
-    truths = sorted({t for r in done for t in r["true_weights"]})
-    if truths:
-        lo, hi = truths[0] - 0.5, truths[-1] + 0.5
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="learned = true")
-        ax.legend()
-    ax.set_xlabel("true coefficient")
-    ax.set_ylabel("learned coefficient")
-    ax.set_title(f"coefficients of {len(done)} finished jobs", y=1.0)
-    ax.grid(True, alpha=0.3)
-    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.11, top=0.93)
-    save_figure(fig, path)
-    plt.close(fig)
+def plan_swept(sweep_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The swept keys as the sweep planned them, else as the jobs' overrides show them."""
+    return read_plan(sweep_dir)["swept"] or swept_keys(rows)
 
 
-# ---------------------------------------------------------------- entry points
+def summarize(sweep_dir: Path, jobs: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Write results.csv and results.md, then the plots; return the rows and what could not be written."""
+    from linreg.plots import mse_figure, weights_figure
 
-
-def summarize(sweep_dir: Path, jobs: int | None = None) -> list[dict[str, Any]]:
-    """Write results.csv, results.md and the plots into the sweep dir; return the rows."""
     rows = collect(sweep_dir, jobs)
-    plots = {"mse.png": plot_mse, "weights.png": plot_weights}
     table = to_csv(rows)
-    outputs = [sweep_dir / name for name in ("results.csv", "results.md", *plots)]
-    if all(p.exists() for p in outputs) and (sweep_dir / "results.csv").read_text() == table:
-        return rows  # the same table as last time (a resumed sweep): its plots are already drawn
-    for name, plot in plots.items():
-        plot(rows, sweep_dir / name)
-    write_atomic(sweep_dir / "results.csv", table.encode())
-    write_atomic(sweep_dir / "results.md", to_markdown(sweep_dir, rows, list(plots)).encode())
-    return rows
+    if same_results(sweep_dir, table):
+        return rows, []
+    swept = plan_swept(sweep_dir, rows)
+    files = {  # made and written in this order: the table first, so that a plot failing cannot cost it
+        "results.csv": table.encode,
+        "results.md": lambda: to_markdown(sweep_dir, rows, list(PLOTS)).encode(),
+        "mse.png": lambda: mse_figure(rows, swept),
+        "weights.png": lambda: weights_figure(rows),
+    }
+    return rows, write_outputs(sweep_dir, files)
+
+
+def report(sweep_dir: Path, rows: list[dict[str, Any]], problems: list[str]) -> tuple[str, str | None]:
+    """The summary line for stdout, and the error line (None when the sweep succeeded and all was written)."""
+    where = f" -> {sweep_dir / 'results.md'}" if (sweep_dir / "results.md").is_file() else ""
+    return f"{jobs_count(rows)}: {status_counts(rows)}{where}", failure_message(sweep_dir, rows, problems)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m linreg.results DIR`: rebuild a sweep's table and plots; non-zero when jobs failed."""
     parser = argparse.ArgumentParser(prog="python -m linreg.results", description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. outputs/multirun/<time>")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir() or not job_dirs(args.sweep_dir):
-        print(f"error: {args.sweep_dir}: no job dirs (not a sweep dir?)", file=sys.stderr)
-        return 2
-    rows = summarize(args.sweep_dir)
-    print(f"{len(rows)} jobs: {status_counts(rows)} -> {args.sweep_dir / 'results.md'}")
-    message = failure_message(args.sweep_dir, rows)
-    if message:
-        print(f"error: {message}", file=sys.stderr)
+    sweep_dir = parser.parse_args(argv).sweep_dir
+    if not sweep_dir.exists():
+        return refuse(f"{sweep_dir}: no such directory")
+    if not sweep_dir.is_dir():
+        return refuse(f"{sweep_dir}: not a directory")
+    try:
+        found = job_dirs(sweep_dir)
+    except OSError as err:
+        return refuse(f"{sweep_dir}: cannot read: {reason(err)}")
+    if not found:
+        return refuse(f"{sweep_dir}: no job dirs (not a sweep dir?)")
+    rows, problems = summarize(sweep_dir, read_plan(sweep_dir)["jobs"])
+    summary, error = report(sweep_dir, rows, problems)
+    print(summary)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def refuse(message: str) -> int:
+    """Exit status 2 with one line: the dir given is no sweep dir."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 # ---------------------------------------------------------------- Hydra callback
@@ -401,31 +546,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def planned_jobs(config: DictConfig) -> tuple[int | None, list[str]]:
     """How many jobs the sweep will run, and which keys it sweeps (None jobs when it cannot tell)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     sweeper = config.hydra.sweeper
     params = {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()}
     if sweeper.get("n_trials") is not None:  # optuna: one job per trial
         return int(sweeper.n_trials), list(params)
     args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in config.hydra.overrides.task]
     try:
-        overrides = OverridesParser.create().parse_overrides(args)
-        swept = list(dict.fromkeys(o.get_key_element() for o in overrides if o.is_sweep_override()))
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None)), swept
-    except Exception:  # a sweep syntax the basic sweeper cannot expand: progress shows k/?
+        final = {}
+        for override in OverridesParser.create().parse_overrides(args):
+            final[override.get_key_element()] = override  # as Hydra's basic sweeper: the command line's value wins
+        sizes = {
+            override_key(key): len(list(o.sweep_string_iterator())) for key, o in final.items() if o.is_sweep_override()
+        }
+    except HydraException:  # a sweep the grid cannot enumerate (an interval, a glob): progress shows k/?
         return None, list(params)
+    return math.prod(sizes.values()), list(sizes)
 
 
 def read_plan(sweep_dir: Path) -> dict[str, Any]:
     """What `on_multirun_start` recorded; unknowns (None, no swept keys) when the file is missing or torn."""
+    unknown: dict[str, Any] = {"jobs": None, "swept": [], "started": None}
     try:
-        return json.loads((sweep_dir / PLAN_FILE).read_text())
-    except (OSError, ValueError):
-        return {"jobs": None, "swept": [], "started": None}
+        plan = json.loads((sweep_dir / PLAN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return unknown
+    if not isinstance(plan, dict):
+        return unknown
+    jobs, swept, started = plan.get("jobs"), plan.get("swept"), plan.get("started")
+    return {
+        "jobs": jobs if isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 0 else None,
+        "swept": swept if isinstance(swept, list) and all(isinstance(k, str) for k in swept) else [],
+        "started": float(started) if is_finite(started) else None,
+    }
 
 
-def append_progress(path: Path, make_line: Any) -> str:
+def append_progress(path: Path, make_line: Callable[[int], str]) -> str:
     """Append one line under an exclusive lock; `make_line(k)` gets this job's finishing rank."""
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to the same file
@@ -451,7 +606,7 @@ class SweepResults(Callback):
         write_atomic(sweep_dir / PROGRESS_FILE, b"")  # a re-run (resume) counts from 1 again
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        """One line: `[3/48] model=linear data.deg=2 ...: ok train_mse=0.0001`."""
+        """One line: `[3/48 12s, ~2m left] model=linear data.deg=2 ...: ok train_mse=0.0001`."""
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir, out = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
@@ -460,37 +615,77 @@ class SweepResults(Callback):
         log.info(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Build the table and plots; exit non-zero with one line naming the failed jobs, if any."""
+        """Build the table and plots; exit non-zero with one line when jobs failed or a file could not be written."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = read_plan(sweep_dir)["jobs"]
-        if not sweep_dir.is_dir() or not job_dirs(sweep_dir, jobs):
-            return
-        rows = summarize(sweep_dir, jobs)
-        log.info(f"sweep: {len(rows)} jobs: {status_counts(rows)} -> {sweep_dir / 'results.md'}")
-        message = failure_message(sweep_dir, rows)
-        if message:
-            raise SweepFailedError(f"error: {message}")
+        try:
+            jobs = read_plan(sweep_dir)["jobs"]
+            if not sweep_dir.is_dir() or not job_dirs(sweep_dir, jobs):
+                raise SweepFailedError(f"error: sweep {sweep_dir}: no job dirs: no job left a result")
+            rows, problems = summarize(sweep_dir, jobs)
+        except Exception as err:  # Hydra would turn it into a warning and exit 0: the sweep would seem fine
+            raise SweepFailedError(f"error: sweep {sweep_dir}: no results table: {reason(err)}") from err
+        summary, error = report(sweep_dir, rows, problems)
+        log.info(f"sweep: {summary}")
+        if error:
+            raise SweepFailedError(f"error: {error}")
 
 
-def progress_line(k: int, plan: dict[str, Any], out: Path, job_return: JobReturn) -> str:
-    """The progress line of the k-th finished job."""
+def duration(seconds: float) -> str:
+    """`45s`, `2m05s`, `25m`, `1h05m`."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 3600:
+        return f"{round(s / 60)}m"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def timing(k: int, total: int | None, started: float | None, now: float) -> str:
+    """` 12s, ~2m left`: time since the sweep started and, from the pace so far, an estimate of what is left."""
+    if started is None:
+        return ""
+    elapsed = now - started
+    left = f", ~{duration(elapsed / k * (total - k))} left" if total and k < total else ""
+    return f" {duration(elapsed)}{left}"
+
+
+def job_outcome(out: Path, plan: dict[str, Any], job_return: JobReturn) -> tuple[str, Any, bool]:
+    """The job's status text, its train MSE and whether it finished before this sweep started (resume)."""
+    if job_return.status == JobStatus.FAILED:
+        try:
+            _ = job_return.return_value  # re-raises what the job raised
+        except Exception as err:
+            return f"failed ({reason(err)})", None, False
+    try:
+        row = job_row(out)
+    except OSError as err:
+        return f"unknown ({reason(err)})", None, False
+    status = row["status"]
+    if row["error"] and status != "missing":
+        status = f"{status} ({row['error']})"
+    started = plan.get("started")
+    try:
+        resumed = started is not None and (out / "metrics.json").stat().st_mtime < started
+    except OSError:
+        resumed = False
+    return status, row["train_mse"], resumed
+
+
+def progress_line(k: int, plan: dict[str, Any], out: Path, job_return: JobReturn, now: float | None = None) -> str:
+    """The progress line of the k-th finished job: `[3/48 12s, ~2m left] model=linear: ok train_mse=0.0001`."""
     swept = set(plan.get("swept") or [])
     given = job_return.overrides or []
-    overrides = [o for o in given if o.partition("=")[0] in swept] or without_resume(given)
-    metrics_path = out / "metrics.json"
-    try:
-        m = json.loads(metrics_path.read_text())
-        status, mse = m.get("status"), m.get("train_mse")
-        if m.get("error"):
-            status = f"{status} ({one_line(m['error'])})"
-        resumed = plan.get("started") is not None and metrics_path.stat().st_mtime < plan["started"]
-    except (OSError, ValueError):
-        status, mse, resumed = "failed", None, False
-    if job_return.status == JobStatus.FAILED:
-        status = f"failed ({type(job_return._return_value).__name__}: {job_return._return_value})"
-    mse_text = f"{mse:.6g}" if isinstance(mse, float) else "n/a"
-    total = plan.get("jobs") or "?"
-    return f"[{k}/{total}] {' '.join(overrides)}: {status} train_mse={mse_text}{' (done before)' if resumed else ''}"
+    overrides = [o for o in given if override_key(o) in swept] or without_resume(given) or ["defaults"]
+    status, mse, resumed = job_outcome(out, plan, job_return)
+    mse_text = f"{mse:.6g}" if is_finite(mse) else "n/a"
+    total = plan.get("jobs")
+    clock = timing(k, total, plan.get("started"), time.time() if now is None else now)
+    return (
+        f"[{k}/{total or '?'}{clock}] {' '.join(overrides)}: {status} train_mse={mse_text}"
+        f"{' (done before)' if resumed else ''}"
+    )
 
 
 if __name__ == "__main__":
