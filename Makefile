@@ -27,8 +27,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.overhead
 
+LOGDIR ?= outputs
 tensorboard: $(STAMP)
-	$(VENV)/bin/tensorboard --logdir outputs --host 127.0.0.1
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) --host 127.0.0.1
 
 # make optuna-dashboard SWEEP=<sweep dir> [PORT=8080]: the study in <sweep dir>/optuna.db, on this machine only
 # (or STORAGE=<SQLAlchemy URL> for a study kept elsewhere, hydra.sweeper.storage).

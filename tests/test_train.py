@@ -94,6 +94,10 @@ def test_reproduction_prints_the_table(tmp_path):
         assert row.rstrip().endswith("yes")
     assert "10.1555" in proc.stdout and "4.0763" in proc.stdout
     assert len(list((tmp_path / "outputs" / "reproduce").glob("*/*/metrics.json"))) == 4
+    # the table, a blank line and the two lines saying where the runs are: nothing else, on either stream
+    assert len(lines) == 9 and proc.stderr == "", proc.stdout + proc.stderr
+    hint = lines[-1].split()
+    assert hint[0] == "Dashboard:" and Path(hint[1]).name == "tensorboard" and Path(hint[1]).exists()
 
 
 def test_same_config_gives_bit_identical_numbers(make_cfg, tmp_path):

@@ -2,13 +2,11 @@
 
 import logging
 import sys
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
 from linreg.train import CONFIG_DIR, run
 
@@ -34,17 +32,14 @@ TUTORIAL = [
 
 def run_experiment(name: str, out: Path, overrides: list[str]) -> dict:
     """Compose `experiment=<name>` as the CLI would and run it in this process."""
-    cfg = compose(
-        "train", overrides=[f"experiment={name}", f"hydra.run.dir={out / name}", *overrides], return_hydra_config=True
-    )
-    HydraConfig.instance().set_config(cfg)
-    return run(cfg)
+    cfg = compose("train", overrides=[f"experiment={name}", *overrides])
+    return run(cfg, out / name, label=name)
 
 
 def main(overrides: list[str] | None = None) -> int:
     """Run every experiment, print one table, return 1 if any result leaves the tutorial's band."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
+    # The table is the output: no Lightning banners, tips or "fit stopped" lines above it.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     out = Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     rows, ok = [], True
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -79,7 +74,11 @@ def main(overrides: list[str] | None = None) -> int:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    print(f"\nRuns (metrics.json, TensorBoard) in {out}/ ; open: tensorboard --logdir {out} --host 127.0.0.1")
+    tensorboard = Path(sys.executable).parent / "tensorboard"  # the venv's, which a shell may not have on PATH
+    if tensorboard.is_relative_to(Path.cwd()):
+        tensorboard = tensorboard.relative_to(Path.cwd())
+    print(f"\nRuns (metrics.json, TensorBoard) in {out}/")
+    print(f"Dashboard: {tensorboard} --logdir {out} --host 127.0.0.1   (or: make tensorboard LOGDIR={out})")
     return 0 if ok else 1
 
 
