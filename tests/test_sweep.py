@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -84,9 +85,13 @@ def test_grid_writes_valid_png_plots(grid):
 def test_progress_line_per_finished_job(grid):
     sweep, proc = grid
     lines = (sweep / "progress.log").read_text().splitlines()
-    assert [line.split("]")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
-    assert lines[0].startswith("[1/4] model=manual model.lr=0.03: ok train_mse=")
-    assert lines[1] == "[2/4] model=manual model.lr=100: diverged train_mse=n/a"
+    assert [line.split(" ")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    clocks = [re.match(r"\[\d/4 ([^\]]*)\] ", line).group(1) for line in lines]
+    assert all(re.fullmatch(r"[\dhms]+, ~[\dhms]+ left", c) for c in clocks[:3])  # elapsed, and what is left
+    assert re.fullmatch(r"[\dhms]+", clocks[3])
+    plain = [re.sub(r"^\[(\d/4) [^\]]*\]", r"[\1]", line) for line in lines]
+    assert plain[0].startswith("[1/4] model=manual model.lr=0.03: ok train_mse=")
+    assert plain[1] == "[2/4] model=manual model.lr=100: diverged train_mse=n/a"
     assert all(line in proc.stderr + proc.stdout for line in lines)  # shown while it runs, too
 
 
@@ -124,7 +129,7 @@ def test_interrupted_sweep_shows_missing_jobs_and_resume_runs_only_those(grid):
     (sweep / "1" / "metrics.json").unlink()
     shutil.rmtree(sweep / "1" / "checkpoints")
     proc = run_cli("-m", "linreg.results", str(sweep))
-    assert proc.returncode == 1 and "1 of 4 jobs failed: #1 [model=manual model.lr=100] missing" in proc.stderr
+    assert proc.returncode == 1 and "1 of 4 jobs did not finish: #1 (no metrics.json)" in proc.stderr
     stamps = {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in "023"}
     proc = run_cli(
         "--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "model=manual,linear", "model.lr=0.03,100", "resume=true"
@@ -143,7 +148,7 @@ def test_failing_job_is_marked_the_rest_run_and_the_sweep_exits_nonzero(tmp_path
     proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "data.batch_size=10,0,20")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert "1 of 3 jobs failed: #1 [data.batch_size=0] failed: data.batch_size=0: must be a positive integer" in last
+    assert last.endswith("1 of 3 jobs failed: data.batch_size=0: must be a positive integer (#1)")
     rows = check_rows_match_metrics(sweep, 3)
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
     assert "must be a positive integer" in rows[1]["error"]
@@ -162,7 +167,7 @@ def test_joblib_parallel_jobs_get_distinct_dirs_and_tensorboard_runs(tmp_path):
     assert {r["model"] for r in rows} == {"manual", "linear"}
     events = [sorted((sweep / j / "tensorboard").rglob("events.out.tfevents.*")) for j in "01"]
     assert all(len(e) == 1 for e in events)  # one run each: no job wrote into the other's TensorBoard dir
-    assert sorted((sweep / "progress.log").read_text().splitlines())[0].startswith("[1/2] ")
+    assert sorted((sweep / "progress.log").read_text().splitlines())[0].startswith("[1/2 ")
 
 
 def test_submitit_local_runs_the_jobs_through_submitit(tmp_path):
@@ -185,3 +190,27 @@ def test_optuna_preset_searches_lr_and_batch_size(tmp_path):
     assert all(r["deg"] == "2" for r in rows) and len({r["lr"] for r in rows}) == 3
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in best and "model.lr" in best
+
+
+def test_a_value_the_plots_cannot_place_still_gives_the_table_and_exit_1(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "data.batch_size=10,99999999999999999999999")
+    assert proc.returncode == 1
+    assert "Callback SweepResults" not in proc.stderr  # no exception turned into a warning
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: sweep {re.escape(str(sweep))}: 1 of 2 jobs failed: .* \(#1\)", last)
+    assert [r["status"] for r in read_csv(sweep)] == ["ok", "failed"]
+    assert (sweep / "mse.png").is_file() and (sweep / "weights.png").is_file()
+
+
+def test_a_sweep_without_overrides_is_named_defaults_and_a_blocked_table_exits_1(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "results.csv").mkdir(parents=True)  # the table cannot be written there
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}")
+    progress = (sweep / "progress.log").read_text().strip()
+    assert re.fullmatch(r"\[1/1 [\dhms]+\] defaults: ok train_mse=[\d.e-]+", progress)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: sweep {sweep}: cannot write {sweep / 'results.csv'}: Is a directory"
+    assert (sweep / "results.md").is_file() and (sweep / "mse.png").is_file()
+    assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]
