@@ -180,18 +180,6 @@ def test_submitit_local_runs_the_jobs_through_submitit(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
-def test_optuna_preset_searches_lr_and_batch_size(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_cli(
-        "--multirun", "sweep=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", *SMALL, "data.deg=2"
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = check_rows_match_metrics(sweep, 3)
-    assert all(r["deg"] == "2" for r in rows) and len({r["lr"] for r in rows}) == 3
-    best = (sweep / "optimization_results.yaml").read_text()
-    assert "best_value" in best and "model.lr" in best
-
-
 def test_a_value_the_plots_cannot_place_still_gives_the_table_and_exit_1(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "data.batch_size=10,99999999999999999999999")

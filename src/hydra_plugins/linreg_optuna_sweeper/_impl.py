@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from linreg.config import ConfigError
 
@@ -31,6 +33,7 @@ DB_FILE = "optuna.db"  # the default storage, in the sweep dir
 SWEEP_DIR_ATTR = "sweep_dir"  # user attr: which sweep dir a trial runs in (a resume re-runs its own only)
 FIXED_ATTR = "fixed_overrides"  # user attr: the command line's fixed overrides, for the dashboard
 RESULTS_FILE = "optimization_results.yaml"
+STORAGE_ATTEMPTS = 5
 Job = tuple[int, list[str]]  # trial number (= job number) and the job's overrides
 
 
@@ -69,6 +72,17 @@ def shown_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy can parse: it is refused when opened
         return url
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for a storage URL; a SQLite file's folder is made first."""
+    if not url.startswith("sqlite:"):
+        return {}
+    path = make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # Sweeps sharing one SQLite file wait for each other's writes instead of failing after SQLite's 5 s.
+    return {"connect_args": {"timeout": 120}}
 
 
 def job_error(ret: JobReturn) -> str:
@@ -192,17 +206,20 @@ class OptunaSweeperImpl:
         """The study's database (created on first use); a bad URL or path is a ConfigError."""
         assert self.storage_url is not None
         url = self.storage_url
-        engine_kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite:"):
-            # Sweeps sharing one SQLite file wait for each other's writes instead of failing after 5 s.
-            engine_kwargs["connect_args"] = {"timeout": 120}
-            path = make_url(url).database
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except Exception as err:
-            raise ConfigError("hydra.sweeper.storage", shown_url(url), f"cannot be opened: {err}") from None
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+            except (IntegrityError, OperationalError) as err:
+                # Sweeps started at once on a new database race to make its tables and schema version; the
+                # loser finds them made when it tries again.
+                error = err
+                time.sleep(0.2 * (attempt + 1))
+            except Exception as err:
+                error = err
+                break
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        raise ConfigError("hydra.sweeper.storage", shown_url(url), f"cannot be opened: {first_line}")
 
     def open_study(self) -> Study:
         """The study `study_name` in the storage, made if new; one that optimises the other way is refused."""

@@ -27,8 +27,11 @@ def choices(override: Override) -> list[Any]:
 def distribution(override: Override) -> BaseDistribution:
     """The Optuna distribution of a sweep override: choice, range (its stop included, as Optuna's high), interval."""
     value = override.value()
-    if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
+    if isinstance(value, ChoiceSweep):
         return CategoricalDistribution(choices(override))
+    if isinstance(value, RangeSweep) and value.shuffle:
+        # In order: a study refuses a param whose choices come in another order than in its earlier trials.
+        return CategoricalDistribution(sorted(choices(override)))
     if isinstance(value, RangeSweep):
         if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
             return FloatDistribution(value.start, value.stop, step=value.step)
@@ -41,18 +44,18 @@ def distribution(override: Override) -> BaseDistribution:
     raise ConfigError(override.get_key_element(), override.input_line, "a sweep must be choice, range or interval")
 
 
-def parse(key: str, line: str) -> Override:
-    """One override parsed by Hydra's parser; a syntax error names the key."""
+def parse(line: str, key: str = "", value: str = "") -> Override:
+    """One override parsed by Hydra's parser; a syntax error names the key and value given."""
     try:
         return OverridesParser.create().parse_overrides([line])[0]
     except Exception as err:  # Hydra's OverrideParseException, or an error building the sweep
-        raise ConfigError(key, line, f"not a Hydra override ({' '.join(str(err).split())})") from None
+        raise ConfigError(key or line, value or line, f"not a Hydra override: {' '.join(str(err).split())}") from None
 
 
 def search_space(params: dict[str, str], arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
     """Distributions of the sweep overrides, and the fixed overrides; the command line wins over `params`."""
-    parsed = [parse(f"hydra.sweeper.params.{k}", f"{k}={v}") for k, v in params.items()]
-    parsed += [parse(line, line) for line in arguments]
+    parsed = [parse(f"{k}={v}", f"hydra.sweeper.params.{k}", v) for k, v in params.items()]
+    parsed += [parse(line) for line in arguments]  # Hydra itself has parsed these already
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
     for override in parsed:
@@ -65,7 +68,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> tuple[dict
             except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step
                 if isinstance(err, ConfigError):
                     raise
-                raise ConfigError(key, override.get_value_element_as_str(), str(err)) from None
+                raise ConfigError(key, str(override.input_line).partition("=")[2], str(err)) from None
         else:
             fixed[key] = str(override.input_line)
     return space, list(fixed.values())
