@@ -309,7 +309,12 @@ def figure_title(rows: list[dict[str, Any]], lay: Layout, shown: int, panels: in
 
 
 def mse_figure(rows: list[dict[str, Any]], swept: list[str]) -> bytes:
-    """mse.png: the gap to the least-squares floor against the x key, a line per line value, a panel per rest."""
+    """mse.png (see `draw_mse`)."""
+    return png_bytes(draw_mse(rows, swept))
+
+
+def draw_mse(rows: list[dict[str, Any]], swept: list[str]) -> Any:
+    """The gap to the least-squares floor against the x key, a line per line value, a panel per other setting."""
     lay = layout(rows, swept)
     drawn = placed(rows, lay)
     groups = panels(drawn, lay.panel_keys)
@@ -335,11 +340,16 @@ def mse_figure(rows: list[dict[str, Any]], swept: list[str]) -> bytes:
     fig.suptitle(
         figure_title(rows, lay, len(shown), len(groups), len(rows) - len(drawn)), fontsize=10, y=1 - 0.06 / height
     )
-    return png_bytes(fig)
+    return fig
 
 
 def weights_figure(rows: list[dict[str, Any]]) -> bytes:
-    """weights.png: learned coefficients against the true ones (the diagonal is a perfect fit), a colour a model."""
+    """weights.png (see `draw_weights`)."""
+    return png_bytes(draw_weights(rows))
+
+
+def draw_weights(rows: list[dict[str, Any]]) -> Any:
+    """Learned coefficients of the ok jobs against the true ones (the diagonal is a perfect fit), a colour a model."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     done = [r for r in rows if r["status"] == "ok" and isinstance(r["true_weights"], list)]
@@ -367,4 +377,4 @@ def weights_figure(rows: list[dict[str, Any]]) -> bytes:
     ax.set_title(f"coefficients of {sum(1 for p in pairs.values() if p)} ok jobs", y=1.0)
     ax.grid(True, alpha=0.3)
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.11, top=0.93)
-    return png_bytes(fig)
+    return fig

@@ -164,24 +164,25 @@ def is_finite(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
-def check_value(metrics: dict[str, Any], key: str, kind: str) -> None:
-    """CorruptRecord unless `metrics[key]` is of `kind`: number, number?, numbers? (a list), text?; ? allows null."""
-    value = metrics.get(key)
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # what a record's value may be, and how to say it
+    "number": (is_finite, "a finite number"),
+    "numbers": (lambda v: isinstance(v, list) and all(map(is_finite, v)), "a list of finite numbers"),
+    # A diverged run's weights: NaN and inf were written as null.
+    "numbers or nulls": (
+        lambda v: isinstance(v, list) and all(x is None or is_finite(x) for x in v),
+        "a list of finite numbers or nulls",
+    ),
+    "text": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_value(fields: dict[str, Any], key: str, kind: str) -> None:
+    """CorruptRecord unless `fields[key]` is of `kind` (a KINDS key; a trailing `?` also allows null)."""
+    value = fields.get(key)
     if kind.endswith("?") and value is None:
         return
-    kind = kind.rstrip("?")
-    if kind == "number":
-        good = is_finite(value)
-    elif kind == "numbers":
-        good = isinstance(value, list) and all(is_finite(v) for v in value)
-    elif kind == "numbers or nulls":  # a diverged run's weights: NaN/inf were written as null
-        good = isinstance(value, list) and all(v is None or is_finite(v) for v in value)
-    else:
-        good = isinstance(value, str)
-    if not good:
-        want = {"number": "a finite number", "text": "a string", "numbers": "a list of finite numbers"}.get(
-            kind, "a list of finite numbers or nulls"
-        )
+    good, want = KINDS[kind.rstrip("?")]
+    if not good(value):
         raise CorruptRecord(f"metrics.json: {key} is {json_type(value)}, not {want}")
 
 
@@ -201,7 +202,6 @@ RESULT_KINDS = {
     "fit_seconds": "number?",
     "diverged_epoch": "number?",
     "true_weights": "numbers?",
-    "error": "text?",
 }
 OK_KINDS = {"train_mse": "number", "ols_mse": "number", "weights": "numbers"}
 DIVERGED_KINDS = {"train_mse": "number?", "weights": "numbers or nulls?", "diverged_epoch": "number"}
@@ -218,8 +218,7 @@ def metrics_fields(metrics: dict[str, Any]) -> dict[str, Any]:
     data = data or {}
     fields = {k: metrics.get(k) for k in METRIC_KEYS}
     fields.update(deg=data.get("deg"), delta=data.get("delta"), status=status)
-    error = metrics.get("error")
-    fields["error"] = one_line(error)
+    fields["error"] = one_line(metrics.get("error"))
     if status != "failed":
         kinds = {**RESULT_KINDS, **(OK_KINDS if status == "ok" else DIVERGED_KINDS)}
         for key, kind in kinds.items():
