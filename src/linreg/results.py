@@ -28,12 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import override_key
-from linreg.train import config_fields, write_atomic
+from linreg.record import FINISHED, config_fields, write_atomic
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("ok", "diverged")  # outcomes; anything else (failed, missing, corrupt) fails the sweep
-STATUSES = ("ok", "diverged", "failed")  # what a job may write; missing and corrupt are found here
+STATUSES = (*FINISHED, "failed")  # what a job may write; missing and corrupt are found here, and fail the sweep
 COLUMNS = [
     "job",
     "model",
