@@ -83,9 +83,9 @@ def test_diverged_and_failed_jobs_are_marked_at_the_top_not_dropped():
         row(3, "missing", **{"model.lr": 1}),
     ]
     (ax,) = draw_mse(rows, ["model.lr"]).axes
-    assert [line.get_xdata()[0] for line in top_markers(ax, "x")] == [100]
-    assert [line.get_xdata()[0] for line in top_markers(ax, "s")] == [0.1, 1]
-    assert all(line.get_ydata()[0] == 0.95 for line in top_markers(ax, "x") + top_markers(ax, "s"))
+    assert [list(line.get_xdata()) for line in top_markers(ax, "x")] == [[100]]
+    assert [list(line.get_xdata()) for line in top_markers(ax, "s")] == [[0.1, 1]]
+    assert all(set(line.get_ydata()) == {0.95} for line in top_markers(ax, "x") + top_markers(ax, "s"))
     assert ax.get_ylim()[1] > 3 * 0.01  # headroom above the one dot, for the markers
 
 

@@ -139,6 +139,14 @@ class Layout:
         return pos + 0.1 * (span or 1) * offset
 
 
+def x_positions(values: list[Any]) -> tuple[dict[str, float], bool]:
+    """Where each x value sits (the number itself, or its rank when any is text), and whether the axis is log."""
+    numbers = [as_float(v) for v in values]
+    if values and all(n is not None for n in numbers):
+        return dict(zip(map(ident, values), numbers)), min(numbers) > 0 and max(numbers) >= 10 * min(numbers)
+    return {ident(v): float(i) for i, v in enumerate(values)}, False
+
+
 def layout(rows: list[dict[str, Any]], swept: list[str]) -> Layout:
     """x: lr if swept, else the first numeric swept key; lines: the next swept key; panels: the rest."""
     varying = [k for k in dict.fromkeys(swept) if len(distinct(rows, k)) > 1]
@@ -147,17 +155,9 @@ def layout(rows: list[dict[str, Any]], swept: list[str]) -> Layout:
     numeric = [k for k in keys if is_numeric(rows, k)]
     x = "model.lr" if "model.lr" in numeric or not keys else (numeric or keys)[0]
     rest = [k for k in keys if k != x]
-    after = [k for k in keys[keys.index(x) + 1 :]] if x in keys else []
+    after = keys[keys.index(x) + 1 :] if x in keys else []
     line = (after or rest[-1:] or [None])[0]
-    values = distinct(rows, x)
-    numbers = [as_float(v) for v in values]
-    if values and all(n is not None for n in numbers):
-        positions, log_x = (
-            dict(zip(map(ident, values), numbers)),
-            min(numbers) > 0 and max(numbers) >= 10 * min(numbers),
-        )
-    else:
-        positions, log_x = {ident(v): float(i) for i, v in enumerate(values)}, False
+    positions, log_x = x_positions(distinct(rows, x))
     return Layout(
         x=x,
         line=line,
@@ -215,15 +215,18 @@ def draw_line(ax: Any, rows: list[dict[str, Any]], lay: Layout, i: int) -> None:
     colour = lay.colour(i)
     top = ax.get_xaxis_transform()  # x in data, y in axes fractions: the markers sit at the panel's top
     points: dict[float, list[float]] = {}
+    marks: dict[str, list[float]] = {"x": [], "s": []}  # diverged; failed, missing or corrupt
     for r in rows:
         pos = lay.shifted(lay.positions[ident(value_of(r, lay.x))], i)
         gap = as_float(r["gap"])
         if r["status"] == "ok" and gap is not None:
             points.setdefault(pos, []).append(max(gap, GAP_FLOOR))
-        elif r["status"] == "diverged":
-            ax.plot([pos], [0.95], "x", color=colour, ms=6, transform=top)
         else:
-            ax.plot([pos], [0.95], "s", mfc="none", color=colour, ms=5, transform=top)
+            marks["x" if r["status"] == "diverged" else "s"].append(pos)
+    for marker, xs in marks.items():
+        if xs:
+            ax.plot(xs, [0.95] * len(xs), marker, ls="", mfc="none" if marker == "s" else colour, color=colour,
+                    ms=6 if marker == "x" else 5, transform=top)  # fmt: skip
     xs = sorted(points)
     dots = [(p, g) for p in xs for g in points[p]]
     ax.plot([p for p, _ in dots], [g for _, g in dots], "o", color=colour, ms=3.5, alpha=0.7)
