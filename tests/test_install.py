@@ -46,7 +46,8 @@ def test_the_wheel_carries_the_configs_and_the_plugins(wheel):
 def test_the_installed_package_trains_from_any_directory(installed, tmp_path, how):
     env = {**os.environ, "PYTHONPATH": str(installed)}
     args = ["data.num_examples=100", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    cmd = [sys.executable, "-m", "linreg.train", *args] if how == "module" else [installed / "bin" / "linreg-train", *args]
+    script = [installed / "bin" / "linreg-train"]
+    cmd = [*(script if how == "script" else [sys.executable, "-m", "linreg.train"]), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "manual: status=ok" in proc.stdout and (tmp_path / "run" / "metrics.json").exists()

@@ -37,7 +37,12 @@ def _is_int(v: Any) -> bool:
 
 def is_number(v: Any) -> bool:
     """A finite int/float (not a bool)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def override_key(override: str) -> str:

@@ -1,5 +1,6 @@
 """The run record: `metrics.json` and the config saved beside a checkpoint, read and written safely."""
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -32,7 +32,6 @@ from linreg.record import (
     job_config,
     read_json,
     refuse_other_runs,
-    write_atomic,  # noqa: F401  (linreg.results imports it from here)
     write_failure,
     write_json_atomic,
 )
@@ -305,8 +304,10 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = run(cfg, out, label=run_label(hc.overrides.task), progress=not sweep, in_sweep=sweep)
     except SweepGone as err:
+        # Nobody is left to report to: end the worker process too (its checkpoint stays for a resume).
         log.warning("job ended: %s", err)
-        return math.inf
+        logging.shutdown()
+        os._exit(0)
     except RunDirBusy as err:  # the dir is another run's: write nothing there
         if sweep:
             log.error("job refused: %s", err)
