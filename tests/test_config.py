@@ -178,3 +178,19 @@ def test_the_model_names_checked_are_the_models_there_are():
     from linreg.models import MODELS
 
     assert tuple(MODELS) == MODEL_NAMES
+
+
+def test_slurm_without_a_cluster_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    for tool in ("sbatch", "scontrol"):  # stand-ins: whether SLURM is installed or not, the config is missing
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / tool).chmod(0o755)
+    if Path("/etc/slurm/slurm.conf").exists():
+        pytest.skip("this machine has a system-wide SLURM config")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "linreg.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: hydra/launcher='slurm': SLURM_CONF is unset")
+    assert "slurm-local.sh" in proc.stderr and not sweep.exists()

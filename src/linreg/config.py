@@ -4,6 +4,7 @@ import difflib
 import math
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -297,6 +298,31 @@ def validate_launch(config: DictConfig) -> None:
             raise ConfigError(key, v, allowed)
 
 
+SLURM_HINT = 'start one and export its settings: scripts/slurm-local.sh start; eval "$(scripts/slurm-local.sh env)"'
+
+
+def check_slurm(config: DictConfig) -> None:
+    """`hydra/launcher=slurm` needs a cluster that answers: say what is missing instead of sbatch's traceback."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "SlurmLauncher" not in target:
+        return
+    key = "hydra/launcher"
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        raise ConfigError(key, "slurm", "sbatch/scontrol not on PATH (scripts/slurm-local.sh install)")
+    conf = os.environ.get("SLURM_CONF")
+    if conf is None and not os.path.isfile("/etc/slurm/slurm.conf"):
+        raise ConfigError(key, "slurm", f"SLURM_CONF is unset and there is no /etc/slurm/slurm.conf; {SLURM_HINT}")
+    if conf is not None and not os.path.isfile(conf):
+        raise ConfigError(key, "slurm", f"SLURM_CONF={conf} does not exist; {SLURM_HINT}")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError(key, "slurm", f"scontrol ping failed: {err}") from None
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        said = (ping.stdout + ping.stderr).strip().splitlines() or [f"exit {ping.returncode}"]
+        raise ConfigError(key, "slurm", f"slurmctld does not answer ({said[0]}); {SLURM_HINT}")
+
+
 def full_error() -> bool:
     """Hydra's rule: tracebacks only with HYDRA_FULL_ERROR=1."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -341,6 +367,7 @@ class CheckConfig(Callback):
         try:
             validate_launch(config)
             validate(config)
+            check_slurm(config)
         except ConfigError as err:
             if full_error():
                 raise SystemExit(f"error: {err}") from err
