@@ -69,3 +69,17 @@ def test_workers_of_a_killed_sweep_end(tmp_path):
         time.sleep(0.2)
     assert not any((sweep / j / "metrics.json").exists() for j in ("0", "1"))
     assert all("job ended: the sweep's process" in (sweep / j / "train.log").read_text() for j in ("0", "1"))
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_sweeps_console_is_a_line_a_job_between_a_header_and_a_footer(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("--multirun", "sweep=smoke", *LAUNCHERS[launcher], f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) == 6, lines
+    assert lines[0].endswith(f"sweep: 4 jobs -> {sweep}") and lines[-1].endswith(
+        "4 jobs: 4 ok -> " + str(sweep / "results.md")
+    )
+    assert all("ok train_mse=" in line for line in lines[1:-1])
+    assert len(set(lines)) == len(lines)  # every line once

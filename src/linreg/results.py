@@ -602,6 +602,7 @@ class SweepResults(Callback):
         plan = {"jobs": n, "swept": swept, "started": time.time()}
         write_atomic(sweep_dir / PLAN_FILE, json.dumps(plan).encode())
         write_atomic(sweep_dir / PROGRESS_FILE, b"")  # a re-run (resume) counts from 1 again
+        log.info(f"sweep: {n if n is not None else 'an unknown number of'} jobs -> {sweep_dir}")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """One line: `[3/48 12s, ~2m left] model=linear data.deg=2 ...: ok train_mse=0.0001`."""
