@@ -174,6 +174,9 @@ def test_run_labels_are_one_path_part_and_ignore_resume():
     assert run_label(["model=linear", "resume=true", "logger=tensorboard_csv"]) == "model=linear"
     assert "/" not in run_label(["data.w=[1,2]", "+note=a/b c"]) and run_label([]) == "defaults"
     assert len(run_label([f"k{i}=value{i}" for i in range(100)])) <= 120
+    # in a sweep, what every job shares names no run
+    label = run_label(["sweep=smoke", "model=linear", "model.lr=0.1"], ["model", "model.lr"])
+    assert label == "model.lr=0.1,model=linear"
 
 
 def test_param_names_follow_the_tutorial_order():
@@ -244,6 +247,7 @@ def test_tensorboard_server_shows_every_job(sweep_dir, tensorboard_url):
     # One run per job, named by the job's number and overrides, directly under the sweep dir.
     assert sorted(r.split("/")[0] for r in runs) == ["0", "1", "2", "3"]
     assert all(r.startswith(f"{r.split('/')[0]}/tensorboard/") and "model=" in r and "data.deg=" in r for r in runs)
+    assert not any("num_examples" in r for r in runs)  # shared by every job: it names none
 
     scalars = http_json(f"{tensorboard_url}/data/plugin/scalars/tags")
     graphs = http_json(f"{tensorboard_url}/data/plugin/graphs/info")

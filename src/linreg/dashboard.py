@@ -44,10 +44,15 @@ def dashboard_hparams(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def run_label(overrides: Sequence[str]) -> str:
-    """A run's folder name from its command-line overrides (as Hydra's `override_dirname`), one path part."""
+def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
+    """A run's folder name from its command-line overrides (as Hydra's `override_dirname`), one path part.
+
+    In a sweep, only the `swept` keys: what every job shares (`sweep=smoke`) names none of them.
+    """
     # `resume=true` must land in the same run as the first try (and `logger=...` changes no result).
     kept = sorted(o for o in overrides if override_key(o) not in LABEL_EXCLUDE)
+    if swept:
+        kept = [o for o in kept if override_key(o) in swept] or kept
     # A '/' in an override (a path) would nest folders and split the run in TensorBoard.
     label = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]", "_", ",".join(kept))[:MAX_LABEL]
     return label or "defaults"

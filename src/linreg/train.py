@@ -297,12 +297,15 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.train [overrides]` or `linreg-train [overrides]`."""
     from linreg.callbacks import SweepGone
     from linreg.dashboard import run_label
+    from linreg.results import read_plan
 
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     out = output_dir()
+    swept = read_plan(Path(hc.sweep.dir))["swept"] if sweep else None
+    label = run_label(hc.overrides.task, swept)
     try:
-        metrics = run(cfg, out, label=run_label(hc.overrides.task), progress=not sweep, in_sweep=sweep)
+        metrics = run(cfg, out, label=label, progress=not sweep, in_sweep=sweep)
     except SweepGone as err:
         # Nobody is left to report to: end the worker process too (its checkpoint stays for a resume).
         log.warning("job ended: %s", err)
