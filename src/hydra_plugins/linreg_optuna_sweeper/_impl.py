@@ -1,10 +1,11 @@
 """The Optuna sweeper's work: a study in a database, asked and told in batches run by Hydra's launcher."""
 
+import datetime
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ log = logging.getLogger(__name__)
 DEFAULT_STUDY = "linreg"
 DB_FILE = "optuna.db"  # the default storage, in the sweep dir
 SWEEP_DIR_ATTR = "sweep_dir"  # user attr: which sweep dir a trial runs in (a resume re-runs its own only)
-FIXED_ATTR = "fixed_overrides"  # user attr: the command line's fixed overrides, for the dashboard
+NOT_RUN_ATTR = "not_run"  # user attr: why a trial asked in a race between sweeps was failed unrun
 RESULTS_FILE = "optimization_results.yaml"
 STORAGE_ATTEMPTS = 5
+# A live sweep names its new trial (SWEEP_DIR_ATTR) moments after asking; one still unnamed this long after it
+# was made was left by a killed sweep (with margin for clocks of machines sharing a study).
+ORPHAN_GRACE_S = 30.0
 Job = tuple[int, list[str]]  # trial number (= job number) and the job's overrides
 
 
@@ -106,6 +110,27 @@ def job_value(ret: JobReturn, direction: str) -> float | None:
         return value
     # linreg's jobs return inf for a diverged or failed run: a bad score for these params, whichever the direction.
     return math.inf if direction == "minimize" else -math.inf
+
+
+def unnamed(trial: FrozenTrial) -> bool:
+    """A running trial without a sweep dir: being asked by a live sweep, or left so by a killed one."""
+    return trial.state == TrialState.RUNNING and SWEEP_DIR_ATTR not in trial.user_attrs
+
+
+def never_ran(trial: FrozenTrial) -> bool:
+    """A failed trial that was never launched (no sweep dir): it does not count toward n_trials."""
+    return trial.state == TrialState.FAIL and SWEEP_DIR_ATTR not in trial.user_attrs
+
+
+def counted(trials: Iterable[FrozenTrial]) -> int:
+    """Trials toward n_trials: finished, running or waiting ones, less those that never ran."""
+    return sum(1 for t in trials if not never_ran(t))
+
+
+def age_s(trial: FrozenTrial) -> float:
+    """Seconds since the trial was made (Optuna stamps it with this machine's local time)."""
+    start = trial.datetime_start or datetime.datetime.now()
+    return (datetime.datetime.now() - start).total_seconds()
 
 
 def consecutive_runs(jobs: Sequence[Job]) -> list[list[Job]]:
@@ -240,6 +265,15 @@ class OptunaSweeperImpl:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return [t for t in running if t.user_attrs.get(SWEEP_DIR_ATTR) == str(self.sweep_dir)]
 
+    def settled_trials(self, study: Study) -> list[FrozenTrial]:
+        """The study's trials, once those a killed sweep left unnamed (never launched) are marked failed."""
+        trials = study.get_trials(deepcopy=False)
+        dead = [t for t in trials if unnamed(t) and age_s(t) >= ORPHAN_GRACE_S]
+        for t in dead:
+            log.warning(f"trial {t.number} was left unlaunched by a killed sweep: marked failed, not counted")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        return study.get_trials(deepcopy=False) if dead else trials
+
     # ------------------------------------------------------------ the sweep
 
     def sweep(self, arguments: list[str]) -> None:
@@ -247,51 +281,50 @@ class OptunaSweeperImpl:
         assert self.config is not None
         space, fixed = search_space(self.params, arguments)
         study = self.open_study()
-        trials = study.get_trials(deepcopy=False)
         log.info(
             f"Optuna study {self.study_name!r} in {shown_url(str(self.storage_url))}: "
-            f"{len(trials)} of {self.n_trials} trials there"
+            f"{counted(self.settled_trials(study))} of {self.n_trials} trials there"
         )
         stale = self.interrupted(study)
         if stale and not self.resume:
             numbers = ", ".join(str(t.number) for t in stale)
             left = f"trials {numbers} of {self.sweep_dir} were left running by a killed sweep"
             raise ConfigError("resume", False, f"{left}: add resume=true to run them again and go on")
-        self.rerun(study, stale, space, fixed)
+        self.rerun(study, stale, fixed)
         while jobs := self.ask(study, space, fixed):
             self.run_batch(study, jobs)
         self.write_results(study)
 
-    def rerun(
-        self, study: Study, stale: list[FrozenTrial], space: dict[str, BaseDistribution], fixed: list[str]
-    ) -> None:
+    def rerun(self, study: Study, stale: list[FrozenTrial], fixed: list[str]) -> None:
         """Run a killed sweep's unfinished trials again, under their own numbers (their dirs, their checkpoints)."""
-        jobs: list[Job] = []
-        for trial in stale:
-            if not set(space) <= set(trial.params):  # killed while Optuna drew its params: nothing to re-run
-                log.warning(f"trial {trial.number} was interrupted before its params were drawn: marked failed")
-                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            else:
-                jobs.append((trial.number, trial_overrides(trial.params, fixed)))
-        if jobs:
-            log.info(f"resume: running trials {', '.join(str(n) for n, _ in jobs)} again (left running by a kill)")
+        if stale:
+            log.info(f"resume: running trials {', '.join(str(t.number) for t in stale)} again (left by a kill)")
+        jobs = [(t.number, trial_overrides(t.params, fixed)) for t in stale]
         for start in range(0, len(jobs), self.n_jobs):
             self.run_batch(study, jobs[start : start + self.n_jobs])
 
     def ask(self, study: Study, space: dict[str, BaseDistribution], fixed: list[str]) -> list[Job]:
         """Up to `n_jobs` new trials, as many as the study still lacks (other sweeps may share it)."""
-        room = self.n_trials - len(study.get_trials(deepcopy=False))
         jobs: list[Job] = []
-        for _ in range(min(self.n_jobs, room)):
+        while len(jobs) < self.n_jobs:
+            trials = self.settled_trials(study)  # again before each ask: a sweep sharing the study may have asked
+            if counted(trials) >= self.n_trials:
+                young = [age_s(t) for t in trials if unnamed(t)]
+                if jobs or not young:
+                    break
+                # An unnamed trial holds the last places: another sweep names it within moments, or it is dead.
+                time.sleep(ORPHAN_GRACE_S - max(young) + 0.1)
+                continue
             trial = study.ask(space)
-            if trial.number >= self.n_trials:  # a sweep sharing the study asked in between: it is full
+            if counted(t for t in study.get_trials(deepcopy=False) if t.number < trial.number) >= self.n_trials:
                 log.info(f"trial {trial.number}: the study already has {self.n_trials} trials; not run")
+                trial.set_user_attr(NOT_RUN_ATTR, f"another sweep filled the study to n_trials={self.n_trials} first")
                 study.tell(trial, state=TrialState.FAIL)
                 break
-            trial.set_user_attr(SWEEP_DIR_ATTR, str(self.sweep_dir))
-            trial.set_user_attr(FIXED_ATTR, fixed)
             if self.extend is not None:
                 self.extend(self.config, trial)
+            # Named last: a trial with a sweep dir has all its params, and only a named trial is ever launched.
+            trial.set_user_attr(SWEEP_DIR_ATTR, str(self.sweep_dir))
             jobs.append((trial.number, trial_overrides(trial.params, fixed)))
         return jobs
 
@@ -330,7 +363,7 @@ class OptunaSweeperImpl:
             "name": "optuna",
             "study_name": self.study_name,
             "storage": shown_url(str(self.storage_url)),
-            "n_trials": len(trials),
+            "n_trials": counted(trials),
             "n_complete": len(complete),
             "best_trial": best.number if best else None,
             "best_params": best.params if best else {},

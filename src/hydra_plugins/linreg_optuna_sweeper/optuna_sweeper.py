@@ -10,23 +10,20 @@ Hydra imports every public module under hydra_plugins at each start: Optuna is i
 is set up (`_impl`, whose leading underscore keeps Hydra's plugin scan out of it).
 """
 
-import os
-import sys
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from linreg.config import ConfigError
+from linreg.config import ConfigError, full_error, refuse
 
 
-def refuse(err: ConfigError) -> None:
-    """Bad sweeper input: one line, exit code 2 (HYDRA_FULL_ERROR=1 keeps the traceback)."""
-    if os.environ.get("HYDRA_FULL_ERROR"):
+def refuse_unless_full_error(err: ConfigError) -> None:
+    """Bad sweeper input: one line and exit code 2, or Hydra's traceback with HYDRA_FULL_ERROR=1."""
+    if full_error():
         raise err
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2)
+    refuse(err)
 
 
 class OptunaSweeper(Sweeper):
@@ -38,7 +35,7 @@ class OptunaSweeper(Sweeper):
         try:
             self.impl = OptunaSweeperImpl(**config)
         except ConfigError as err:
-            refuse(err)
+            refuse_unless_full_error(err)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -47,4 +44,4 @@ class OptunaSweeper(Sweeper):
         try:
             self.impl.sweep(arguments)
         except ConfigError as err:
-            refuse(err)
+            refuse_unless_full_error(err)
