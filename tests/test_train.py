@@ -364,3 +364,22 @@ def test_a_failed_attempt_never_replaces_a_finished_result(make_cfg, tmp_path, m
     write_failure(d, {"status": "failed", "error": "boom"})
     assert json.loads((d / "metrics.json").read_text()) == first
     assert json.loads((d / "failed.json").read_text())["error"] == "boom"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 40 KiB filesystem of its own (a tmpfs), to fill up; skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tiny_disk):
+    proc = run_cli(*SMALL, f"hydra.run.dir={tiny_disk / 'run'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "No space left" in lines[0]
+    assert not [p for p in tiny_disk.rglob("*.tmp")]

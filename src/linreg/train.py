@@ -322,6 +322,9 @@ def main(cfg: DictConfig) -> float:
         if isinstance(err, ConfigError) and not sweep and not full_error():
             remove_if_created(out)
             refuse(err)
+        if isinstance(err, OSError) and not sweep and not full_error():  # a full disk, a read-only dir
+            print(f"error: cannot write {err.filename or out}: {err.strerror or err}", file=sys.stderr)
+            sys.exit(1)
         failed = failed_metrics(cfg, err)
         write_failure(out, failed)
         if not sweep:
