@@ -8,7 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from hydra_plugins.linreg_sweeper.grid_sweeper import CachedConfigLoader
+from hydra_plugins.linreg_sweeper.compose_cache import CachedConfigLoader
 from linreg.train import CONFIG_DIR, job_config
 from tests.conftest import run_cli
 

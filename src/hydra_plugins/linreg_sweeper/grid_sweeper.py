@@ -1,190 +1,218 @@
-"""`hydra/sweeper=grid`: Hydra's basic grid sweeper, made cheap per job and able to skip finished jobs.
+"""`hydra/sweeper=grid`: Hydra's basic grid sweeper on public plugin APIs, cheap per job, able to skip finished jobs.
 
-- Hydra composes every job's config from the YAML files twice (once to check the batch, once to launch it),
-  ~0.2 s each here: more than a small job trains. Jobs that choose the same config groups differ only in
-  plain `key=value` overrides, so the groups are composed once and the values applied to a copy, as Hydra
-  itself applies them after composing.
-- With `resume=true` and the basic launcher, a job whose dir already holds a finished metrics.json of the
-  same config is not launched at all; the callbacks still hear of it (progress line, results table), and
-  job numbers stay as planned. A parallel launcher gets the whole batch (one pool, one array job), and its
-  finished jobs return at once from `linreg.train.run`'s own check.
+- The same jobs, in the same order, under the same numbers as Hydra's basic sweeper (`hydra/sweeper=basic`),
+  with its `params` and `max_batch_size`.
+- Configs are composed once per choice of config groups (`compose_cache.py`), unless `cache: false`.
+- With `resume=true`, a job whose dir already holds a finished metrics.json of the same config is not launched;
+  the callbacks still hear of it (progress line, results table), and job numbers stay as planned. The basic
+  launcher gets each run of consecutive unfinished jobs; a parallel launcher (joblib, submitit) gets the span
+  from the first unfinished job to the last as one pool or array job, whose finished jobs return at once from
+  `linreg.train.run`'s own check.
+- A job's return keeps its status and value but not its configs once the callbacks have heard of it, so a
+  long sweep's launcher does not grow with every job.
 """
 
-import copy
+import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.config_loader import ConfigLoader
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
 from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, RunMode, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from hydra_plugins.linreg_sweeper.compose_cache import CachedConfigLoader
 
 log = logging.getLogger(__name__)
 
 
-class CachedConfigLoader(ConfigLoader):
-    """Hydra's config loader with `load_sweep_config` composed once per choice of config groups."""
-
-    def __init__(self, loader: ConfigLoader) -> None:
-        self.loader = loader
-        self.composed: dict[tuple[str, ...], DictConfig] = {}
-        self.group_keys: dict[str, bool] = {}  # override key -> whether it names a config group
-        self.parsed: dict[tuple[str, ...], list[Override]] = {}  # Hydra's parser takes ~5 ms a job
-
-    def selects_config(self, override: Override) -> bool:
-        """Whether an override changes the defaults list (a group choice, a hydra key): it needs a compose."""
-        repository = getattr(self.loader, "repository", None)
-        if repository is None or override.is_hydra_override() or override.package is not None:
-            return True
-        key = override.key_or_group
-        if key not in self.group_keys:
-            self.group_keys[key] = repository.group_exists(key)
-        return self.group_keys[key]
-
-    def split(self, sweep_overrides: Sequence[str]) -> tuple[list[Override], tuple[str, ...], list[Override]]:
-        """A job's overrides parsed, and split into those that select configs and plain `key=value` ones."""
-        key = tuple(sweep_overrides)
-        if key not in self.parsed:
-            self.parsed[key] = OverridesParser.create().parse_overrides(list(sweep_overrides))
-        parsed = self.parsed[key]
-        selecting = [self.selects_config(o) for o in parsed]
-        groups = tuple(o.input_line for o, sel in zip(parsed, selecting) if sel)
-        return parsed, groups, [o for o, sel in zip(parsed, selecting) if not sel]
-
-    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        if master_config.hydra.searchpath:
-            # Groups found through hydra.searchpath exist only in the repository Hydra builds per compose,
-            # so they cannot be told from plain keys here: compose every job, as Hydra does.
-            return self.loader.load_sweep_config(master_config, list(sweep_overrides))
-        parsed, groups, values = self.split(sweep_overrides)
-        if groups not in self.composed:
-            self.composed[groups] = self.loader.load_sweep_config(master_config, list(groups))
-        cfg = copy.deepcopy(self.composed[groups])
-        OmegaConf.copy_cache(from_config=master_config, to_config=cfg)  # the same ${now:} as the master
-        # What Hydra's compose does with the value overrides and with the job's override list.
-        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-        task = [o for o in parsed if not o.is_hydra_override()]
-        with open_dict(cfg.hydra):
-            cfg.hydra.overrides.task = [o.input_line for o in task]
-            dirname = cfg.hydra.job.config.override_dirname
-            cfg.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=task,
-                kv_sep=dirname.kv_sep,
-                item_sep=dirname.item_sep,
-                exclude_keys=dirname.exclude_keys,
-            )
-        return cfg
-
-    # Everything else is Hydra's own.
-    def load_configuration(
-        self, config_name: str | None, overrides: list[str], run_mode: RunMode, **kwargs: Any
-    ) -> DictConfig:
-        return self.loader.load_configuration(config_name, overrides, run_mode, **kwargs)
-
-    def get_search_path(self) -> Any:
-        return self.loader.get_search_path()
-
-    def get_sources(self) -> Any:
-        return self.loader.get_sources()
-
-    def list_groups(self, parent_name: str) -> list[str]:
-        return self.loader.list_groups(parent_name)
-
-    def get_group_options(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.loader.get_group_options(*args, **kwargs)
-
-    def compute_defaults_list(self, *args: Any, **kwargs: Any) -> Any:
-        return self.loader.compute_defaults_list(*args, **kwargs)
+def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
+    """Every job's overrides, in the order of Hydra's basic sweeper: a later value of a key takes its first place."""
+    choices: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            kind = override.value_type.name if override.value_type is not None else "?"
+            raise HydraException(f"{GridSweeper.__name__} does not support sweep type : {kind}")
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
-class SkipFinished(Launcher):
-    """Launches the jobs of a batch that have no finished result yet, under their planned job numbers."""
+def batches(jobs: list[list[str]], size: int | None) -> Iterator[list[list[str]]]:
+    """The jobs in batches of `size` (None: one batch), as Hydra's `max_batch_size`."""
+    if size is None:
+        yield jobs
+        return
+    if size <= 0:
+        raise HydraException(f"hydra.sweeper.max_batch_size={size}: must be a positive integer or null")
+    for start in range(0, len(jobs), size):
+        yield jobs[start : start + size]
 
-    def __init__(self, launcher: Launcher, hydra_context: HydraContext, master_config: DictConfig) -> None:
-        self.launcher, self.hydra_context, self.master_config = launcher, hydra_context, master_config
+
+def unfinished_runs(finished: Sequence[bool], in_process: bool) -> list[tuple[int, int]]:
+    """The `(start, end)` slices of a batch to launch: each run of unfinished jobs, or (parallel) one span of them."""
+    todo = [i for i, done in enumerate(finished) if not done]
+    if not todo:
+        return []
+    if not in_process:
+        return [(todo[0], todo[-1] + 1)]  # one pool or array job; the finished ones inside return at once
+    runs = [[todo[0], todo[0] + 1]]
+    for i in todo[1:]:
+        if i == runs[-1][1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(start, end) for start, end in runs]
+
+
+class LightReturns:
+    """Hydra's callbacks, after whose `on_job_end` a job's return lets go of the job's two configs."""
+
+    def __init__(self, callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "callbacks":  # unpickling (joblib, submitit) looks attributes up before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.callbacks, name)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        self.callbacks.on_job_end(config=config, job_return=job_return, **kwargs)
+        # The launcher keeps every return of a batch and the sweeper every batch's: configs would add up.
+        job_return.cfg = job_return.hydra_cfg = None
+
+
+class GridSweeper(Sweeper):
+    """Hydra's basic grid (same jobs, numbers, params, batches), composed cheaply, skipping finished jobs on resume."""
+
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None, cache: bool = True):
+        self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
+        self.cache = cache
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.launcher.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        loader = CachedConfigLoader(hydra_context.config_loader) if self.cache else hydra_context.config_loader
+        self.hydra_context = HydraContext(config_loader=loader, callbacks=LightReturns(hydra_context.callbacks))
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=self.hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        """Run the grid batch by batch, as Hydra's basic sweeper; the jobs' returns, per batch."""
+        assert self.hydra_context is not None and self.config is not None and self.launcher is not None
+        lines = [f"{key}={value}" for key, value in self.params.items()] + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)  # glob() lists groups
+        jobs = grid_jobs(parser.parse_overrides(lines))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns: list[Sequence[JobReturn]] = []
+        first = 0
+        for batch in batches(jobs, self.max_batch_size):
+            self.validate_batch_is_legal(batch)
+            results = self.launch(batch, first)
+            for result in results:
+                _ = result.return_value  # re-raises a failed job's error, as Hydra's sweeper does
+            first += len(batch)
+            returns.append(results)
+        return returns
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        """Compose one job per choice of groups and set of plain keys and value kinds, before any job runs."""
+        # Whether a config composes depends on what Hydra composes (groups, hydra keys, +/++/~ lines), the keys
+        # plain values set, and their kinds (a list where a number was): one job per such kind is the same check.
+        assert self.hydra_context is not None and self.config is not None
+        planner = self.planner()
+        kinds: dict[tuple[Any, ...], Sequence[str]] = {}
+        for overrides in batch:
+            _, composed, values = planner.split(self.config, overrides)
+            shape = tuple((o.key_or_group, type(o.value()).__name__) for o in values)
+            kinds.setdefault((composed, shape), overrides)
+        for overrides in kinds.values():
+            self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+
+    def planner(self) -> CachedConfigLoader:
+        """The cached loader (or one over Hydra's, composing nothing) that splits a job's overrides."""
+        assert self.hydra_context is not None
+        loader = self.hydra_context.config_loader
+        return loader if isinstance(loader, CachedConfigLoader) else CachedConfigLoader(loader)
+
+    def in_process(self) -> bool:
+        """Whether the launcher is Hydra's basic one, running the jobs one after another in this process."""
+        assert self.config is not None
+        return OmegaConf.select(self.config, "hydra.runtime.choices", default={}).get("hydra/launcher") == "basic"
+
+    def launch(self, batch: Sequence[Sequence[str]], first: int) -> list[JobReturn]:
+        """Launch a batch's unfinished jobs under their planned numbers; stand-in returns for the finished ones."""
+        assert self.launcher is not None
+        returns: list[JobReturn | None] = [self.finished(o, first + i) for i, o in enumerate(batch)]
+        done = sum(r is not None for r in returns)
+        if done == len(batch):
+            log.info(f"resume: all {done} jobs already finished")
+        elif done:
+            log.info(f"resume: {done} of {len(batch)} jobs already finished; launching the other {len(batch) - done}")
+        for start, end in unfinished_runs([r is not None for r in returns], self.in_process()):
+            returns[start:end] = self.launcher.launch(batch[start:end], initial_job_idx=first + start)
+        return returns  # type: ignore[return-value]
 
     def finished(self, overrides: Sequence[str], num: int) -> JobReturn | None:
         """A stand-in return for a job that already finished with this config (resume=true), else None."""
         from linreg.config import override_key
         from linreg.train import finished_metrics
 
-        if not self.master_config.get("resume") and not any(override_key(o) == "resume" for o in overrides):
+        assert self.hydra_context is not None and self.config is not None
+        if not self.config.get("resume") and not any(override_key(o) == "resume" for o in overrides):
             return None  # the common case, decided without composing the job's config
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.master_config, list(overrides))
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         if not cfg.get("resume"):
             return None
-        with open_dict(cfg.hydra):
-            cfg.hydra.job.id, cfg.hydra.job.num = num, num  # as the launchers set them
-            out = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-            cfg.hydra.runtime.output_dir = str(out.resolve())
-        metrics = finished_metrics(out, cfg)
-        if metrics is None:
-            return None
+        hydra_config = HydraConfig.instance()
+        previous = hydra_config.cfg
+        try:
+            with open_dict(cfg.hydra):
+                cfg.hydra.job.id, cfg.hydra.job.num = num, num  # as the basic launcher sets them
+            hydra_config.set_config(cfg)  # what a callback sees during a job, as Hydra's run_job sets it
+            out = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+            with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+                cfg.hydra.runtime.output_dir = str(out.resolve())
+            hydra_config.set_config(cfg)
+            metrics = finished_metrics(out, cfg)
+            if metrics is None:
+                return None
+            ret = self.stand_in(cfg, metrics)
+            # The callbacks hear of it as of any job (progress line); its files stay as the first run left them.
+            self.hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
+            return ret
+        finally:
+            hydra_config.cfg = previous
+
+    @staticmethod
+    def stand_in(cfg: DictConfig, metrics: dict[str, Any]) -> JobReturn:
+        """The JobReturn Hydra's run_job would give for this finished job, with `linreg.train.main`'s value."""
         task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        ret = JobReturn(overrides=list(overrides), cfg=task_cfg, hydra_cfg=cfg, working_dir=str(out))
-        mse = metrics["train_mse"]
-        ret.status, ret.return_value = JobStatus.COMPLETED, math.inf if mse is None else mse  # as train.main
-        # The callbacks hear of it as of any job (progress line); its files stay as the first run left them.
-        self.hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
-        return ret
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        if not isinstance(self.launcher, BasicLauncher):
-            # A parallel launcher (joblib, submitit) runs a batch as one pool or one array job; split into
-            # runs of unfinished jobs it would wait for each in turn. Launched whole, its finished jobs
-            # return at once from run()'s own check.
-            return self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
-        returns: list[JobReturn | None] = [self.finished(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        skipped = sum(r is not None for r in returns)
-        if skipped:
-            log.info(f"resume: {skipped} of {len(job_overrides)} jobs already finished; launching the rest")
-        # Each run of consecutive unfinished jobs is one launch, so the job numbers stay the planned ones.
-        i = 0
-        while i < len(returns):
-            if returns[i] is not None:
-                i += 1
-                continue
-            end = next((j for j in range(i, len(returns)) if returns[j] is not None), len(returns))
-            returns[i:end] = self.launcher.launch(job_overrides[i:end], initial_job_idx=initial_job_idx + i)
-            i = end
-        return returns  # type: ignore[return-value]
-
-
-class GridSweeper(BasicSweeper):
-    """Hydra's basic sweeper with configs composed once per group choice and finished jobs skipped on resume."""
-
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        """Compose one job for each choice of groups and set of keys: what decides whether a config composes."""
-        # Hydra composes every job here, before launching any. Whether a job's config composes depends on
-        # the configs its groups select, the keys it sets and the kinds of values (a `+key=` on an existing
-        # key is refused unless it merges a list or dict): one job per such kind is the same check. Bad
-        # values are linreg.config's to refuse, per job.
-        assert self.hydra_context is not None and self.config is not None
-        loader = self.hydra_context.config_loader
-        assert isinstance(loader, CachedConfigLoader)
-        kinds: dict[tuple[Any, ...], Sequence[str]] = {}
-        for overrides in batch:
-            _, groups, values = loader.split(overrides)
-            shape = tuple(sorted((o.input_line.partition("=")[0], type(o.value()).__name__) for o in values))
-            kinds.setdefault((groups, shape), overrides)
-        super().validate_batch_is_legal(list(kinds.values()))
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        cached = HydraContext(
-            config_loader=CachedConfigLoader(hydra_context.config_loader), callbacks=hydra_context.callbacks
+        ret = JobReturn(
+            overrides=list(cfg.hydra.overrides.task),
+            cfg=task_cfg,
+            hydra_cfg=OmegaConf.masked_copy(cfg, ["hydra"]),
+            working_dir=str(Path.cwd()),
+            task_name=cfg.hydra.job.name,
         )
-        super().setup(hydra_context=cached, task_function=task_function, config=config)
-        assert self.launcher is not None
-        self.launcher = SkipFinished(self.launcher, cached, config)
+        mse = metrics["train_mse"]
+        ret.status, ret.return_value = JobStatus.COMPLETED, math.inf if mse is None else mse
+        return ret
