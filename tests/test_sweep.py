@@ -176,6 +176,7 @@ def test_submitit_local_runs_the_jobs_through_submitit(tmp_path):
     proc = run_cli("--multirun", *launcher, f"hydra.sweep.dir={sweep}", *SMALL, "model.lr=0.03,0.1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((sweep / ".submitit").rglob("*_result.pkl"))  # the jobs ran as submitit jobs
+    assert not (sweep / ".submitit" / "%j").exists()  # submitit's empty folder template is cleared
     rows = check_rows_match_metrics(sweep, 2)
     assert [r["status"] for r in rows] == ["ok", "ok"]
 

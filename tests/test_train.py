@@ -383,3 +383,37 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tiny_disk):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "No space left" in lines[0]
     assert not [p for p in tiny_disk.rglob("*.tmp")]
+
+
+def run_on_a_terminal(*args: str) -> str:
+    """The CLI with a pseudo-terminal as stdout and stderr (what a user at a shell has); returns what it showed."""
+    import pty
+
+    leader, follower = pty.openpty()
+    cmd = [sys.executable, "-m", "linreg.train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the follower side closed: the process is done
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, shown.decode(errors="replace")[-2000:]
+    return shown.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_long_single_run_on_a_terminal_shows_lightnings_progress_bar(tmp_path):
+    long = ["data.num_examples=200000", "trainer.max_epochs=1", "~logger"]  # 20,000 SGD steps
+    assert "Epoch 0" in run_on_a_terminal(*long, f"hydra.run.dir={tmp_path / 'long'}")
+    short = run_on_a_terminal(*SMALL, f"hydra.run.dir={tmp_path / 'short'}")
+    assert "Epoch 0" not in short and "epoch 1, loss" in short
+    piped = run_cli(*long, f"hydra.run.dir={tmp_path / 'piped'}")  # not a terminal: no bar
+    assert piped.returncode == 0 and "Epoch 0" not in piped.stdout + piped.stderr
+    swept = run_on_a_terminal("-m", *long, "seed=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert "Epoch 0" not in swept

@@ -616,6 +616,9 @@ class SweepResults(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Build the table and plots; exit non-zero with one line when jobs failed or a file could not be written."""
         sweep_dir = Path(config.hydra.sweep.dir)
+        template = sweep_dir / ".submitit" / "%j"  # submitit makes its folder template itself, and leaves it empty
+        if template.is_dir() and not any(template.iterdir()):
+            template.rmdir()
         try:
             jobs = read_plan(sweep_dir)["jobs"]
             if not sweep_dir.is_dir() or not job_dirs(sweep_dir, jobs):
