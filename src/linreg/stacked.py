@@ -264,7 +264,7 @@ class StackedRegression(L.LightningModule):
         """`params/*` of every member at this step (once per step), as the Dashboard logs them."""
         step = self.trainer.global_step
         if step != self.logged_at:
-            self.history.params.append((self.current_epoch, step, self.weights().cpu()))
+            self.history.params.append((self.current_epoch, step, self.weights().to("cpu", copy=True)))
             self.logged_at = step
 
     def on_fit_start(self) -> None:

@@ -72,7 +72,7 @@ class VectorizedLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [self.plan(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         groups = self.groups([j for j in jobs if j.task is None])
-        log.info(f"Launching {len(jobs)} jobs as {len(groups)} stacked groups")
+        log.info(f"Launching {len(jobs)} jobs as {len(groups)} stacked group{'' if len(groups) == 1 else 's'}")
         returns: dict[int, JobReturn] = {}
         for job in jobs:
             if job.task is not None:  # failed validation, refused or done before: no training
