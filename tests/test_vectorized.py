@@ -179,7 +179,8 @@ def test_every_job_has_the_single_runs_tensorboard_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sweeper", ["grid", "basic"])  # grid skips finished jobs itself; basic leaves it to us
 def test_resume_skips_finished_jobs_and_redoes_the_rest(tmp_path, sweeper):
-    args = [*VECTORIZED, f"hydra/sweeper={sweeper}", "data.num_examples=200", "model=manual,linear", "model.lr=0.03,0.1", "~logger"]
+    grid = ["model=manual,linear", "model.lr=0.03,0.1"]
+    args = [*VECTORIZED, f"hydra/sweeper={sweeper}", "data.num_examples=200", *grid, "~logger"]
     out, proc = sweep(tmp_path, "sweep", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = records(out)
