@@ -15,7 +15,7 @@
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,13 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices.values())]
 
 
-def batches(jobs: list[list[str]], size: int | None) -> Iterator[list[list[str]]]:
+def batches(jobs: list[list[str]], size: int | None) -> list[list[list[str]]]:
     """The jobs in batches of `size` (None: one batch), as Hydra's `max_batch_size`."""
     if size is None:
-        yield jobs
-        return
+        return [jobs]
     if size <= 0:
         raise HydraException(f"hydra.sweeper.max_batch_size={size}: must be a positive integer or null")
-    for start in range(0, len(jobs), size):
-        yield jobs[start : start + size]
+    return [jobs[start : start + size] for start in range(0, len(jobs), size)]
 
 
 def unfinished_runs(finished: Sequence[bool], in_process: bool) -> list[tuple[int, int]]:
@@ -119,13 +117,14 @@ class GridSweeper(Sweeper):
         lines = [f"{key}={value}" for key, value in self.params.items()] + list(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)  # glob() lists groups
         jobs = grid_jobs(parser.parse_overrides(lines))
+        planned = batches(jobs, self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        self.validate_batch_is_legal(jobs)  # every batch at once: a bad last batch fails before the first runs
         returns: list[Sequence[JobReturn]] = []
         first = 0
-        for batch in batches(jobs, self.max_batch_size):
-            self.validate_batch_is_legal(batch)
+        for batch in planned:
             results = self.launch(batch, first)
             for result in results:
                 _ = result.return_value  # re-raises a failed job's error, as Hydra's sweeper does
@@ -210,7 +209,7 @@ class GridSweeper(Sweeper):
             overrides=list(cfg.hydra.overrides.task),
             cfg=task_cfg,
             hydra_cfg=OmegaConf.masked_copy(cfg, ["hydra"]),
-            working_dir=str(Path.cwd()),
+            working_dir=str(cfg.hydra.runtime.output_dir) if cfg.hydra.job.chdir else str(Path.cwd()),
             task_name=cfg.hydra.job.name,
         )
         mse = metrics["train_mse"]
