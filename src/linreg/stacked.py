@@ -424,24 +424,11 @@ def train_group(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
 # ---------------------------------------------------------------- a member's logs
 
 
-_graph_modules: dict[tuple[Any, ...], L.LightningModule] = {}  # a single-run module per model shape, for its graph
-
-
-def graph_module(cfg: DictConfig, in_features: int) -> L.LightningModule:
-    """The single run's module of this model and shape (its graph is what TensorBoard draws)."""
-    key = (cfg.model.name, in_features, bool(cfg.data.bias))
-    if key not in _graph_modules:
-        _graph_modules[key] = MODELS[cfg.model.name](
-            in_features=in_features, bias=bool(cfg.data.bias), lr=float(cfg.model.lr)
-        )
-    return _graph_modules[key]
-
-
 def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResult) -> None:
-    """The member's TensorBoard run (and CSV) with the single run's tags: train/*, params/*, HParams, graph."""
+    """The member's TensorBoard run (and CSV) with the single run's tags: train/*, params/*, HParams (no graph)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from linreg.dashboard import dashboard_hparams, file_writer, hparams_summaries, model_graph, param_names
+    from linreg.dashboard import dashboard_hparams, hparams_summaries, param_names
     from linreg.train import build_loggers
 
     loggers = build_loggers(cfg, out, label)
@@ -459,11 +446,9 @@ def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResu
         lg.log_hyperparams(hparams_of(cfg, in_features))
     if tb is not None:
         experiment, session_start, end_summary = hparams_summaries(dashboard_hparams(cfg), start)
-        writer = file_writer(tb)
-        writer.add_summary(experiment)
-        writer.add_summary(session_start)
-        if cfg.logger.tensorboard.get("log_graph", True):
-            writer.add_graph(model_graph(graph_module(cfg, in_features)))
+        # Into this run's own event file, as the Dashboard writes it (add_hparams would make a run of its own).
+        tb.experiment.file_writer.add_summary(experiment)
+        tb.experiment.file_writer.add_summary(session_start)
     log_all(loggers, start, 0)
     h = result.history
     for step, values in h["params"]:
@@ -474,7 +459,7 @@ def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResu
     final = m["epoch_mse"][-1] if m["epoch_mse"] and m["epoch_mse"][-1] is not None else math.nan
     log_all(loggers, {"hp/train_mse": final, "hp/ols_gap": final - ols}, max(m["steps"], 1))
     if tb is not None and end_summary is not None:
-        file_writer(tb).add_summary(end_summary)
+        tb.experiment.file_writer.add_summary(end_summary)
     for lg in loggers:
         lg.finalize("success")
 
