@@ -185,7 +185,7 @@ class GridSweeper(Sweeper):
         previous = hydra_config.cfg
         try:
             with open_dict(cfg.hydra):
-                cfg.hydra.job.id, cfg.hydra.job.num = num, num  # as the basic launcher sets them
+                cfg.hydra.job.id, cfg.hydra.job.num = str(num), num  # as the basic launcher sets them
             hydra_config.set_config(cfg)  # what a callback sees during a job, as Hydra's run_job sets it
             out = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
             with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
