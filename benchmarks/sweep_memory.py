@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 RSS_FILE = "rss.tsv"
 TRACE_FILE = "tracemalloc.txt"
+TRACE_FRAMES = 30  # deep enough to reach the code that asked for a copy, below copy.py and OmegaConf
 TINY = ["data.num_examples=10", "trainer.max_epochs=1", "~logger"]
 
 
@@ -36,7 +37,7 @@ def rss_kb(pid: int) -> int:
 
 
 class RssRecorder(Callback):
-    """Appends `<job num> <launcher RSS KiB> <this process's RSS KiB>` to rss.tsv as each job ends."""
+    """Appends `<job num> <pid> <launcher RSS KiB> <this process's RSS KiB>` to rss.tsv as each job ends."""
 
     def __init__(self, trace_at: int = 0) -> None:
         self.trace_at = trace_at
@@ -48,10 +49,11 @@ class RssRecorder(Callback):
         # Joblib pickles the callbacks to its workers after this: they read the launcher's pid from here.
         self.launcher_pid = os.getpid()
         if self.trace_at:
-            tracemalloc.start(5)
+            tracemalloc.start(TRACE_FRAMES)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        line = f"{config.hydra.job.num}\t{rss_kb(self.launcher_pid)}\t{rss_kb(os.getpid())}\n"
+        pid = os.getpid()
+        line = f"{config.hydra.job.num}\t{pid}\t{rss_kb(self.launcher_pid)}\t{rss_kb(pid)}\n"
         with open(Path(config.hydra.sweep.dir) / RSS_FILE, "a") as f:
             f.write(line)  # one short append: whole lines in finishing order, even from parallel workers
         self.ended += 1
@@ -65,15 +67,35 @@ class RssRecorder(Callback):
         top = last.compare_to(self.first, "traceback")[:12]
         lines = [
             f"{s.size_diff / 1024:9.1f} KiB {s.count_diff:+7d} blocks"
-            + "".join(f"\n    {frame.filename}:{frame.lineno}" for frame in s.traceback)
+            + "".join(f"\n    {frame.filename}:{frame.lineno}" for frame in callers(s.traceback))
             for s in top
         ]
         (Path(config.hydra.sweep.dir) / TRACE_FILE).write_text("\n".join(lines) + "\n")
 
 
+def callers(traceback: tracemalloc.Traceback) -> list[tracemalloc.Frame]:
+    """The frames of an allocation outside copy and OmegaConf's internals: who made the copies."""
+    frames = [f for f in traceback if not any(part in f.filename for part in ("/copy.py", "copyreg", "/omegaconf/"))]
+    return frames[:6]
+
+
+def read_records(sweep_dir: Path) -> list[tuple[int, int, int, int]]:
+    """rss.tsv's rows, `(job num, pid, launcher KiB, own KiB)`, in the order the jobs finished."""
+    rows = (line.split("\t") for line in (sweep_dir / RSS_FILE).read_text().splitlines())
+    return [(int(num), int(pid), int(launcher), int(own)) for num, pid, launcher, own in rows]
+
+
 def read_rss(sweep_dir: Path) -> list[int]:
     """The launcher's RSS in KiB after each finished job, in the order the jobs finished."""
-    return [int(line.split("\t")[1]) for line in (sweep_dir / RSS_FILE).read_text().splitlines()]
+    return [launcher for _, _, launcher, _ in read_records(sweep_dir)]
+
+
+def worker_rss(sweep_dir: Path, after: int) -> dict[int, tuple[int, int]]:
+    """Each worker process's RSS (KiB) at its first job after the `after`-th finished one, and at its last."""
+    workers: dict[int, tuple[int, int]] = {}
+    for _, pid, _, own in read_records(sweep_dir)[after:]:
+        workers[pid] = (workers.get(pid, (own, own))[0], own)
+    return workers
 
 
 def sweep_command(
@@ -119,6 +141,8 @@ def main() -> None:
             f"at the end: {end / 1024:.1f} MiB (+{(end - at) / 1024:.1f} MiB, "
             f"{(end - at) / max(1, len(rss) - args.at):.1f} KiB a job)"
         )
+        for pid, (first, last) in worker_rss(sweep_dir, args.at).items() if args.launcher == "joblib" else ():
+            print(f"  worker {pid}: {first / 1024:.1f} MiB after job {args.at}, {last / 1024:.1f} MiB at its last job")
         if args.trace and (sweep_dir / TRACE_FILE).exists():
             print((sweep_dir / TRACE_FILE).read_text())
 

@@ -117,6 +117,11 @@ def test_max_batch_size_must_be_positive(hydra_loader, tmp_path):
         planned_launches(hydra_loader, tmp_path, "grid", ["model=manual,linear", "hydra.sweeper.max_batch_size=0"])
 
 
+def test_cache_must_be_a_bool():
+    with pytest.raises(Exception, match="hydra.sweeper.cache='yes'"):
+        GridSweeper(cache="yes")
+
+
 def test_a_bad_job_in_a_later_batch_is_refused_before_the_first_batch_launches(hydra_loader, tmp_path):
     args = ["model=manual,nosuch", "hydra.sweeper.max_batch_size=1"]
     overrides = [f"hydra.sweep.dir={tmp_path}", *args]

@@ -96,6 +96,8 @@ class GridSweeper(Sweeper):
     """Hydra's basic grid (same jobs, numbers, params, batches), composed cheaply, skipping finished jobs on resume."""
 
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None, cache: bool = True):
+        if not isinstance(cache, bool):
+            raise HydraException(f"hydra.sweeper.cache={cache!r}: must be true or false")
         self.max_batch_size = max_batch_size
         self.params = dict(params or {})
         self.cache = cache
