@@ -1,4 +1,4 @@
-"""Sweeps through the real CLI: the results table, diverged and failed jobs, resume, joblib, submitit, optuna."""
+"""Sweeps through the real CLI: the results table, diverged and failed jobs, resume, joblib, submitit."""
 
 import csv
 import json

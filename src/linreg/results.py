@@ -619,8 +619,13 @@ class SweepResults(Callback):
         template = sweep_dir / ".submitit" / "%j"  # submitit makes its folder template itself, and leaves it empty
         if template.is_dir() and not any(template.iterdir()):
             template.rmdir()
+        optuna = config.hydra.sweeper.get("n_trials") is not None
         try:
-            jobs = read_plan(sweep_dir)["jobs"]
+            # Optuna's job numbers are trial numbers, which pass n_trials - 1 when a kill left a trial unlaunched.
+            jobs = None if optuna else read_plan(sweep_dir)["jobs"]
+            if optuna and (sweep_dir / "optimization_results.yaml").exists() and not job_dirs(sweep_dir, jobs):
+                log.info(f"sweep: the shared study was already full; no trial ran in {sweep_dir}")
+                return
             if not sweep_dir.is_dir() or not job_dirs(sweep_dir, jobs):
                 raise SweepFailedError(f"error: sweep {sweep_dir}: no job dirs: no job left a result")
             rows, problems = summarize(sweep_dir, jobs)
