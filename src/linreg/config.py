@@ -166,7 +166,7 @@ def check_mapping(prefix: str, got: Any, schema: dict[str, Check], option: str) 
         if key not in got:
             if full in OPTIONAL:
                 continue
-            raise ConfigError(full, None, f"missing (conf/{prefix}/ sets it)")
+            raise ConfigError(full, None, f"missing (conf/{prefix.split('.')[0]}/ sets it)")
         check(full, got[key])
 
 
