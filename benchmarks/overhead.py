@@ -83,14 +83,22 @@ def w_overrides(num_examples: int, epochs: int, batch_size: int, lr: float) -> l
     return [f"data.num_examples={n}", f"trainer.max_epochs={e}", f"data.batch_size={b}", f"model.lr={lr}"]
 
 
+def config_threads() -> int:
+    """The intra-op thread count every project run sets for itself (`threads` in conf/train.yaml)."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(REPO / "conf" / "train.yaml").threads)
+
+
 def torch_defaults() -> None:
-    """Torch's global flags as the tutorial runs with them: a Trainer leaves deterministic mode on process-wide."""
+    """Torch's global flags as the tutorial runs with them, at the project's thread count."""
     import torch
 
-    # Left on, the plain loop would pay for deterministic mode's NaN fill of new tensors (~12% a step here),
-    # which the project turns off for itself: the baseline must be the tutorial's loop as it runs alone.
+    # A Trainer leaves deterministic mode on process-wide: the baseline is the tutorial's loop as it runs alone.
     torch.use_deterministic_algorithms(False)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    # The same intra-op threads as the project's runs (`threads: 1`), so the ratio compares the code, not cores.
+    torch.set_num_threads(config_threads())
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -150,6 +158,7 @@ def plain_grid() -> None:
     """The 48 grid points as the tutorial's loops, in this one process (`--plain-grid`)."""
     from benchmarks.tutorial_loops import train
 
+    torch_defaults()
     for model, deg, delta, lr, batch in GRID_POINTS:
         train(model, 1000, batch, lr, 3, deg=deg, delta=delta)
 
@@ -224,7 +233,7 @@ def scaling_child(num_examples: int, accelerator: str) -> None:
             epochs.append(time.perf_counter() - self.start)
 
     build_callbacks = linreg.train.build_callbacks
-    linreg.train.build_callbacks = lambda cfg, out: [*build_callbacks(cfg, out), EpochTimer()]
+    linreg.train.build_callbacks = lambda *args: [*build_callbacks(*args), EpochTimer()]
     base_rss = peak_rss_bytes()
     overrides = [
         f"data.num_examples={num_examples}",
@@ -274,6 +283,7 @@ def plain_epoch_seconds(num_examples: int) -> float:
     """One epoch of the tutorial's manual loop at the scaling batch size: the hardware's own scaling."""
     from benchmarks.tutorial_loops import make_data, manual_loop
 
+    torch_defaults()
     features, labels = make_data(num_examples)
     return timed(lambda: manual_loop(features, labels, SCALING_BATCH, 0.03, 1))
 

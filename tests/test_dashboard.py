@@ -11,20 +11,20 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import linreg.dashboard
 from linreg.dashboard import (
     HEADLINE_HPARAMS,
     HP_METRICS,
     BufferedTensorBoardLogger,
     dashboard_callbacks,
+    figure_pixels,
     fit_figure,
     param_names,
-    png_summary,
     run_label,
 )
 from linreg.train import run
@@ -131,6 +131,13 @@ def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
     live.finalize("success")
 
 
+def test_a_prefix_names_the_tags_as_lightnings_logger_does(tmp_path):
+    logger = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="tb", version="p", prefix="fold1")
+    logger.log_metrics({"a": 1.0}, step=0)
+    logger.finalize("success")
+    assert accumulator(tmp_path / "tb" / "p").Tags()["scalars"] == ["fold1-a"]
+
+
 def fit_data(seed: int, scale: float, diverged: bool = False) -> tuple[torch.Tensor, ...]:
     """Features with a ones column, labels and predictions for a fit figure."""
     g = torch.Generator().manual_seed(seed)
@@ -140,23 +147,16 @@ def fit_data(seed: int, scale: float, diverged: bool = False) -> tuple[torch.Ten
     return x, y, y_hat
 
 
-def fit_png(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> bytes:
-    return png_summary("fit", fit_figure(x, y, y_hat, mse)).value[0].image.encoded_image_string
+def fit_pixels(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> np.ndarray:
+    return figure_pixels(fit_figure(x, y, y_hat, mse))
 
 
-@pytest.mark.parametrize(
-    ("before", "after"),
-    [((1, 1.0, False), (2, 10.0, False)), ((3, 5.0, False), (4, 1.0, True)), ((4, 1.0, True), (3, 5.0, False))],
-)
-def test_a_reused_fit_figure_draws_the_pixels_of_a_new_one(before, after):
-    # Each process keeps one fit figure per set of features and redraws it for every job.
-    linreg.dashboard._fit_figures.clear()
-    fit_png(*fit_data(*before), mse=0.5)  # an earlier job's picture, other data and limits
-    reused = fit_png(*fit_data(*after), mse=2.0)
-    linreg.dashboard._fit_figures.clear()
-    fresh = fit_png(*fit_data(*after), mse=2.0)
-    assert reused == fresh
-    assert fit_png(*fit_data(*before), mse=0.5) != fresh  # the picture does show the data
+def test_the_fit_figure_shows_the_data_and_a_diverged_fit_draws_no_points():
+    fitted = fit_pixels(*fit_data(1, 1.0), mse=0.5)
+    assert fitted.dtype == np.uint8 and fitted.shape[2] == 3 and fitted.shape[1] > fitted.shape[0] > 100
+    assert not np.array_equal(fitted, fit_pixels(*fit_data(2, 10.0), mse=0.5))  # other data, another picture
+    diverged = fit_pixels(*fit_data(4, 1.0, diverged=True), mse=float("nan"))
+    assert diverged.shape == fitted.shape
 
 
 def test_no_logger_means_no_dashboard_cost(make_cfg):
@@ -165,8 +165,6 @@ def test_no_logger_means_no_dashboard_cost(make_cfg):
     assert dashboard.fit_figure and dashboard.every_n_steps == 50
     assert not dashboard_callbacks(make_cfg("logger=csv"))[0].fit_figure  # no TensorBoard: no figure
     assert not dashboard_callbacks(make_cfg("logger.tensorboard.fit_figure=false"))[0].fit_figure
-    # Of Lightning's per-step hooks only on_train_batch_end is left to call (a modulo between samples).
-    assert dashboard.on_before_backward is None and dashboard.on_train_batch_start is None
 
 
 def test_run_labels_are_one_path_part_and_ignore_resume():

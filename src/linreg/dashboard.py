@@ -9,17 +9,20 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from linreg.config import override_key
-from linreg.models import RegressionModule, eval_squared_loss, log_scalars, log_step
+from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
@@ -67,14 +70,15 @@ def param_names(count: int, bias: bool) -> list[str]:
 class BufferedTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoardLogger, with scalars held in memory and written at each save (each epoch here).
 
-    TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread
-    (~0.35 ms an event here: ~8% of a 9,000-step run sampled every 50 steps). Held, they are written in
-    one burst, at their own wall times. After `write_every_s` they are saved from the logging call itself,
-    so a long epoch still shows up live. Values are numbers or one-element tensors (no dicts).
+    TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread.
+    Held, the scalars are written in one burst, at their own wall times. After `write_every_s` they are
+    saved from the logging call itself, so a long epoch still shows up live. Values are numbers or
+    one-element tensors (no dicts).
     """
 
-    def __init__(self, *args: Any, write_every_s: float = 10.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, write_every_s: float = 10.0, prefix: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, prefix=prefix, **kwargs)
+        self.tag_prefix = f"{prefix}{self.LOGGER_JOIN_CHAR}" if prefix else ""  # as Lightning prefixes tags
         self.write_every_s = write_every_s
         self.pending: list[tuple[dict[str, float], int | None, float]] = []  # (scalars, step, wall time)
         self.written_at = time.monotonic()
@@ -83,38 +87,32 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         values = {}
         # Checked here, so a bad value fails at the call that logs it, not at the end of the epoch.
-        for key, value in _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR).items():
+        for key, value in metrics.items():
             value = value.item() if isinstance(value, torch.Tensor) else value
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{key}={value!r}: TensorBoard scalars are numbers or one-element tensors")
-            values[key] = float(value)
+            values[self.tag_prefix + key] = float(value)
         self.pending.append((values, step, time.time()))
         if time.monotonic() - self.written_at >= self.write_every_s:
             self.save()
 
     def write_pending(self) -> None:
-        """Hand the held scalars to TensorBoard's writer in the order they were logged: one event per call."""
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
+        """Hand the held scalars to TensorBoard's writer in the order they were logged."""
         pending, self.pending = self.pending, []
         for values, step, walltime in pending:
-            # One summary of all the call's values: add_scalar makes an event per value (~110 us each).
-            summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
-            file_writer(self).add_summary(summary, step, walltime)
+            for tag, value in values.items():
+                self.experiment.add_scalar(tag, value, step, walltime=walltime)
         self.written_at = time.monotonic()
 
+    @rank_zero_only
     def save(self) -> None:
         self.write_pending()
         super().save()  # flushes the event file
 
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         self.write_pending()  # also when the run failed: what was logged is kept
         super().finalize(status)
-
-
-def file_writer(tb: TensorBoardLogger) -> Any:
-    """The event-file writer under TensorBoard's SummaryWriter: what Lightning's own log_hyperparams writes to."""
-    return tb.experiment._get_file_writer()
 
 
 def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
@@ -126,17 +124,9 @@ class Dashboard(L.Callback):
     """Everything the dashboards need beyond the module's own curves, in one callback.
 
     `params/<name>` after each epoch and every `every_n_steps` SGD steps; the HParams record
-    (`hparams` with `hp/train_mse`, `hp/ols_gap`); and, with `fit_figure`, the image `fit` at the end.
+    (`hparams` with `hp/train_mse`, `hp/ols_gap`); the model graph; and, with `fit_figure`, the image
+    `fit` at the end.
     """
-
-    # Lightning calls every hook of every callback on every step, each inside a profiler context
-    # (~3 us per callback and hook here). A hook set to None is skipped (`callable(fn)` is false):
-    # of the per-step hooks only `on_train_batch_end` is left, and it costs a modulo between samples.
-    on_train_batch_start = None
-    on_before_backward = None
-    on_after_backward = None
-    on_before_optimizer_step = None
-    on_before_zero_grad = None
 
     def __init__(
         self, hparams: dict[str, Any], every_n_steps: int, fit_figure: bool = True, graph: bool = True
@@ -162,11 +152,11 @@ class Dashboard(L.Callback):
         tb = tensorboard_logger(trainer)
         if tb is not None:
             experiment, session_start, self.end_summary = hparams_summaries(self.hparams, start)
-            writer = file_writer(tb)
-            writer.add_summary(experiment)
-            writer.add_summary(session_start)
+            # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
+            tb.experiment.file_writer.add_summary(experiment)
+            tb.experiment.file_writer.add_summary(session_start)
             if self.graph:
-                writer.add_graph(model_graph(pl_module))  # the tutorial's add_graph
+                tb.experiment.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
         self.log_params(trainer, pl_module)  # the starting weights (step 0, or where a resume starts)
@@ -196,15 +186,15 @@ class Dashboard(L.Callback):
         if tb is None:
             return
         if self.end_summary is not None:
-            file_writer(tb).add_summary(self.end_summary)  # status: finished
+            tb.experiment.file_writer.add_summary(self.end_summary)  # status: finished
         if self.fit_figure:
             x, y = trainer.datamodule.full_data()
             stride = max(1, len(y) // FIT_POINTS)
             x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            image = png_summary("fit", fit_figure(x, y.reshape(-1), y_hat, mse))
-            file_writer(tb).add_summary(image, log_step(trainer))
+            pixels = figure_pixels(fit_figure(x, y.reshape(-1), y_hat, mse))
+            tb.experiment.add_image("fit", pixels, log_step(trainer), dataformats="HWC")
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
@@ -228,78 +218,35 @@ def hparams_summaries(hparams: dict[str, Any], metrics: dict[str, float]) -> tup
     return experiment, session_start, session_end
 
 
-_graphs: dict[tuple[Any, ...], Any] = {}  # traced graphs, by what decides their shape
-
-
-def model_graph(module: L.LightningModule) -> Any:
-    """The module's graph for TensorBoard (a jit trace of `forward`), traced once per class and shape."""
-    from lightning.pytorch.core.module import _jit_is_scripting
-    from torch.utils.tensorboard._pytorch_graph import graph
-
-    # A graph holds the ops and shapes, not the weights' values: every job of a sweep with the same
-    # model draws the same one, and tracing it costs ~20 ms a job (what Lightning's log_graph does).
-    x = module.example_input_array
-    params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
-    key = (type(module), tuple(x.shape), str(module.device), params)  # a graph records devices and dtypes too
-    if key not in _graphs:
-        with _jit_is_scripting():  # as Lightning's own log_graph traces a LightningModule
-            _graphs[key] = graph(module, x.to(module.device))
-    return _graphs[key]
-
-
 def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
     """The model's MSE on the whole data set now."""
     x, y = trainer.datamodule.full_data()
     with torch.no_grad():
-        return eval_squared_loss(module(x.to(module.device)).cpu(), y).item()
+        return squared_loss(module(x.to(module.device)).cpu(), y).item()
 
 
-_fit_figures: dict[tuple[int, ...], Any] = {}  # one figure per set of drawn features, redrawn for every job
-
-
-def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> Any:
+def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> "Figure":
     """Residuals y − ŷ against each feature: flat noise when the model fits, a curve when it misses a shape."""
-    y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
-    # NumPy arrays, not tensors: matplotlib's unit checks call iter() on what it plots, and iterating a
-    # tensor makes a tensor per element (a third of the figure's cost).
-    residual = y - y_hat
-    drawn = bool(torch.isfinite(residual).any())
-    residual, x = residual.numpy(), x.numpy()
-    # Constant columns (the ones column of the manual model) carry no information: skip them.
-    features = tuple(j for j in range(x.shape[1]) if x[:, j].std() > 0)
-    # Every job of a sweep draws this picture, and matplotlib's artists, ticks and text layout cost more
-    # than a small job's training: a figure already made for these features gets the new data and title
-    # and is drawn again (the same pixels as a new one: a test compares them; ~30% less time).
-    if features not in _fit_figures:
-        _fit_figures[features] = new_fit_figure(features)
-    fig = _fit_figures[features]
-    ax = fig.axes[0]
-    for j, line in zip(features, ax.lines):  # the feature lines come first, then the zero line
-        line.set_data(x[:, j], residual)
-    ax.set_title(f"residuals of the fit, MSE {mse:.4g} (a curve: the model misses a shape)", y=1.0, fontsize=10)
-    ax.relim()
-    if not drawn:  # no data limits: autoscaling would keep the last job's x range; a fixed one instead
-        ax.set_xlim(-1, 1, auto=None)
-    ax.autoscale_view()
-    return fig
-
-
-def new_fit_figure(features: tuple[int, ...]) -> Any:
-    """An empty residual plot with one line per feature: one panel, fixed margins, few ticks."""
     # Imported here, so runs without a dashboard never load matplotlib. A bare Figure (no pyplot) needs
     # no display, no backend choice and no figure manager: the headless way to draw one image.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
+    # NumPy arrays, not tensors: matplotlib's unit checks iterate what they plot, element by element.
+    residual, x = (y - y_hat).numpy(), x.numpy()
+    # Constant columns (the ones column of the manual model) carry no information: skip them.
+    features = [j for j in range(x.shape[1]) if x[:, j].std() > 0]
     # Fixed margins (no tight_layout), a title at a fixed height (automatic placement measures every tick
-    # label), few ticks, and marker lines instead of scatter collections: ~0.4 s a figure down to ~0.1 s.
+    # label), few ticks, and marker lines instead of scatter collections: the cheap way to draw it.
     fig = Figure(figsize=(6.4, 4))
     ax = fig.subplots()
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91)
     for j in features:
-        ax.plot([], [], ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
+        ax.plot(x[:, j], residual, ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
     ax.axhline(0, color="black", linewidth=1)
     ax.set(xlabel="feature value", ylabel="residual y − ŷ")
+    ax.set_title(f"residuals of the fit, MSE {mse:.4g} (a curve: the model misses a shape)", y=1.0, fontsize=10)
     if 0 < len(features) <= 10:
         ax.legend(loc="upper right")
     ax.xaxis.set_major_locator(MaxNLocator(5))
@@ -307,26 +254,13 @@ def new_fit_figure(features: tuple[int, ...]) -> Any:
     return fig
 
 
-def png_summary(tag: str, fig: Any) -> Any:
-    """A figure as a TensorBoard image summary: what `SummaryWriter.add_figure` writes, made with less work."""
-    import io
-
+def figure_pixels(fig: "Figure") -> np.ndarray:
+    """A figure drawn by matplotlib's Agg canvas, as RGB pixels (height, width, 3) for `add_image`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
 
-    # The figure's own canvas when it has one: its renderer keeps matplotlib's text-size cache between draws.
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    width, height = canvas.get_width_height()
-    png = io.BytesIO()
-    # add_figure goes through float copies of the pixels and PNG's default compression (~20 ms a figure,
-    # every job); zlib level 1 takes a third of that for a file a third larger.
-    Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB").save(
-        png, format="PNG", compress_level=1
-    )
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png.getvalue())
-    return Summary(value=[Summary.Value(tag=tag, image=image)])
+    return np.asarray(canvas.buffer_rgba())[..., :3]
 
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:

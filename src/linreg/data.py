@@ -20,42 +20,15 @@ def tensor_gen_reg(
     """The tutorial's `tensorGenReg`: y = pow(X, deg) @ w (+ intercept) + noise * delta."""
     w_all = torch.tensor(list(w), dtype=torch.float32).reshape(-1, 1)
     w_true = w_all[:-1] if bias else w_all
-    n, k = num_examples, len(w_true)
-    ones = bias and ones_column  # `ones_column=False` gives the features without it (the `linear` view)
-    # One buffer for the returned features. The (n, k) draw goes contiguous into its start (a draw into
-    # strided columns gives other numbers) and is spread out in place, never copied whole; until
-    # then, the room left for the ones column holds the noise.
-    flat = torch.empty(n * (k + int(ones)))
-    features = flat[: n * k].view(n, k)
-    noise = flat[n * k :].view(n, 1) if ones else torch.empty(n, 1)
-    # Exactly two random draws, in the tutorial's order, so a seed gives its tensors bit for bit.
-    torch.randn(n, k, generator=generator, out=features)
-    torch.randn(n, 1, generator=generator, out=noise)
-    # One whole mm, as the tutorial: products of row chunks can round differently (BLAS blocking).
-    labels = torch.mm(features if deg == 1 else torch.pow(features, deg), w_true)  # pow(X, 1) is a copy of X
+    # Two random draws in the tutorial's order (features, then noise): a seed gives its tensors bit for bit.
+    features = torch.randn(num_examples, len(w_true), generator=generator)
+    labels = torch.mm(torch.pow(features, deg), w_true)
     if bias:
-        labels.add_(w_all[-1])
-    labels.add_(noise.mul_(delta))  # in place, the same two sums: (X @ w + b) + noise * delta
-    return (open_ones_column(flat, n, k) if ones else features), labels
-
-
-# Values moved at a time when the ones column is opened up (128 KiB): at most torch's grain for
-# splitting a copy across threads. Chunks of 2^16 rows, each copy split, took seconds, not 0.1 s,
-# on a machine whose cores were busy (every chunk waited for all threads).
-EXPAND_CHUNK = 1 << 15
-
-
-def open_ones_column(flat: Tensor, n: int, k: int) -> Tensor:
-    """Rows of k values packed at the start of `flat`, spread in place into rows of k + 1 ending in 1."""
-    wide = flat.view(n, k + 1)
-    rows = max(1, EXPAND_CHUNK // max(k, 1))
-    # Row i moves from offset i*k up to i*(k+1). Going from the last rows down, a chunk lands only on
-    # rows already moved and on itself (hence its copy first), never on rows still to move.
-    for start in reversed(range(0, n, rows)):
-        stop = min(start + rows, n)
-        wide[start:stop, :k] = flat[start * k : stop * k].view(stop - start, k).clone()
-    wide[:, k] = 1
-    return wide
+        labels = labels + w_all[-1]
+    labels = labels + torch.randn(labels.shape, generator=generator) * delta
+    if bias and ones_column:  # `ones_column=False`: the features without it (the `linear` model's view)
+        features = torch.cat((features, torch.ones(num_examples, 1)), 1)
+    return features, labels
 
 
 OLS_CHUNK = 1 << 18  # rows per chunk of the least-squares sums (6 MiB of float64 for 3 columns)
@@ -89,7 +62,7 @@ class EpochBatchSampler:
 
 def index_batches(perm: Tensor, size: int) -> Iterator[Tensor]:
     """Consecutive slices of `perm`; the last one a copy, so that `perm` is freed before the epoch ends."""
-    # Sliced lazily: `perm.split()` makes every view up front, ~50 us each (0.17 s an epoch at 30,000/10).
+    # Sliced lazily: `perm.split()` would make every view of the epoch up front.
     starts = range(0, len(perm), size)
     for i in starts[:-1]:
         yield perm[i : i + size]
@@ -105,7 +78,7 @@ class BatchLoader:
     """The mini-batches of one `training_step` call per item: gathered in one go, then split (no collation).
 
     With `steps_per_call > 1` the sampler's index slices hold that many mini-batches: one gather
-    per call instead of one per SGD step (~13 us a step here), the same rows in the same order.
+    per call instead of one per SGD step, the same rows in the same order.
     """
 
     def __init__(self, x: Tensor, y: Tensor, sampler: EpochBatchSampler, batch_size: int) -> None:
@@ -187,8 +160,8 @@ class RegressionDataModule(L.LightningDataModule):
 
     def _least_squares_mse(self) -> float:
         """Least squares through the float64 normal equations, summed a chunk of rows at a time."""
-        # lstsq on the whole float64 design matrix held ~5x the data's bytes at once (1e7 samples:
-        # +770 MiB over 153 MiB); one pass over chunks of [X, y] keeps it at a few MiB.
+        # lstsq on the whole float64 design matrix would hold several times the data's bytes at once;
+        # one pass over chunks of [X, y] keeps it at a few MiB.
         assert self.features is not None and self.labels is not None, "call setup() first"
         add_ones = bool(self.hparams.bias and not self.hparams.ones_column)
         k = self.features.shape[1] + add_ones
@@ -217,7 +190,7 @@ class RegressionDataModule(L.LightningDataModule):
         return BatchLoader(x, y, sampler, h.batch_size)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # The data is made on the CPU: there, skip Lightning's walk over every tensor of every batch (~80 us).
+        # The data is made on the CPU: there, Lightning's walk over every tensor of every batch has nothing to move.
         if device.type == "cpu":
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

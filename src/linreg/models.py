@@ -6,9 +6,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn, optim
+
+from linreg import fastpath
 
 
 def linreg(X: Tensor, w: Tensor) -> Tensor:
@@ -21,19 +21,10 @@ def squared_loss(y_hat: Tensor, y: Tensor) -> Tensor:
     return torch.sum((y_hat.reshape(-1, 1) - y.reshape(-1, 1)) ** 2) / y.numel()
 
 
-def eval_squared_loss(y_hat: Tensor, y: Tensor) -> Tensor:
-    """`squared_loss` for evaluation only (no autograd): the same number, worked out in `y_hat`'s memory."""
-    # On the full data set the difference and its square would be two more n x 1 temporaries: half the
-    # data's bytes again at the peak. In place, the same operations in the same order give the same bits.
-    d = y_hat.reshape(-1, 1)
-    d.sub_(y.reshape(-1, 1)).square_()
-    return torch.sum(d) / y.numel()
-
-
 def sgd(params: list[Tensor], lr: float) -> None:
     """The tutorial's update: `w.data -= lr * w.grad` outside autograd (w stays a leaf), then zero the gradient."""
     for p in params:
-        # `.data`, as the tutorial writes it: the same numbers as under torch.no_grad(), ~40 us a step less.
+        # `.data`, as the tutorial writes it: the same numbers as under torch.no_grad(), without its context manager.
         p.data -= lr * p.grad
         p.grad.zero_()
 
@@ -56,10 +47,6 @@ class HandSGD(optim.Optimizer):
         super().__init__(params, {"lr": lr})
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        self.update()
-
-    def update(self) -> None:
-        """The update alone: what `step` does, without torch's per-step hook and profiler wrapper."""
         for group in self.param_groups:
             sgd(group["params"], group["lr"])
 
@@ -76,39 +63,20 @@ class RegressionModule(L.LightningModule):
         self.example_input_array = torch.zeros(1, in_features)
         self.epoch_mse: list[float] = []
         self.diverged_epoch: int | None = None
-        self.lean_steps_allowed = True  # False: every step through Lightning's wrappers (tests compare both)
-        self.lean_steps = False
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning names the running hook on the module ~20 times a training call; nn.Module's checks
-        # (is the value a Parameter? a Module? a buffer?) cost more than that: a string needs none of them.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+        self.lean_steps = False  # set for each fit: linreg.fastpath.lean_steps
 
     def on_train_start(self) -> None:
-        # On one device at 32-bit, Lightning's backward and optimizer wrappers only call hooks this
-        # project does not use, yet cost more than the SGD step itself: call torch directly there.
-        strategy = self.trainer.strategy
-        plain = isinstance(strategy, SingleDeviceStrategy) and type(strategy.precision_plugin) is Precision
-        self.lean_steps = self.lean_steps_allowed and plain
+        self.lean_steps = fastpath.lean_steps(self.trainer)
         if self.diverged_epoch is not None:
             self.trainer.should_stop = True  # resumed from a diverged checkpoint: nothing left to train
 
     def backward_and_step(self, loss: Tensor, opt: LightningOptimizer) -> None:
         """`loss.backward()` then `opt.step()`, counted by Lightning (global_step) either way."""
-        if not self.lean_steps:
+        if self.lean_steps:
+            fastpath.lean_backward_and_step(loss, opt)
+        else:
             self.manual_backward(loss)
             opt.step()
-            return
-        loss.backward()
-        # What LightningOptimizer.step wraps around the step: the step counter (global_step) and profiler.
-        opt._on_before_step()
-        inner = opt.optimizer
-        # HandSGD's update skips torch's step wrapper (~80 us, more than the update); optim.SGD keeps it.
-        inner.update() if isinstance(inner, HandSGD) else inner.step()
-        opt._on_after_step()
 
     def update(self, x: Tensor, y: Tensor, opt: optim.Optimizer) -> Tensor:
         """One SGD step on one mini-batch; returns its loss."""
@@ -131,13 +99,13 @@ class RegressionModule(L.LightningModule):
     def log_loss(self, loss: Tensor, step: int) -> None:
         """Write `train/loss` of SGD step `step` straight to the loggers."""
         # `self.log(on_step=True)` keeps the value in Lightning's results, so the Trainer re-logs and
-        # flushes it (a TensorBoard fsync) after every later step too: ~1 ms a step, 3x the SGD step.
+        # flushes it (a TensorBoard fsync) after every later step too: several times the SGD step's cost.
         # It also puts it at Lightning's count of training_step calls, not of SGD steps.
         log_scalars(self.trainer, {"train/loss": loss.item()}, step)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        mse = eval_squared_loss(self(x), y)  # the tutorial's full-data squared_loss, without its temporaries
+        mse = squared_loss(self(x), y)  # the tutorial's full-data loss after each epoch
         # For callbacks (callback_metrics); the loggers get it at the SGD step below.
         self.log("train/mse", mse, on_step=False, on_epoch=True, logger=False)
         if self.trainer.sanity_checking:
@@ -153,7 +121,7 @@ class RegressionModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         # One batch holds the whole set: weight 1 keeps its float32 MSE exact (Lightning's mean is value * n / n).
-        self.log("test/mse", eval_squared_loss(self(x), y), batch_size=1)
+        self.log("test/mse", squared_loss(self(x), y), batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["epoch_mse"] = self.epoch_mse

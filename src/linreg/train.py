@@ -35,7 +35,6 @@ from linreg.record import (
     write_failure,
     write_json_atomic,
 )
-from linreg.stack import import_training_stack
 
 if TYPE_CHECKING:
     import lightning as L
@@ -159,11 +158,6 @@ def build_trainer(cfg: DictConfig, out: Path, label: str, progress: bool, in_swe
         deterministic=t.deterministic,
         default_root_dir=str(out),
     )
-    if t.deterministic:
-        # Deterministic mode also has torch fill every new tensor with NaN before an op writes it: a check for
-        # ops that read memory they never wrote. Every op here writes its output whole, so the numbers are the
-        # same bits without it (PyTorch's docs: "still deterministic").
-        torch.utils.deterministic.fill_uninitialized_memory = False
     if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
         log.info("training on GPU: %s", torch.cuda.get_device_name(trainer.strategy.root_device))
     return trainer
@@ -234,10 +228,8 @@ def run(
 
 def fit(cfg: DictConfig, out: Path, ckpt: Path | None, label: str, progress: bool, in_sweep: bool) -> dict[str, Any]:
     """Build DataModule, LightningModule and Trainer, fit, and write the run record."""
-    import torch
-
-    import_training_stack()  # before this job makes anything: none of its objects may be frozen
     import lightning as L
+    import torch
 
     from linreg.data import RegressionDataModule
     from linreg.models import MODELS

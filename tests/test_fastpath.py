@@ -1,0 +1,111 @@
+"""The fast path (linreg.fastpath): each private use against the public path, bit for bit, and its one switch."""
+
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from linreg import fastpath
+from linreg.data import RegressionDataModule
+from linreg.models import MODELS
+from linreg.train import run
+
+SRC = Path(fastpath.__file__).resolve().parent
+PRIVATE = re.compile(r"\._[a-z]\w*")  # an attribute whose name starts with one underscore
+OWN_NAMES = {"_ols_mse", "_least_squares_mse", "_target_", "_exit"}  # the project's own names, Hydra's key, os._exit
+
+
+def code_lines(path: Path) -> list[str]:
+    """A module's lines without comments and docstring lines (what the names in them say is not a use)."""
+    lines, in_doc = [], False
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith('"""'):
+            in_doc = not (len(stripped) > 3 and stripped.endswith('"""')) and not in_doc
+            continue
+        if in_doc:
+            if stripped.endswith('"""'):
+                in_doc = False
+            continue
+        lines.append(line.split("#", 1)[0])
+    return lines
+
+
+def private_names(path: Path) -> set[str]:
+    """The single-underscore attribute names a module's code uses."""
+    return {m.group()[1:] for line in code_lines(path) for m in PRIVATE.finditer(line)}
+
+
+def fit(name: str, steps_per_call: int, max_epochs: int = 2) -> tuple[L.LightningModule, int]:
+    """Fit one module on the tutorial's default data; returns it and the trainer's step count."""
+    cls = MODELS[name]
+    dm = RegressionDataModule(ones_column=cls.uses_ones_column, steps_per_call=steps_per_call)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = cls(in_features=dm.in_features, log_every_n_steps=10)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(model, datamodule=dm)
+    return model, trainer.global_step
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False), ("false", False), (" OFF ", False)])
+def test_one_switch_in_the_environment(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv(fastpath.SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(fastpath.SWITCH, value)
+    assert fastpath.enabled() is on
+
+
+@pytest.mark.parametrize("name", ["manual", "linear"])
+@pytest.mark.parametrize("steps_per_call", [1, 7])
+def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name, steps_per_call):
+    # _on_before_step/_on_after_step: the lean step against manual_backward + LightningOptimizer.step.
+    monkeypatch.setenv(fastpath.SWITCH, "0")
+    public, public_steps = fit(name, steps_per_call)
+    monkeypatch.setenv(fastpath.SWITCH, "1")
+    lean, lean_steps = fit(name, steps_per_call)
+    assert not public.lean_steps and lean.lean_steps
+    assert lean.weights() == public.weights()
+    assert lean.epoch_mse == public.epoch_mse
+    assert lean_steps == public_steps == 200  # 2 epochs x 100 batches: every lean step counted in global_step
+
+
+def test_manual_weight_stays_a_leaf_on_the_lean_path():
+    model, _ = fit("manual", steps_per_call=1, max_epochs=1)
+    assert model.lean_steps and model.w.is_leaf and model.w.requires_grad
+    assert model.weights() == pytest.approx([2, -1, 1], abs=0.01)
+
+
+def test_the_lean_step_is_for_one_device_at_32_bit_only():
+    # Mixed precision needs its plugin's backward (loss scaling): the public path there.
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    assert not fastpath.lean_steps(trainer)
+    assert fastpath.lean_steps(L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False))
+
+
+@pytest.mark.parametrize("model", ["manual", "linear"])
+def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path, monkeypatch, model):
+    overrides = (f"model={model}", "data.num_examples=300", "trainer.steps_per_call=4")
+    monkeypatch.setenv(fastpath.SWITCH, "0")
+    public = run(make_cfg(*overrides, run_dir=tmp_path / "public"))
+    monkeypatch.setenv(fastpath.SWITCH, "1")
+    fast = run(make_cfg(*overrides, run_dir=tmp_path / "fast"))
+    public.pop("fit_seconds"), fast.pop("fit_seconds")
+    assert fast == public  # weights, epoch_mse, steps: every float bit for bit
+
+
+def test_the_seam_holds_every_private_use_and_at_most_four():
+    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step"}
+    outside = {p.name: private_names(p) - OWN_NAMES for p in sorted(SRC.glob("*.py")) if p.name != "fastpath.py"}
+    assert {name: names for name, names in outside.items() if names} == {}, "move private uses into fastpath.py"
