@@ -78,9 +78,16 @@ class VectorizedLauncher(Launcher):
             if job.task is not None:  # failed validation, refused or done before: no training
                 returns[job.num] = self.finish(job, job.task)
         for group in groups:
+            self.sweep_logging()  # a group's lines are the sweep's, not the last job's log file
             for job, task in zip(group, self.train(group)):
                 returns[job.num] = self.finish(job, task)
+        self.sweep_logging()
         return [returns[j.num] for j in jobs]
+
+    def sweep_logging(self) -> None:
+        """Hydra's own logging, as the basic launcher sets it between jobs."""
+        assert self.config is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
     # ------------------------------------------------------------ planning
 
@@ -213,7 +220,6 @@ class VectorizedLauncher(Launcher):
         finally:
             HydraConfig.instance().cfg = previous
             os.chdir(cwd)
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
 
 def save_job_configs(folder: Path, task_cfg: DictConfig, hydra_cfg: Any, overrides: list[str]) -> None:
