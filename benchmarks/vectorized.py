@@ -5,7 +5,8 @@ Parts (`--only grid|lr_seed|thousand|scaling`, default all):
 - lr_seed: 10 learning rates x 20 seeds at 5,000 samples (200 jobs): basic vs vectorized, whole process.
 - thousand: 10 learning rates x 100 seeds at 5,000 samples (1,000 jobs), vectorized; the basic launcher only
   with `--basic-thousand` (minutes), else estimated from the 200-job row's time a job.
-- scaling: time per SGD step of one stacked fit against group size (1, 10, 100, 1,000 members), in process.
+- scaling: time per SGD step of one stacked fit against group size (1, 10, 100, 1,000 members), in process
+  (`--trainer gpu` on a GPU machine).
 Every sweep row runs with the default config (TensorBoard on); `--no-logger` adds `~logger` to all of them.
 """
 
@@ -66,14 +67,15 @@ def thousand(tmp: Path, extra: list[str], basic_per_job: float | None, run_basic
     return row
 
 
-def member_configs(count: int, num_examples: int) -> list[Any]:
+def member_configs(count: int, num_examples: int, trainer: str = "cpu") -> list[Any]:
     """`count` configs of the default job (manual model), seeds 0..count-1, composed as the CLI composes them."""
     from hydra import compose, initialize_config_dir
 
     from linreg.train import CONFIG_DIR
 
+    overrides = [f"data.num_examples={num_examples}", "trainer.max_epochs=1", "~logger", f"trainer={trainer}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        base = compose("train", overrides=[f"data.num_examples={num_examples}", "trainer.max_epochs=1", "~logger"])
+        base = compose("train", overrides=overrides)
     cfgs = []
     for seed in range(count):
         cfg = base.copy()
@@ -82,7 +84,7 @@ def member_configs(count: int, num_examples: int) -> list[Any]:
     return cfgs
 
 
-def scaling(num_examples: int) -> list[dict[str, Any]]:
+def scaling(num_examples: int, trainer: str = "cpu") -> list[dict[str, Any]]:
     """Seconds per SGD step (all members at once) of one stacked fit, per group size."""
     import logging
     import warnings
@@ -92,9 +94,9 @@ def scaling(num_examples: int) -> list[dict[str, Any]]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     rows = []
-    train_group(member_configs(1, 100))  # warm-up: first-fit costs (imports, kernels) are no step's
+    train_group(member_configs(1, 100, trainer))  # warm-up: first-fit costs (imports, kernels) are no step's
     for size in GROUP_SIZES:
-        cfgs = member_configs(size, num_examples)
+        cfgs = member_configs(size, num_examples, trainer)
         start = time.perf_counter()
         results = train_group(cfgs)
         total = time.perf_counter() - start
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--basic-thousand", action="store_true", help="also time the 1,000 jobs with the basic launcher")
     p.add_argument("--no-logger", action="store_true", help="~logger for every sweep")
     p.add_argument("--scaling-samples", type=int, default=1000)
+    p.add_argument("--trainer", choices=["cpu", "gpu"], default="cpu", help="the scaling table on this device")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     parts = args.only or ["grid", "lr_seed", "thousand", "scaling"]
@@ -150,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             out["thousand"] = thousand(tmp, extra, per_job, args.basic_thousand)
             show("1,000-job lr x seed sweep, 5,000 samples", [out["thousand"]])
     if "scaling" in parts:
-        out["scaling"] = scaling(args.scaling_samples)
-        show(f"time per SGD step against group size ({args.scaling_samples} samples, batch 10)", out["scaling"])
+        out["scaling"] = scaling(args.scaling_samples, args.trainer)
+        title = f"time per SGD step against group size ({args.scaling_samples} samples, batch 10, {args.trainer})"
+        show(title, out["scaling"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +16,7 @@ from omegaconf import OmegaConf
 
 from linreg.data import EpochBatchSampler
 from linreg.stacked import StackedSampler, group_key, split_groups
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 VECTORIZED = ["hydra/launcher=vectorized"]
 NUMBERS = ("train_mse", "epoch_mse", "weights")
@@ -196,6 +201,36 @@ def test_resume_skips_finished_jobs_and_redoes_the_rest(tmp_path, sweeper):
     for job in ("2", "3"):
         assert {k: again[job][k] for k in (*NUMBERS, "steps")} == {k: first[job][k] for k in (*NUMBERS, "steps")}
     assert "as 1 stacked group\n" in proc.stdout  # the two unfinished jobs, one group
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_to_the_same_numbers(tmp_path):
+    # Four groups (one per batch size) of 3 seeds, each group ~1 s: the kill lands after the first group.
+    grid = ["data.num_examples=20000", "data.batch_size=10,20,50,100", "seed=1,2,3", "~logger"]
+    whole, proc = sweep(tmp_path, "whole", *VECTORIZED, *grid)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "linreg.train", "-m", *VECTORIZED, *grid, f"hydra.sweep.dir={out}"]
+    killed = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "progress.log").exists() or not (out / "progress.log").read_text().strip():
+            assert time.monotonic() < deadline and killed.poll() is None, "no job finished before the end"
+            time.sleep(0.05)
+    finally:
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+    done = records(out)
+    assert 0 < len(done) < 12  # killed mid-way
+    _, proc = sweep(tmp_path, "killed", *VECTORIZED, *grid, "resume=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("(done before)") == len(done)
+    want, got = records(whole), records(out)
+    assert got.keys() == want.keys()
+    for job in want:
+        assert [got[job][k] for k in (*NUMBERS, "steps", "status")] == [
+            want[job][k] for k in (*NUMBERS, "steps", "status")
+        ]
 
 
 @pytest.mark.slow
