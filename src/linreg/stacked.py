@@ -186,9 +186,15 @@ class StackedRegression(L.LightningModule):
     """The manual or linear model of every member at once; each member's update is its single run's."""
 
     def __init__(
-        self, name: str, in_features: int, bias: bool, lrs: Sequence[float], seeds: Sequence[int],
-        inits: Sequence[str], log_every_n_steps: int,
-    ) -> None:  # fmt: skip
+        self,
+        name: str,
+        in_features: int,
+        bias: bool,
+        lrs: Sequence[float],
+        seeds: Sequence[int],
+        inits: Sequence[str],
+        log_every_n_steps: int,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.name, self.bias, self.every = name, bias, log_every_n_steps
