@@ -45,12 +45,20 @@ def test_every_single_run_in_the_readme_trains(tmp_path, command):
 def test_every_sweep_in_the_readme_composes_for_each_value(command):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from linreg.train import CONFIG_DIR
 
     args = [a for a in train_args(command) if a != "--multirun"]
-    # Each comma list on its own: every value it names must compose (a group option that exists, a key).
-    choices = [(a.split("=", 1)[0], a.split("=", 1)[1].split(",")) if "=" in a else (a, [None]) for a in args]
+    # Each sweep on its own: every value it names must compose (a group option that exists, a key); a few each.
+    parsed = OverridesParser.create().parse_overrides(args)
+    choices = [
+        (
+            o.get_key_element(),
+            list(o.sweep_string_iterator())[:3] if o.is_sweep_override() else [o.get_value_element_as_str()],
+        )
+        for o in parsed
+    ]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for i, (key, values) in enumerate(choices):
