@@ -170,6 +170,18 @@ def test_a_plain_value_hydra_refuses_gets_hydras_own_error(loaders):
     assert str(ours.value) == str(hydras.value)
 
 
+def test_a_group_option_found_through_hydra_searchpath_composes_as_hydras(hydra_loader, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "fancy.yaml").write_text("name: linear\nlr: 0.5\ninit: zeros\n")
+    overrides = ["hydra.sweep.dir=/tmp/x", f"hydra.searchpath=[file://{tmp_path}]"]
+    master = hydra_loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+    cached = CachedConfigLoader(hydra_loader)
+    for job in (["model=fancy", "model.lr=0.2"], ["model=fancy", "model.lr=0.3"], ["model.lr=0.1"]):
+        expected = hydra_loader.load_sweep_config(master, job)
+        assert OmegaConf.to_container(cached.load_sweep_config(master, job)) == OmegaConf.to_container(expected)
+    assert sorted(cached.composed) == [(), ("model=fancy",)]
+
+
 def test_cached_configs_are_independent_copies(loaders):
     _, cached, master = loaders
     first = cached.load_sweep_config(master, ["model.lr=0.1"])
