@@ -99,7 +99,7 @@ class VectorizedLauncher(Launcher):
         log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
-            config.hydra.job.id, config.hydra.job.num = num, num  # as the basic launcher sets them
+            config.hydra.job.id, config.hydra.job.num = str(num), num  # as the basic launcher sets them
         # Only a config that reads Hydra's job state (${hydra:job.num}) needs it set: setting it copies the config.
         previous, needs_hydra = HydraConfig.instance().cfg, uses_hydra_resolver(config)
         if needs_hydra:
