@@ -10,6 +10,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true  # replaced by our own; needs optuna<3
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
