@@ -309,7 +309,7 @@ def test_interrupted_sweep_runs_only_the_missing_job_under_its_number(finished_s
     proc = sweep_cli(finished_sweep, "resume=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     output = proc.stdout + proc.stderr
-    assert "resume: 3 of 4 jobs already finished; launching the other 1" in output
+    assert "resume: 3 of 4 jobs already finished; launching 1" in output
     assert {j: snapshot(finished_sweep / j) for j in "013"} == kept
     redone = json.loads((finished_sweep / "2" / "metrics.json").read_text())
     assert (redone["model"], redone["lr"]) == ("linear", 0.03)
@@ -326,8 +326,25 @@ def test_a_parallel_launcher_gets_only_the_span_of_unfinished_jobs(finished_swee
     proc = sweep_cli(finished_sweep, "resume=true", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     output = proc.stdout + proc.stderr
-    assert "resume: 2 of 4 jobs already finished; launching the other 2" in output
+    assert "resume: 2 of 4 jobs already finished; launching 2" in output
     assert {j: snapshot(finished_sweep / j) for j in "03"} == kept  # a launched job's .hydra/ would be rewritten
     launched = [j for j in "0123" if "resume" in (finished_sweep / j / ".hydra" / "overrides.yaml").read_text()]
     assert launched == ["1", "2"]
     assert all((finished_sweep / job / "metrics.json").exists() for job in "12")
+    progress = (finished_sweep / "progress.log").read_text().splitlines()
+    assert len(progress) == 4 and sorted(line.split("]")[0].split()[0] for line in progress) == [
+        "[1/4",
+        "[2/4",
+        "[3/4",
+        "[4/4",
+    ]  # every job once
+
+
+@pytest.mark.slow
+def test_a_finished_job_inside_a_launched_span_is_heard_of_once(finished_sweep):
+    for job in "02":
+        (finished_sweep / job / "metrics.json").unlink()
+    proc = sweep_cli(finished_sweep, "resume=true", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    progress = (finished_sweep / "progress.log").read_text().splitlines()
+    assert len(progress) == 4, progress  # job 1 runs inside the span (and returns at once): one line, not two

@@ -162,44 +162,48 @@ class GridSweeper(Sweeper):
     def launch(self, batch: Sequence[Sequence[str]], first: int) -> list[JobReturn]:
         """Launch a batch's unfinished jobs under their planned numbers; stand-in returns for the finished ones."""
         assert self.launcher is not None
-        returns: list[JobReturn | None] = [self.finished(o, first + i) for i, o in enumerate(batch)]
-        done = sum(r is not None for r in returns)
-        if done == len(batch):
-            log.info(f"resume: all {done} jobs already finished")
-        elif done:
-            log.info(f"resume: {done} of {len(batch)} jobs already finished; launching the other {len(batch) - done}")
-        for start, end in unfinished_runs([r is not None for r in returns], self.in_process()):
+        found = [self.finished(o, first + i) for i, o in enumerate(batch)]
+        returns: list[JobReturn | None] = [ret for ret, _ in found]
+        runs = unfinished_runs([r is not None for r in returns], self.in_process())
+        launched = sum(end - start for start, end in runs)
+        if launched == 0 and batch:
+            log.info(f"resume: all {len(batch)} jobs already finished")
+        elif launched < len(batch):
+            log.info(f"resume: {len(batch) - launched} of {len(batch)} jobs already finished; launching {launched}")
+        inside = {i for start, end in runs for i in range(start, end)}
+        for i, (ret, cfg) in enumerate(found):
+            if ret is not None and i not in inside:
+                # The callbacks hear of it as of any job (progress line); its files stay as the first run left them.
+                # A finished job inside a launched span is heard of from its own (quick) launch instead.
+                self.hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
+        for start, end in runs:
             returns[start:end] = self.launcher.launch(batch[start:end], initial_job_idx=first + start)
         return returns  # type: ignore[return-value]
 
-    def finished(self, overrides: Sequence[str], num: int) -> JobReturn | None:
-        """A stand-in return for a job that already finished with this config (resume=true), else None."""
+    def finished(self, overrides: Sequence[str], num: int) -> tuple[JobReturn | None, DictConfig | None]:
+        """A stand-in return (and the job's config) for a job that already finished with this config (resume=true)."""
         from linreg.config import override_key
-        from linreg.train import finished_metrics
+        from linreg.record import finished_metrics
 
         assert self.hydra_context is not None and self.config is not None
         if not self.config.get("resume") and not any(override_key(o) == "resume" for o in overrides):
-            return None  # the common case, decided without composing the job's config
+            return None, None  # the common case, decided without composing the job's config
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         if not cfg.get("resume"):
-            return None
+            return None, None
         hydra_config = HydraConfig.instance()
         previous = hydra_config.cfg
         try:
             with open_dict(cfg.hydra):
                 cfg.hydra.job.id, cfg.hydra.job.num = str(num), num  # as the basic launcher sets them
-            hydra_config.set_config(cfg)  # what a callback sees during a job, as Hydra's run_job sets it
             out = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
             with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
                 cfg.hydra.runtime.output_dir = str(out.resolve())
-            hydra_config.set_config(cfg)
+            hydra_config.set_config(cfg)  # what a callback sees during a job, as Hydra's run_job sets it
             metrics = finished_metrics(out, cfg)
             if metrics is None:
-                return None
-            ret = self.stand_in(cfg, metrics)
-            # The callbacks hear of it as of any job (progress line); its files stay as the first run left them.
-            self.hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
-            return ret
+                return None, None
+            return self.stand_in(cfg, metrics), cfg
         finally:
             hydra_config.cfg = previous
 
