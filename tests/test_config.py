@@ -194,3 +194,33 @@ def test_slurm_without_a_cluster_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: hydra/launcher='slurm': SLURM_CONF is unset")
     assert "slurm-local.sh" in proc.stderr and not sweep.exists()
+
+
+def test_a_used_sweep_dir_is_refused_without_resume(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "data.num_examples=100", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}"]
+    cmd = [sys.executable, "-m", "linreg.train", *args, "model.lr=0.03"]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    kept = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    proc = subprocess.run([*cmd[:-1], "model.lr=0.1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: hydra.sweep.dir=") and "add resume=true" in proc.stderr
+    assert {p: p.read_bytes() for p in kept} == kept  # not even .hydra/ rewritten
+
+
+@pytest.mark.parametrize("value", ["true", "1.0"])
+def test_one_device_means_the_integer_1(make_cfg, value):
+    with pytest.raises(ConfigError, match="^trainer.devices="):
+        validate(make_cfg(f"trainer.devices={value}"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["hydra.launcher.max_group_size=0", "hydra.launcher.max_group_size=-1", "hydra.launcher.memory_budget_gb=0"],
+)
+def test_vectorized_launcher_settings_are_refused_before_any_job(tmp_path, override):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "linreg.train", "-m", "hydra/launcher=vectorized", override, "seed=1,2"]
+    proc = subprocess.run([*cmd, f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {override.split('=')[0]}=")

@@ -318,7 +318,7 @@ def test_a_rerun_into_a_finished_run_keeps_it(tmp_path):
     assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "directory"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "directory", "not_lightnings"])
 def test_a_corrupt_checkpoint_gives_one_warning_and_a_fresh_start(tmp_path, damage):
     d = tmp_path / "run"
     assert run_cli(*SMALL, "trainer.max_epochs=2", f"hydra.run.dir={d}").returncode == 0
@@ -329,6 +329,8 @@ def test_a_corrupt_checkpoint_gives_one_warning_and_a_fresh_start(tmp_path, dama
     ckpt.unlink()
     if damage == "directory":
         ckpt.mkdir()
+    elif damage == "not_lightnings":
+        torch.save({"a": torch.zeros(1)}, ckpt)  # loads with weights_only=True, but holds no Lightning state
     else:
         ckpt.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "random": os.urandom(4096)}[damage])
     proc = run_cli(*SMALL, "trainer.max_epochs=2", "resume=true", f"hydra.run.dir={d}")

@@ -103,7 +103,7 @@ def weights(key: str, v: Any) -> None:
 
 
 def one_device(key: str, v: Any) -> None:
-    if v != 1 and v != [0]:
+    if not ((_is_int(v) and v == 1) or v == [0]):  # not `v == 1`: true and 1.0 equal 1 too
         raise ConfigError(key, v, "must be 1: this project trains one small model on one device")
 
 
@@ -284,6 +284,7 @@ LAUNCH_KEYS = {
     "hydra.launcher.array_parallelism": "must be a positive integer",
     "hydra.sweeper.max_batch_size": "must be null or a positive integer",
     "hydra.sweeper.n_trials": "must be a positive integer",
+    "hydra.launcher.max_group_size": "must be null or a positive integer",
 }
 
 
@@ -296,6 +297,21 @@ def validate_launch(config: DictConfig) -> None:
             continue
         if not _is_int(v) or v == 0 or (v < 0 and key != "hydra.launcher.n_jobs"):
             raise ConfigError(key, v, allowed)
+    budget = OmegaConf.select(config, "hydra.launcher.memory_budget_gb", default=None)
+    if budget is not None and not (is_number(budget) and budget > 0):
+        raise ConfigError("hydra.launcher.memory_budget_gb", budget, "must be null or a number of GiB > 0")
+    check_sweep_dir(config)
+
+
+def check_sweep_dir(config: DictConfig) -> None:
+    """A sweep dir that holds a sweep's runs is continued with resume=true, never run over."""
+    if config.get("resume") is True:
+        return
+    sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+    jobs = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
+    if any((p / "metrics.json").exists() or (p / "checkpoints").exists() for p in jobs):
+        allowed = "holds a sweep's runs; add resume=true to continue it, or use a new dir"
+        raise ConfigError("hydra.sweep.dir", str(sweep), allowed)
 
 
 SLURM_HINT = 'start one and export its settings: scripts/slurm-local.sh start; eval "$(scripts/slurm-local.sh env)"'

@@ -168,9 +168,11 @@ def readable_checkpoint(ckpt: Path) -> str | None:
     import torch
 
     try:
-        torch.load(ckpt, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, empty, random bytes, a directory, pickled code: all unreadable here
         return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+        return "not a Lightning checkpoint"
     return None
 
 
