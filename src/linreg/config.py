@@ -32,7 +32,8 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -60,7 +61,7 @@ def int_in(low: int, high: int, allowed: str) -> Check:
     """An integer in [low, high]."""
 
     def check(key: str, v: Any) -> None:
-        if not _is_int(v) or not low <= v <= high:
+        if not is_int(v) or not low <= v <= high:
             raise ConfigError(key, v, allowed)
 
     return check
@@ -103,7 +104,7 @@ def weights(key: str, v: Any) -> None:
 
 
 def one_device(key: str, v: Any) -> None:
-    if not ((_is_int(v) and v == 1) or v == [0]):  # not `v == 1`: true and 1.0 equal 1 too
+    if not ((is_int(v) and v == 1) or v == [0]):  # not `v == 1`: true and 1.0 equal 1 too
         raise ConfigError(key, v, "must be 1: this project trains one small model on one device")
 
 
@@ -295,7 +296,7 @@ def validate_launch(config: DictConfig) -> None:
         v = OmegaConf.select(config, key, default=None)
         if v is None:
             continue
-        if not _is_int(v) or v == 0 or (v < 0 and key != "hydra.launcher.n_jobs"):
+        if not is_int(v) or v == 0 or (v < 0 and key != "hydra.launcher.n_jobs"):
             raise ConfigError(key, v, allowed)
     budget = OmegaConf.select(config, "hydra.launcher.memory_budget_gb", default=None)
     if budget is not None and not (is_number(budget) and budget > 0):

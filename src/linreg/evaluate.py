@@ -11,20 +11,20 @@ import json
 import math
 import re
 import shutil
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from linreg.config import MODEL_NAMES, ConfigError
+from linreg.config import MODEL_NAMES, ConfigError, is_int, refuse
+from linreg.record import finite_or_none, write_json_atomic
 from linreg.stack import import_training_stack
-from linreg.train import CONFIG_DIR, finite_or_none, output_dir, write_json_atomic
+from linreg.train import CONFIG_DIR, NOISE, output_dir
 
 if TYPE_CHECKING:
     from linreg.data import RegressionDataModule
@@ -43,11 +43,6 @@ class Inputs:
     data_seed: int
     num_examples: int
     model: RegressionModule | None = None  # loaded from ckpt by check_inputs
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def first_line(err: BaseException) -> str:
@@ -178,10 +173,8 @@ def measure_mse(model: RegressionModule, dm: RegressionDataModule, out: Path) ->
     import lightning as L
 
     with warnings.catch_warnings():
-        # Noise for a one-process CPU evaluation: Lightning's hint to launch with SLURM's `srun` (seen wherever
-        # SLURM is installed), and its pytree helper's use of a class torch 2.13 deprecates.
-        warnings.filterwarnings("ignore", message=r"The `srun` command is available")
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
+        for message in NOISE:  # the third-party warnings a training run hides too
+            warnings.filterwarnings("ignore", message=message)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
@@ -223,12 +216,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "eval.json", result)
     return result
-
-
-def refuse(err: ConfigError) -> NoReturn:
-    """Bad input: one line on stderr, exit code 2."""
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 class CheckInputs(Callback):

@@ -69,14 +69,20 @@ class RunDirLock:
 
     def __enter__(self) -> RunDirLock:
         self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
-            self.file.close()
-            out = str(self.path.parent)
-            raise RunDirBusy("hydra.run.dir", out, f"another run (pid {holder}) is using it") from None
+        deadline = time.monotonic() + 1.0  # another process's check (lock_holder) holds it for a moment only
+        while True:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                self.file.seek(0)
+                holder = self.file.read().strip() or "?"
+                self.file.close()
+                out = str(self.path.parent)
+                raise RunDirBusy("hydra.run.dir", out, f"another run (pid {holder}) is using it") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")

@@ -3,7 +3,6 @@
 import datetime
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from linreg.config import ConfigError
+from linreg.record import write_atomic
 
 from ._space import SeedPerTrial, search_space, trial_overrides
 
@@ -373,7 +373,4 @@ class OptunaSweeperImpl:
             log.info(f"Best trial {best.number}: value {best.value} with {best.params}")
         else:
             log.warning("no trial completed: no best params")
-        path = self.sweep_dir / RESULTS_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        OmegaConf.save(OmegaConf.create(results), tmp)
-        os.replace(tmp, path)
+        write_atomic(self.sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(results)).encode())
