@@ -6,8 +6,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from linreg import fastpath
+from linreg.dashboard import figure_pixels, fit_figure
 from linreg.data import RegressionDataModule
 from linreg.models import MODELS
 from linreg.train import run
@@ -36,6 +38,19 @@ def code_lines(path: Path) -> list[str]:
 def private_names(path: Path) -> set[str]:
     """The single-underscore attribute names a module's code uses."""
     return {m.group()[1:] for line in code_lines(path) for m in PRIVATE.finditer(line)}
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    """Every event of the one TensorBoard run under `run_dir`, loaded."""
+    (folder,) = {p.parent for p in run_dir.rglob("events.out.tfevents.*")}
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def scalars(ea: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
+    """Each scalar tag's (step, value) points."""
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
 def fit(name: str, steps_per_call: int, max_epochs: int = 2) -> tuple[L.LightningModule, int]:
@@ -103,6 +118,35 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
     fast = run(make_cfg(*overrides, run_dir=tmp_path / "fast"))
     public.pop("fit_seconds"), fast.pop("fit_seconds")
     assert fast == public  # weights, epoch_mse, steps: every float bit for bit
+    public_events, fast_events = events(tmp_path / "public"), events(tmp_path / "fast")
+    assert scalars(fast_events) == scalars(public_events)  # every curve, at the same steps
+    assert fast_events.Graph() == public_events.Graph()
+    (public_image,), (fast_image,) = public_events.Images("fit"), fast_events.Images("fit")
+    assert fast_image.encoded_image_string == public_image.encoded_image_string
+
+
+def fit_data(seed: int, scale: float, diverged: bool = False) -> tuple[torch.Tensor, ...]:
+    """Features with a ones column, labels and predictions for a fit figure."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat((torch.randn(300, 2, generator=g) * scale, torch.ones(300, 1)), 1)
+    y = x[:, 0] ** 2 + torch.randn(300, generator=g)
+    y_hat = torch.full((300,), torch.nan) if diverged else x[:, 0] * 0.5
+    return x, y, y_hat
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [((1, 1.0, False), (2, 10.0, False)), ((3, 5.0, False), (4, 1.0, True)), ((4, 1.0, True), (3, 5.0, False))],
+)
+def test_a_reused_figure_draws_the_pixels_of_a_new_one(monkeypatch, before, after):
+    # reused_figure: one figure per set of features for the process, redrawn for every job.
+    fastpath._figures.clear()
+    figure_pixels(fit_figure(*fit_data(*before), mse=0.5))  # an earlier job's picture, other data and limits
+    reused = figure_pixels(fit_figure(*fit_data(*after), mse=2.0))
+    monkeypatch.setenv(fastpath.SWITCH, "0")
+    fresh = figure_pixels(fit_figure(*fit_data(*after), mse=2.0))
+    assert fastpath._figures and (reused == fresh).all()
+    assert (figure_pixels(fit_figure(*fit_data(*before), mse=0.5)) != fresh).any()  # the picture shows the data
 
 
 def test_the_seam_holds_every_private_use_and_at_most_four():

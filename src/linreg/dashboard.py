@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from linreg import fastpath
 from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
 
@@ -155,7 +156,7 @@ class Dashboard(L.Callback):
             # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
             tb.experiment.file_writer.add_summary(experiment)
             tb.experiment.file_writer.add_summary(session_start)
-            if self.graph:
+            if self.graph:  # the tutorial's add_graph
                 tb.experiment.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
@@ -227,26 +228,41 @@ def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
 
 def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> "Figure":
     """Residuals y − ŷ against each feature: flat noise when the model fits, a curve when it misses a shape."""
+    y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
+    # NumPy arrays, not tensors: matplotlib's unit checks iterate what they plot, element by element.
+    residual = y - y_hat
+    drawn = bool(torch.isfinite(residual).any())
+    residual, x = residual.numpy(), x.numpy()
+    # Constant columns (the ones column of the manual model) carry no information: skip them.
+    features = tuple(j for j in range(x.shape[1]) if x[:, j].std() > 0)
+    fig = fastpath.reused_figure(("fit", features), lambda: empty_fit_figure(features))
+    ax = fig.axes[0]
+    for j, line in zip(features, ax.lines):  # the feature lines come first, then the zero line
+        line.set_data(x[:, j], residual)
+    ax.set_title(f"residuals of the fit, MSE {mse:.4g} (a curve: the model misses a shape)", y=1.0, fontsize=10)
+    ax.relim()
+    if not drawn:  # no data limits: a fixed x range, the same on a new figure as on a reused one
+        ax.set_xlim(-1, 1, auto=None)
+    ax.autoscale_view()
+    return fig
+
+
+def empty_fit_figure(features: tuple[int, ...]) -> "Figure":
+    """An empty residual plot with one line per feature: one panel, fixed margins, few ticks."""
     # Imported here, so runs without a dashboard never load matplotlib. A bare Figure (no pyplot) needs
     # no display, no backend choice and no figure manager: the headless way to draw one image.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
-    # NumPy arrays, not tensors: matplotlib's unit checks iterate what they plot, element by element.
-    residual, x = (y - y_hat).numpy(), x.numpy()
-    # Constant columns (the ones column of the manual model) carry no information: skip them.
-    features = [j for j in range(x.shape[1]) if x[:, j].std() > 0]
     # Fixed margins (no tight_layout), a title at a fixed height (automatic placement measures every tick
     # label), few ticks, and marker lines instead of scatter collections: the cheap way to draw it.
     fig = Figure(figsize=(6.4, 4))
     ax = fig.subplots()
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91)
     for j in features:
-        ax.plot(x[:, j], residual, ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
+        ax.plot([], [], ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
     ax.axhline(0, color="black", linewidth=1)
     ax.set(xlabel="feature value", ylabel="residual y − ŷ")
-    ax.set_title(f"residuals of the fit, MSE {mse:.4g} (a curve: the model misses a shape)", y=1.0, fontsize=10)
     if 0 < len(features) <= 10:
         ax.legend(loc="upper right")
     ax.xaxis.set_major_locator(MaxNLocator(5))
@@ -258,9 +274,10 @@ def figure_pixels(fig: "Figure") -> np.ndarray:
     """A figure drawn by matplotlib's Agg canvas, as RGB pixels (height, width, 3) for `add_image`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(fig)
+    # A figure drawn before keeps its canvas: its renderer's text-size cache is reused.
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3]
+    return np.array(canvas.buffer_rgba())[..., :3]  # a copy: a reused figure's next draw overwrites the buffer
 
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -1,14 +1,17 @@
-"""The fast path: the project's only uses of private library APIs, in one place, behind one switch.
+"""The fast path: the project's uses of private library APIs and its process-wide caches, behind one switch.
 
 `LINREG_FASTPATH=0` in the environment turns all of it off, and every run takes the public path with
 the same numbers bit for bit (tests/test_fastpath.py compares the two). A piece is here only while it
 carries a measured gain on a `make bench` target (benchmarks/README.md, "The fast path").
 
 Private uses (2 of at most 4): `LightningOptimizer._on_before_step` and `LightningOptimizer._on_after_step`,
-the step bookkeeping Lightning's manual-optimization loop installs on each optimizer.
+the step bookkeeping Lightning's manual-optimization loop installs on each optimizer (the lean step).
+One process-wide cache, of public objects: the matplotlib figures of `reused_figure`.
 """
 
 import os
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -32,14 +35,31 @@ def lean_steps(trainer: L.Trainer) -> bool:
     return enabled() and single
 
 
-def lean_backward_and_step(loss: Tensor, opt: LightningOptimizer) -> None:
-    """`loss.backward()` and the optimizer's own step, inside the bookkeeping `LightningOptimizer.step` adds.
+def lean_backward_and_step(loss: Tensor, opt: LightningOptimizer, update: Callable[[], Any]) -> None:
+    """`loss.backward()` and `update()`, inside the bookkeeping `LightningOptimizer.step` adds around a step.
 
     The public path (`manual_backward` + `LightningOptimizer.step`) also runs the strategy's and precision
     plugin's wrappers and the callbacks' backward and optimizer-step hooks: on one device at 32-bit they
-    change nothing here, and they cost more than the SGD step of a 3-parameter model.
+    change nothing here, and they cost more than the SGD step of a 3-parameter model. `update` is the
+    optimizer's step, or its update alone without torch's per-step hook wrapper (`HandSGD.update`).
     """
     loss.backward()
     opt._on_before_step()  # private: the profiler's "optimizer_step" section opens
-    opt.optimizer.step()
+    update()
     opt._on_after_step()  # private: the step is counted (what `trainer.global_step` reads)
+
+
+_figures: dict[Hashable, Any] = {}  # matplotlib figures by what shapes them, kept for the process
+
+
+def reused_figure(key: Hashable, make: Callable[[], Any]) -> Any:
+    """`make()`'s figure, made once per process for each key and handed out again (to be redrawn) after that.
+
+    Every job of a sweep draws the same empty plot before its data; matplotlib's artists, ticks and text
+    layout cost more than a small job's training. Off the fast path, a new figure every time.
+    """
+    if not enabled():
+        return make()
+    if key not in _figures:
+        _figures[key] = make()
+    return _figures[key]
