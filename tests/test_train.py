@@ -3,7 +3,6 @@
 import gc
 import json
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -12,13 +11,10 @@ import time
 import weakref
 from pathlib import Path
 
-import cloudpickle
 import pytest
 import torch
 
-import linreg.train
 from linreg.data import RegressionDataModule
-from linreg.stack import import_training_stack
 from linreg.train import CONFIG_DIR, RunDirBusy, run
 from tests.conftest import REPO, run_cli
 
@@ -108,8 +104,7 @@ def test_same_config_gives_bit_identical_numbers(make_cfg, tmp_path):
 
 
 def test_finished_runs_leave_their_data_to_the_gc(make_cfg, tmp_path, monkeypatch):
-    # The imports are frozen out of the GC once per process: a freeze after a job had made its objects
-    # would keep that job's data (a Trainer/DataModule cycle) for the life of a sweep's process.
+    # A sweep's process runs job after job: nothing may keep a finished job's data (a Trainer/DataModule cycle).
     made: list[weakref.ref] = []
     setup = RegressionDataModule.setup
 
@@ -125,29 +120,13 @@ def test_finished_runs_leave_their_data_to_the_gc(make_cfg, tmp_path, monkeypatc
     assert len(made) == 3 and [ref() for ref in made] == [None, None, None]
 
 
-def test_runs_pickled_by_value_freeze_the_imports_once(make_cfg, tmp_path, monkeypatch):
-    # Run as `python -m linreg.train`, train.py is __main__, and joblib and submitit pickle `run` by value for
-    # every job, with fresh copies of its globals: "once per process" must hold across those copies, or each
-    # job of a worker would freeze the jobs before it (and their data) for the worker's life.
-    freezes: list[int] = []
-    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1))
-    import_training_stack.cache_clear()  # as in a fresh worker
-    cloudpickle.register_pickle_by_value(linreg.train)
-    try:
-        jobs = [pickle.loads(cloudpickle.dumps(linreg.train.run)) for _ in range(2)]
-    finally:
-        cloudpickle.unregister_pickle_by_value(linreg.train)
-    for i, job in enumerate(jobs):
-        job(make_cfg("data.num_examples=100", "trainer.max_epochs=1", run_dir=tmp_path / str(i)))
-    assert freezes == [1]
-
-
-def test_a_deterministic_run_goes_without_torchs_nan_fill(make_cfg):
-    # The fill costs ~12% of a step and no bits (tests/test_models.py compares the weights with and without it).
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    run(make_cfg("data.num_examples=100", "trainer.max_epochs=1"))
-    assert torch.are_deterministic_algorithms_enabled()
-    assert torch.utils.deterministic.fill_uninitialized_memory is False
+def test_a_run_leaves_torchs_process_flags_as_it_found_them(make_cfg):
+    # Deterministic mode is Lightning's (trainer.deterministic); nothing of the project's stays set after a run.
+    torch.set_num_threads(2)
+    run(make_cfg("data.num_examples=100", "trainer.max_epochs=1", "threads=1"))
+    assert torch.get_num_threads() == 2  # the run's own thread count is restored
+    assert torch.utils.deterministic.fill_uninitialized_memory is True
+    assert torch.are_deterministic_algorithms_enabled()  # what Lightning's deterministic=True sets
 
 
 def test_a_diverging_run_is_an_outcome_not_a_crash(make_cfg):

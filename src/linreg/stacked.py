@@ -364,8 +364,6 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         log_every_n_steps=1,
         deterministic=t.deterministic,
     )
-    if t.deterministic:
-        torch.utils.deterministic.fill_uninitialized_memory = False  # as linreg.train.build_trainer (same bits)
     return trainer
 
 
@@ -401,9 +399,16 @@ def stack_data(
 
 def train_group(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
     """Train the group's members as one stacked model in one `Trainer.fit`; a result (or error) per member."""
+    from linreg.train import torch_threads
+
+    with torch_threads(cfgs[0].threads):  # the same reductions whichever process runs the group
+        return train_members(cfgs)
+
+
+def train_members(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
+    """`train_group`'s work, with the group's thread count set."""
     first = cfgs[0]
     name = first.model.name
-    torch.set_num_threads(first.threads)  # the same reductions whichever process runs the group
     x, y, ols, failed = stack_data(cfgs, MODELS[name].uses_ones_column)
     good = [c for j, c in enumerate(cfgs) if j not in failed]
     if not good:

@@ -6,6 +6,7 @@ that need them: a bad command line is refused in a blink, before any of them loa
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,6 +199,19 @@ def resume_point(out: Path, cfg: DictConfig) -> Path | None:
     return ckpt
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for a run (the same reductions whichever launcher runs it), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_finite_data(dm: Any, cfg: DictConfig) -> None:
     """Refuse data that overflowed float32 (huge w, delta or deg) before training on it."""
     import torch
@@ -228,7 +243,7 @@ def run(
             log.info("resume: %s already finished with this config; nothing to train", out)
             return done
         ckpt = resume_point(out, cfg)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_threads(cfg.threads):
             for message in NOISE:
                 warnings.filterwarnings("ignore", message=message)
             return fit(cfg, out, ckpt, label, progress, in_sweep)
@@ -237,12 +252,10 @@ def run(
 def fit(cfg: DictConfig, out: Path, ckpt: Path | None, label: str, progress: bool, in_sweep: bool) -> dict[str, Any]:
     """Build DataModule, LightningModule and Trainer, fit, and write the run record."""
     import lightning as L
-    import torch
 
     from linreg.data import RegressionDataModule
     from linreg.models import MODELS
 
-    torch.set_num_threads(cfg.threads)  # the same reductions whichever process (launcher) runs the job
     model_cls = MODELS[cfg.model.name]
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = RegressionDataModule(

@@ -66,7 +66,7 @@ class VectorizedLauncher(Launcher):
         from linreg.stack import import_training_stack
 
         assert self.config is not None and self.hydra_context is not None
-        import_training_stack()  # before any job's objects exist (it freezes what the imports made)
+        import_training_stack()  # once, before the first group: the imports are what a job's set-up waits on
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
