@@ -119,7 +119,7 @@ def ratios(rounds: int, workload: dict[str, Any], tmp: Path) -> list[dict[str, A
     counter = iter(range(10**6))
 
     def project(model: str, setting: str) -> float:
-        # The measure is `run(cfg)`: composing cfg (Hydra, ~0.2 s) is the CLI's work, not timed here.
+        # The measure is `run(cfg)`: composing cfg with Hydra is the command line's work, not timed here.
         cfg = project_cfg(model, base + SETTINGS[setting], tmp / f"ratio-{next(counter)}")
         return timed(lambda: run(cfg))
 
