@@ -125,7 +125,7 @@ class RegressionDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.features: Tensor | None = None
         self.labels: Tensor | None = None
-        self._ols_mse: float | None = None  # cached: the data never changes after setup
+        self.ols_cache: float | None = None  # cached: the data never changes after setup
 
     @property
     def in_features(self) -> int:
@@ -154,11 +154,11 @@ class RegressionDataModule(L.LightningDataModule):
 
     def ols_mse(self) -> float:
         """Closed-form least-squares MSE on this data: the floor any linear model can reach."""
-        if self._ols_mse is None:
-            self._ols_mse = self._least_squares_mse()
-        return self._ols_mse
+        if self.ols_cache is None:
+            self.ols_cache = self.least_squares_mse()
+        return self.ols_cache
 
-    def _least_squares_mse(self) -> float:
+    def least_squares_mse(self) -> float:
         """Least squares through the float64 normal equations, summed a chunk of rows at a time."""
         # lstsq on the whole float64 design matrix would hold several times the data's bytes at once;
         # one pass over chunks of [X, y] keeps it at a few MiB.
