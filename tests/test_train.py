@@ -368,9 +368,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tiny_disk):
 
 def run_on_a_terminal(*args: str) -> str:
     """The CLI with a pseudo-terminal as stdout and stderr (what a user at a shell has); returns what it showed."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal has a size
     cmd = [sys.executable, "-m", "linreg.train", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
     os.close(follower)

@@ -152,12 +152,17 @@ def build_trainer(cfg: DictConfig, out: Path, label: str, progress: bool, in_swe
     bar = t.get("enable_progress_bar")
     if bar is None:  # automatic: a long single run on a terminal
         bar = progress and sys.stderr.isatty() and estimated_steps(cfg) >= PROGRESS_MIN_STEPS
+    callbacks = build_callbacks(cfg, out, progress, in_sweep)
+    if bar:  # Lightning's tqdm bar, named: with rich installed Lightning would pick its rich one instead
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar())
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         max_epochs=t.max_epochs,
         logger=build_loggers(cfg, out, label) or False,
-        callbacks=build_callbacks(cfg, out, progress, in_sweep),
+        callbacks=callbacks,
         log_every_n_steps=1,  # the module samples train/loss itself
         enable_checkpointing=True,
         enable_progress_bar=bar,
