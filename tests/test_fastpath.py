@@ -5,14 +5,13 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from linreg import fastpath
 from linreg.dashboard import figure_pixels, fit_figure
-from linreg.data import RegressionDataModule
-from linreg.models import MODELS
 from linreg.train import run
+from tests.test_dashboard import fit_data
+from tests.test_models import fit
 
 SRC = Path(fastpath.__file__).resolve().parent
 PRIVATE = re.compile(r"\._[a-z]\w*")  # an attribute whose name starts with one underscore
@@ -53,26 +52,6 @@ def scalars(ea: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
-def fit(name: str, steps_per_call: int, max_epochs: int = 2) -> tuple[L.LightningModule, int]:
-    """Fit one module on the tutorial's default data; returns it and the trainer's step count."""
-    cls = MODELS[name]
-    dm = RegressionDataModule(ones_column=cls.uses_ones_column, steps_per_call=steps_per_call)
-    dm.setup("fit")
-    torch.manual_seed(0)
-    model = cls(in_features=dm.in_features, log_every_n_steps=10)
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
-    trainer.fit(model, datamodule=dm)
-    return model, trainer.global_step
-
-
 @pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False), ("false", False), (" OFF ", False)])
 def test_one_switch_in_the_environment(monkeypatch, value, on):
     if value is None:
@@ -87,9 +66,10 @@ def test_one_switch_in_the_environment(monkeypatch, value, on):
 def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name, steps_per_call):
     # _on_before_step/_on_after_step: the lean step against manual_backward + LightningOptimizer.step.
     monkeypatch.setenv(fastpath.SWITCH, "0")
-    public, public_steps = fit(name, steps_per_call)
+    public = fit(name, steps_per_call, max_epochs=2, log_every_n_steps=10)
     monkeypatch.setenv(fastpath.SWITCH, "1")
-    lean, lean_steps = fit(name, steps_per_call)
+    lean = fit(name, steps_per_call, max_epochs=2, log_every_n_steps=10)
+    lean_steps, public_steps = lean.global_step_seen, public.global_step_seen
     assert not public.lean_steps and lean.lean_steps
     assert lean.weights() == public.weights()
     assert lean.epoch_mse == public.epoch_mse
@@ -97,7 +77,7 @@ def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name,
 
 
 def test_manual_weight_stays_a_leaf_on_the_lean_path():
-    model, _ = fit("manual", steps_per_call=1, max_epochs=1)
+    model = fit("manual", steps_per_call=1, max_epochs=1, log_every_n_steps=10)
     assert model.lean_steps and model.w.is_leaf and model.w.requires_grad
     assert model.weights() == pytest.approx([2, -1, 1], abs=0.01)
 
@@ -123,15 +103,6 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
     assert fast_events.Graph() == public_events.Graph()
     (public_image,), (fast_image,) = public_events.Images("fit"), fast_events.Images("fit")
     assert fast_image.encoded_image_string == public_image.encoded_image_string
-
-
-def fit_data(seed: int, scale: float, diverged: bool = False) -> tuple[torch.Tensor, ...]:
-    """Features with a ones column, labels and predictions for a fit figure."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat((torch.randn(300, 2, generator=g) * scale, torch.ones(300, 1)), 1)
-    y = x[:, 0] ** 2 + torch.randn(300, generator=g)
-    y_hat = torch.full((300,), torch.nan) if diverged else x[:, 0] * 0.5
-    return x, y, y_hat
 
 
 @pytest.mark.parametrize(
