@@ -130,6 +130,12 @@ def refuse_other_runs(out: Path, cfg: DictConfig, check_lock: bool = True) -> No
         raise RunDirBusy("hydra.run.dir", str(out), "holds a checkpoint of another config; use another dir")
 
 
+def sweep_value(metrics: dict[str, Any]) -> float:
+    """What a job returns to its sweeper: the train MSE, inf when there is none (a minimising sweeper needs one)."""
+    mse = metrics.get("train_mse")
+    return math.inf if mse is None else mse
+
+
 def finite_or_none(value: Any) -> Any:
     """NaN/inf become null: JSON has no NaN, and a non-finite number is no result."""
     if isinstance(value, float) and not math.isfinite(value):

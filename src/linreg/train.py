@@ -34,6 +34,7 @@ from linreg.record import (
     job_config,
     read_json,
     refuse_other_runs,
+    sweep_value,
     write_failure,
     write_json_atomic,
 )
@@ -352,7 +353,7 @@ def main(cfg: DictConfig) -> float:
         return math.inf  # a sweeper minimising train_mse (optuna) needs a number
     if not sweep:
         print(result_line(metrics))
-    return math.inf if metrics["train_mse"] is None else metrics["train_mse"]
+    return sweep_value(metrics)
 
 
 if __name__ == "__main__":

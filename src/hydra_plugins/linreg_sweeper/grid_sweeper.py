@@ -14,7 +14,6 @@
 
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -218,6 +217,7 @@ class GridSweeper(Sweeper):
             working_dir=str(cfg.hydra.runtime.output_dir) if cfg.hydra.job.chdir else str(Path.cwd()),
             task_name=cfg.hydra.job.name,
         )
-        mse = metrics["train_mse"]
-        ret.status, ret.return_value = JobStatus.COMPLETED, math.inf if mse is None else mse
+        from linreg.record import sweep_value
+
+        ret.status, ret.return_value = JobStatus.COMPLETED, sweep_value(metrics)  # as linreg.train.main
         return ret

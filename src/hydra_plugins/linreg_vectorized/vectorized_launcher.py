@@ -264,18 +264,12 @@ def quiet_lightning() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def mse_return(metrics: dict[str, Any]) -> float:
-    """What `linreg.train.main` returns: the train MSE, inf when there is none (a minimising sweeper needs one)."""
-    mse = metrics.get("train_mse")
-    return math.inf if mse is None else mse
-
-
 def record_task(job: Job, result: Any) -> Callable[[DictConfig], Any]:
     """The task of a trained member: its TensorBoard run, then metrics.json (the mark of a finished job)."""
 
     def task(cfg: DictConfig) -> float:
         from linreg.dashboard import run_label
-        from linreg.record import failed_metrics, write_failure, write_json_atomic
+        from linreg.record import failed_metrics, sweep_value, write_failure, write_json_atomic
         from linreg.results import read_plan
         from linreg.stacked import write_member_logs
 
@@ -288,7 +282,7 @@ def record_task(job: Job, result: Any) -> Callable[[DictConfig], Any]:
             write_failure(job.out, failed_metrics(cfg, err))
             logging.getLogger("linreg.train").error(f"job failed: {err}")
             return math.inf
-        return mse_return(result.metrics)
+        return sweep_value(result.metrics)
 
     return task
 
@@ -323,6 +317,8 @@ def done_task(metrics: dict[str, Any]) -> Callable[[DictConfig], Any]:
 
     def task(cfg: DictConfig) -> float:
         logging.getLogger("linreg.train").info("resume: already finished with this config; nothing to train")
-        return mse_return(metrics)
+        from linreg.record import sweep_value
+
+        return sweep_value(metrics)
 
     return task
