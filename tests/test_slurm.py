@@ -12,6 +12,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,16 @@ def test_grid_runs_as_slurm_array(slurm: dict[str, str], tmp_path: Path, monkeyp
     array_id = submitted[0].split("_")[0]
     assert submitted == [f"{array_id}_0", f"{array_id}_1"]
     node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
-    states = job_states(array_id, slurm)
-    assert {task: states.get(task) for task in submitted} == {task: ("COMPLETED", node) for task in submitted}
+    # submitit reads a task's result as soon as the task writes it; SLURM marks it COMPLETED when the step exits.
+    want = {task: ("COMPLETED", node) for task in submitted}
+    deadline = time.monotonic() + 60
+    while (got := {task: job_states(array_id, slurm).get(task) for task in submitted}) != want:
+        if time.monotonic() > deadline or any(
+            state not in ("RUNNING", "COMPLETING", "COMPLETED") for state, _ in filter(None, got.values())
+        ):
+            break
+        time.sleep(1)
+    assert got == want
 
     # The multirun callback's table, built in the submitting process from the jobs' metrics.json.
     assert (sweep / "results.md").is_file()
