@@ -24,11 +24,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 W = {"num_examples": 30_000, "epochs": 3, "batch_size": 10, "lr": 0.03}
-FAST = ["trainer.steps_per_call=100", "logger.tensorboard.fit_figure=false"]  # the documented fast setting
+FAST = ["data.batches_per_call=100", "logger.tensorboard.fit_figure=false"]  # the documented fast setting
 # Rows of the ratio table: the defaults, one Lightning call per SGD step (for comparison), the fast setting.
 SETTINGS = {
     "default": [],
-    "one call a step: trainer.steps_per_call=1": ["trainer.steps_per_call=1"],
+    "one call a step: data.batches_per_call=1": ["data.batches_per_call=1"],
     "fast: " + " ".join(FAST): FAST,
 }
 GRID = ["sweep=tutorial"]  # model x deg x delta x lr x batch: 48 jobs, 1000 samples, 3 epochs

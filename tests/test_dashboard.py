@@ -52,10 +52,10 @@ def session_hparams(ea: EventAccumulator) -> dict[str, object]:
     return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
 
-@pytest.mark.parametrize(("model", "steps_per_call"), [("manual", 1), ("linear", 1), ("manual", 5)])
-def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model, steps_per_call):
+@pytest.mark.parametrize(("model", "batches_per_call"), [("manual", 1), ("linear", 1), ("manual", 5)])
+def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model, batches_per_call):
     # 1000 samples / batch 10 = 100 SGD steps an epoch, 300 in all; sampled every 25 of them.
-    cfg = make_cfg(f"model={model}", "trainer.log_every_n_steps=25", f"trainer.steps_per_call={steps_per_call}")
+    cfg = make_cfg(f"model={model}", "model.log_every_sgd_steps=25", f"data.batches_per_call={batches_per_call}")
     metrics = run(cfg)
     (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
     ea = accumulator(run_dir)
@@ -69,7 +69,7 @@ def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model, steps_per_c
     def steps(tag: str) -> list[int]:
         return [e.step for e in ea.Scalars(tag)]
 
-    # One axis for every curve, SGD steps, whatever steps_per_call is.
+    # One axis for every curve, SGD steps, whatever batches_per_call is.
     assert steps("train/mse") == [100, 200, 300] and values("train/mse")[-1] == pytest.approx(metrics["train_mse"])
     assert steps("train/loss") == list(range(0, 300, 25))  # the loss of steps 0, 25, ...
     for name in ("w1", "w2", "b"):
@@ -161,10 +161,27 @@ def test_the_fit_figure_shows_the_data_and_a_diverged_fit_draws_no_points():
 
 def test_no_logger_means_no_dashboard_cost(make_cfg):
     assert dashboard_callbacks(make_cfg("~logger")) == []
-    (dashboard,) = dashboard_callbacks(make_cfg())
-    assert dashboard.fit_figure and dashboard.every_n_steps == 50
-    assert not dashboard_callbacks(make_cfg("logger=csv"))[0].fit_figure  # no TensorBoard: no figure
-    assert not dashboard_callbacks(make_cfg("logger.tensorboard.fit_figure=false"))[0].fit_figure
+    assert dashboard_callbacks(make_cfg("logger.tensorboard=null")) == []
+    assert len(dashboard_callbacks(make_cfg("logger=csv"))) == 1
+
+
+def test_graph_and_fit_image_can_be_turned_off(make_cfg, tmp_path):
+    run(make_cfg("data.num_examples=100", "trainer.max_epochs=1", "logger.tensorboard.fit_figure=false",
+                 "logger.tensorboard.log_graph=false"))  # fmt: skip
+    (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
+    tags = accumulator(run_dir).Tags()
+    assert tags["images"] == [] and not tags["graph"] and "train/mse" in tags["scalars"]
+
+
+def test_a_logger_of_your_own_is_a_target(make_cfg, tmp_path):
+    # Lightning's own TensorBoardLogger in place of ours: a config value, no code (no fit image: ours draws it).
+    run(make_cfg("data.num_examples=100", "trainer.max_epochs=1", "logger=tensorboard_csv",
+                 "logger.tensorboard._target_=lightning.pytorch.loggers.TensorBoardLogger",
+                 "~logger.tensorboard.fit_figure", "~logger.tensorboard.write_every_s"))  # fmt: skip
+    (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
+    tags = accumulator(run_dir).Tags()
+    assert {"train/mse", "params/b", *HP_METRICS} <= set(tags["scalars"]) and tags["graph"] and tags["images"] == []
+    assert (tmp_path / "run" / "csv" / "metrics.csv").exists()
 
 
 def test_run_labels_are_one_path_part_and_ignore_resume():

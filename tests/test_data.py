@@ -141,8 +141,8 @@ def test_batches_cover_every_sample_once_with_a_short_last_batch():
     )
 
 
-def test_steps_per_call_chunks_the_same_batches():
-    plain, chunked = make_dm(), make_dm(steps_per_call=4)
+def test_batches_per_call_chunks_the_same_batches():
+    plain, chunked = make_dm(), make_dm(batches_per_call=4)
     loader = chunked.train_dataloader()
     assert len(loader) == 3 and [len(c) for c in loader] == [4, 4, 2]
     plain_batches, chunked_batches = epoch_labels(plain, 1), epoch_labels(chunked, 1)

@@ -143,7 +143,7 @@ def bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[list[str], str, str]]:
 
     real = good.read_bytes()
     other = json.loads(config)
-    other["model"] = {"name": "linear", "lr": 0.03, "init": "default"}
+    other["model"] = {"_target_": "linreg.models.LinearRegression", "lr": 0.03, "init": "default"}
     torch.save({"state_dict": {}, "hyper_parameters": {"x": Path("/")}}, tmp / "object.ckpt")
     (tmp / "config.json").write_text(config)
     return {

@@ -62,13 +62,13 @@ def test_one_switch_in_the_environment(monkeypatch, value, on):
 
 
 @pytest.mark.parametrize("name", ["manual", "linear"])
-@pytest.mark.parametrize("steps_per_call", [1, 7])
-def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name, steps_per_call):
+@pytest.mark.parametrize("batches_per_call", [1, 7])
+def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name, batches_per_call):
     # _on_before_step/_on_after_step: the lean step against manual_backward + LightningOptimizer.step.
     monkeypatch.setenv(fastpath.SWITCH, "0")
-    public = fit(name, steps_per_call, max_epochs=2, log_every_n_steps=10)
+    public = fit(name, batches_per_call, max_epochs=2, log_every_sgd_steps=10)
     monkeypatch.setenv(fastpath.SWITCH, "1")
-    lean = fit(name, steps_per_call, max_epochs=2, log_every_n_steps=10)
+    lean = fit(name, batches_per_call, max_epochs=2, log_every_sgd_steps=10)
     lean_steps, public_steps = lean.global_step_seen, public.global_step_seen
     assert not public.lean_steps and lean.lean_steps
     assert lean.weights() == public.weights()
@@ -77,7 +77,7 @@ def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name,
 
 
 def test_manual_weight_stays_a_leaf_on_the_lean_path():
-    model = fit("manual", steps_per_call=1, max_epochs=1, log_every_n_steps=10)
+    model = fit("manual", batches_per_call=1, max_epochs=1, log_every_sgd_steps=10)
     assert model.lean_steps and model.w.is_leaf and model.w.requires_grad
     assert model.weights() == pytest.approx([2, -1, 1], abs=0.01)
 
@@ -91,7 +91,7 @@ def test_the_lean_step_is_for_one_device_at_32_bit_only():
 
 @pytest.mark.parametrize("model", ["manual", "linear"])
 def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path, monkeypatch, model):
-    overrides = (f"model={model}", "data.num_examples=300", "trainer.steps_per_call=4")
+    overrides = (f"model={model}", "data.num_examples=300", "data.batches_per_call=4")
     monkeypatch.setenv(fastpath.SWITCH, "0")
     public = run(make_cfg(*overrides, run_dir=tmp_path / "public"))
     monkeypatch.setenv(fastpath.SWITCH, "1")

@@ -172,7 +172,7 @@ def test_a_plain_value_hydra_refuses_gets_hydras_own_error(loaders):
 
 def test_a_group_option_found_through_hydra_searchpath_composes_as_hydras(hydra_loader, tmp_path):
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "fancy.yaml").write_text("name: linear\nlr: 0.5\ninit: zeros\n")
+    (tmp_path / "model" / "fancy.yaml").write_text("_target_: linreg.models.LinearRegression\nlr: 0.5\ninit: zeros\n")
     overrides = ["hydra.sweep.dir=/tmp/x", f"hydra.searchpath=[file://{tmp_path}]"]
     master = hydra_loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
     cached = CachedConfigLoader(hydra_loader)

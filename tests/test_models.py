@@ -5,19 +5,19 @@ import pytest
 import torch
 
 from linreg.data import RegressionDataModule
-from linreg.models import MODELS, HandSGD, LinearRegression, ManualRegression, sgd, squared_loss
+from linreg.models import HandSGD, LinearRegression, ManualRegression, sgd, squared_loss
 
 
 def fit(
     name: str,
-    steps_per_call: int = 1,
+    batches_per_call: int = 1,
     max_epochs: int = 3,
     deterministic: bool = False,
     **model_kwargs,
 ):
     """Fit one module on the tutorial's default data."""
-    cls = MODELS[name]
-    dm = RegressionDataModule(ones_column=cls.uses_ones_column, steps_per_call=steps_per_call)
+    cls = {"manual": ManualRegression, "linear": LinearRegression}[name]
+    dm = RegressionDataModule(ones_column=cls.uses_ones_column, batches_per_call=batches_per_call)
     dm.setup("fit")
     torch.manual_seed(0)
     model = cls(in_features=dm.in_features, **model_kwargs)
@@ -71,8 +71,8 @@ def test_each_model_converges_to_the_true_weights_with_a_real_step_count(name):
 
 
 @pytest.mark.parametrize("name", ["manual", "linear"])
-def test_several_steps_per_call_give_exactly_the_plain_updates(name):
-    plain, fast = fit(name, max_epochs=2), fit(name, steps_per_call=7, max_epochs=2)
+def test_several_batches_per_call_give_exactly_the_plain_updates(name):
+    plain, fast = fit(name, max_epochs=2), fit(name, batches_per_call=7, max_epochs=2)
     assert fast.weights() == plain.weights()
     assert fast.epoch_mse == plain.epoch_mse
     assert fast.global_step_seen == plain.global_step_seen == 200
@@ -95,9 +95,9 @@ def test_a_huge_learning_rate_is_recorded_as_divergence():
 
 
 def test_deterministic_mode_gives_the_same_bits():
-    plain = fit("manual", steps_per_call=7, max_epochs=2)
+    plain = fit("manual", batches_per_call=7, max_epochs=2)
     try:
-        deterministic = fit("manual", deterministic=True, steps_per_call=7, max_epochs=2)
+        deterministic = fit("manual", deterministic=True, batches_per_call=7, max_epochs=2)
     finally:
         torch.use_deterministic_algorithms(False)  # Lightning leaves the process-wide flag on
     assert deterministic.weights() == plain.weights()

@@ -64,7 +64,7 @@ def test_params_grammar_becomes_optuna_distributions():
         "trainer.max_epochs": "range(1, 5)",
         "data.delta": "range(0.5, 2.0, 0.5)",
         "data.deg": "int(interval(1, 3))",
-        "trainer.log_every_n_steps": "tag(log, int(interval(1, 64)))",
+        "model.log_every_sgd_steps": "tag(log, int(interval(1, 64)))",
         "data.num_examples": "shuffle(range(100, 300, 100))",
         "seed": "7",
     }
@@ -74,7 +74,7 @@ def test_params_grammar_becomes_optuna_distributions():
         "trainer.max_epochs": IntDistribution(1, 5),  # as hydra-optuna-sweeper: range's stop is Optuna's high
         "data.delta": FloatDistribution(0.5, 2.0, step=0.5),
         "data.deg": IntDistribution(1, 3),
-        "trainer.log_every_n_steps": IntDistribution(1, 64, log=True),
+        "model.log_every_sgd_steps": IntDistribution(1, 64, log=True),
         "data.num_examples": CategoricalDistribution([100, 200]),  # a shuffled range is Hydra's list of values
         "model": CategoricalDistribution(["manual", "linear"]),
     }

@@ -31,7 +31,8 @@ def fake_job(sweep: Path, num: int, overrides: list[str], text: str | None = Non
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
-    cfg = {"seed": 420, "model": {"name": "manual", "lr": 0.03}, "data": {"deg": 1, "delta": 0.01, "batch_size": 10}}
+    model = {"_target_": "linreg.models.ManualRegression", "lr": 0.03}
+    cfg = {"seed": 420, "model": model, "data": {"deg": 1, "delta": 0.01, "batch_size": 10}}
     OmegaConf.save(OmegaConf.create(cfg), job / ".hydra" / "config.yaml")
     if metrics or text is not None:
         (job / "metrics.json").write_text(json.dumps({**BASE, **metrics}) if text is None else text)

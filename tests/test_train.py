@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from linreg.data import RegressionDataModule
+from linreg.record import model_name
 from linreg.train import CONFIG_DIR, RunDirBusy, run
 from tests.conftest import REPO, run_cli
 
@@ -67,7 +68,7 @@ PRESETS = {
 def test_every_experiment_preset_composes(make_cfg, preset):
     cfg = make_cfg(f"experiment={preset}")
     expected = PRESETS[preset]
-    assert (cfg.model.name, cfg.data.deg, cfg.data.delta) == expected
+    assert (model_name(cfg.model._target_), cfg.data.deg, cfg.data.delta) == expected
     assert (cfg.data.num_examples, cfg.data.batch_size, cfg.model.lr, cfg.trainer.max_epochs) == (1000, 10, 0.03, 3)
 
 

@@ -60,9 +60,11 @@ def assert_same_runs(vec: dict[str, dict], basic: dict[str, dict], rel: float = 
 
 def test_group_key_splits_on_shape_not_numbers():
     base = OmegaConf.create(
-        {"seed": 1, "resume": False, "threads": 1, "model": {"name": "linear", "lr": 0.1, "init": "default"},
-         "data": {"num_examples": 100, "w": [2, -1, 1], "bias": True, "delta": 0.01, "deg": 1, "batch_size": 10},
-         "trainer": {"max_epochs": 3, "steps_per_call": 10}, "logger": {"csv": {}}}
+        {"seed": 1, "resume": False, "threads": 1,
+         "model": {"_target_": "linreg.models.LinearRegression", "lr": 0.1, "init": "default"},
+         "data": {"num_examples": 100, "w": [2, -1, 1], "bias": True, "delta": 0.01, "deg": 1, "batch_size": 10,
+                  "batches_per_call": 10},
+         "trainer": {"max_epochs": 3}, "logger": {"csv": {}}}
     )  # fmt: skip
 
     def key(**changes: Any) -> str:
@@ -74,8 +76,9 @@ def test_group_key_splits_on_shape_not_numbers():
     same = [key(seed=2), key(model__lr=3.0), key(data__delta=2), key(data__deg=2), key(data__w=[1, 1, 0])]
     same += [key(model__init="zeros"), key(logger=None), key(resume=True)]
     assert set(same) == {key()}
-    other = [key(model__name="manual"), key(data__batch_size=20), key(data__num_examples=50), key(data__w=[1, 0])]
-    other += [key(trainer__max_epochs=2), key(trainer__steps_per_call=1), key(threads=2)]
+    other = [key(model___target_="linreg.models.ManualRegression"), key(data__batch_size=20)]
+    other += [key(data__num_examples=50), key(data__w=[1, 0])]
+    other += [key(trainer__max_epochs=2), key(data__batches_per_call=1), key(threads=2)]
     assert len({key(), *other}) == len(other) + 1
 
 

@@ -15,7 +15,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MODEL_NAMES = ("manual", "linear")  # linreg.models.MODELS (not imported here: Lightning is slow to import)
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 INITS = ("default", "zeros")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -116,45 +115,66 @@ DATA = {
     "delta": number_in(0, False, "must be a finite number >= 0 (at most 3.4e38, float32)"),
     "deg": int_in(1, MAX_DEG, f"must be a positive integer (at most {MAX_DEG}: higher powers overflow float32)"),
     "batch_size": positive_int,
+    "batches_per_call": positive_int,
 }
-MODEL = {
-    "name": one_of(*MODEL_NAMES),
-    "lr": number_in(0, True, "must be a finite number > 0 (at most 3.4e38, float32)"),
-}
-MODEL_EXTRA = {"linear": {"init": one_of(*INITS)}}
 TRAINER = {
     "accelerator": one_of(*ACCELERATORS),
     "devices": one_device,
     "max_epochs": positive_int,
-    "log_every_n_steps": positive_int,
-    "steps_per_call": positive_int,
     "deterministic": boolean,
     "enable_progress_bar": optional_boolean,
 }
-TENSORBOARD = {
-    "log_graph": boolean,
-    "fit_figure": boolean,
-    "write_every_s": number_in(0, False, "must be a finite number >= 0"),
+# The arguments of the project's own classes a `_target_` may name (a `_target_` of yours takes its own).
+REGRESSION = {
+    "_target_": lambda key, v: None,
+    "lr": number_in(0, True, "must be a finite number > 0 (at most 3.4e38, float32)"),
+    "log_every_sgd_steps": positive_int,
+}
+MODELS = {
+    "linreg.models.ManualRegression": REGRESSION,
+    "linreg.models.LinearRegression": {**REGRESSION, "init": one_of(*INITS)},
+}
+LOGGERS = {
+    "linreg.dashboard.BufferedTensorBoardLogger": {
+        "_target_": lambda key, v: None,
+        "name": lambda key, v: None,
+        "log_graph": boolean,
+        "default_hp_metric": boolean,
+        "fit_figure": boolean,
+        "write_every_s": number_in(0, False, "must be a finite number >= 0"),
+    },
+    "lightning.pytorch.loggers.CSVLogger": {
+        "_target_": lambda key, v: None,
+        "name": lambda key, v: None,
+        "version": lambda key, v: None,
+    },
+}
+MOVED = {  # keys of earlier versions, and where they went
+    "trainer.steps_per_call": "data.batches_per_call",
+    "trainer.log_every_n_steps": "model.log_every_sgd_steps",
+    "model.name": "model._target_ (choose a model with model=manual or model=linear)",
 }
 TOP = {
     "seed": int_in(0, SEED_MAX, f"must be an integer from 0 to {SEED_MAX}"),
     "resume": boolean,
     "threads": int_in(1, 1024, "must be a positive integer (torch's intra-op threads for this run)"),
 }
-GROUPS = {"data": DATA, "model": MODEL, "trainer": TRAINER}
-OPTIONAL = {"trainer.enable_progress_bar"}  # keys that may be left out
+GROUPS = ("data", "model", "trainer", "logger")
+OPTIONAL = {"trainer.enable_progress_bar", "model.log_every_sgd_steps", "model.init"}  # keys that may be left out
 
 
 def unknown_key(key: str, value: Any, known: list[str]) -> ConfigError:
     """`+data.foo=1`-style typos: refused, with the nearest valid key when there is one."""
+    if key in MOVED:
+        return ConfigError(key, value, f"this key is now {MOVED[key]}")
     prefix, _, name = key.rpartition(".")
     near = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}? " if near else ""
     return ConfigError(key, value, f"unknown key; {hint}(known here: {', '.join(known)})")
 
 
-def check_mapping(prefix: str, got: Any, schema: dict[str, Check], option: str) -> None:
-    """Every key of `schema` present and valid, and no other key."""
+def check_mapping(prefix: str, got: Any, schema: dict[str, Check], option: str, required: bool = True) -> None:
+    """Every key of `schema` present (unless not `required`: a class's defaults) and valid, and no other key."""
     if got is None:
         raise ConfigError(prefix, None, f"missing: choose a config group, e.g. {prefix}={option}")
     if not isinstance(got, dict):
@@ -165,29 +185,43 @@ def check_mapping(prefix: str, got: Any, schema: dict[str, Check], option: str) 
     for key, check in schema.items():
         full = f"{prefix}.{key}"
         if key not in got:
-            if full in OPTIONAL:
+            if full in OPTIONAL or not required:
                 continue
             raise ConfigError(full, None, f"missing (conf/{prefix.split('.')[0]}/ sets it)")
         check(full, got[key])
 
 
+def check_target(key: str, got: Any, known: dict[str, dict[str, Check]], option: str) -> None:
+    """A `_target_` group: the project's classes' arguments checked, another class importable."""
+    if not isinstance(got, dict):
+        what = "a logger (a mapping with a _target_) or null" if key.startswith("logger.") else "a config group"
+        raise ConfigError(key, got, f"must be {what}, e.g. {key.split('.')[0]}={option}")
+    target = got.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(f"{key}._target_", target, "must name a class, e.g. linreg.models.ManualRegression")
+    if target in known:
+        check_mapping(key, got, known[target], option, required=key == "model")
+        return
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    try:
+        found = hasattr(importlib.import_module(module), name)
+    except Exception as err:  # the user's module failed to import: say why in its words
+        raise ConfigError(f"{key}._target_", target, f"cannot be imported: {type(err).__name__}: {err}") from None
+    if not found:
+        raise ConfigError(f"{key}._target_", target, f"{module} has no {name}")
+
+
 def check_logger(lcfg: Any) -> None:
-    """`logger`: null (no logging), or any of `tensorboard` (with its settings) and `csv`."""
+    """`logger`: null (no logging), or loggers by name, each a `_target_` (or null: that one off)."""
     if lcfg is None:
         return
     if not isinstance(lcfg, dict):
         raise ConfigError("logger", lcfg, "must be a logger config (logger=tensorboard, csv, tensorboard_csv) or null")
     for key, value in lcfg.items():
-        if key not in ("tensorboard", "csv"):
-            raise unknown_key(f"logger.{key}", value, ["tensorboard", "csv"])
-    tb = lcfg.get("tensorboard")
-    if tb is not None:
-        if not isinstance(tb, dict):
-            raise ConfigError("logger.tensorboard", tb, "must be a mapping (conf/logger/tensorboard.yaml) or null")
-        check_mapping("logger.tensorboard", tb, TENSORBOARD, "tensorboard")
-    csv = lcfg.get("csv")
-    if csv is not None and csv != {}:
-        raise ConfigError("logger.csv", csv, "must be {} (on) or null (off): the CSV logger has no settings")
+        if value is not None:
+            check_target(f"logger.{key}", value, LOGGERS, "tensorboard")
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
@@ -222,16 +256,16 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad value; cheap, and runs before any data is made."""
     c = plain(cfg)
     for key, value in c.items():
-        if key not in (*TOP, *GROUPS, "logger"):
-            raise unknown_key(key, value, [*TOP, *GROUPS, "logger"])
+        if key not in (*TOP, *GROUPS):
+            raise unknown_key(key, value, [*TOP, *GROUPS])
     for key, check in TOP.items():
         if key not in c:
             raise ConfigError(key, None, "missing (conf/train.yaml sets it)")
         check(key, c[key])
     check_mapping("data", c.get("data"), DATA, "tutorial")
-    model = c.get("model")
-    name = model.get("name") if isinstance(model, dict) else None
-    check_mapping("model", model, {**MODEL, **MODEL_EXTRA.get(name, {})}, "manual")
+    if c.get("model") is None:
+        raise ConfigError("model", None, "missing: choose a config group, e.g. model=manual")
+    check_target("model", c["model"], MODELS, "manual")
     check_mapping("trainer", c.get("trainer"), TRAINER, "cpu")
     check_logger(c.get("logger"))
     d = c["data"]

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from linreg import fastpath
 from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
+from linreg.record import model_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,7 +37,7 @@ FIT_POINTS = 500  # about this many data points are drawn in the fit image (ever
 def dashboard_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The swept hyperparameters of a run, one scalar each (the same keys for every job)."""
     return {
-        "model": str(cfg.model.name),
+        "model": str(model_name(cfg.model._target_)),
         "deg": int(cfg.data.deg),
         "delta": float(cfg.data.delta),
         "lr": float(cfg.model.lr),
@@ -74,11 +75,14 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread.
     Held, the scalars are written in one burst, at their own wall times. After `write_every_s` they are
     saved from the logging call itself, so a long epoch still shows up live. Values are numbers or
-    one-element tensors (no dicts).
+    one-element tensors (no dicts). `fit_figure` asks the Dashboard for the image `fit` in this run.
     """
 
-    def __init__(self, *args: Any, write_every_s: float = 10.0, prefix: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, write_every_s: float = 10.0, fit_figure: bool = True, prefix: str = "", **kwargs: Any
+    ) -> None:
         super().__init__(*args, prefix=prefix, **kwargs)
+        self.fit_figure = fit_figure
         self.tag_prefix = f"{prefix}{self.LOGGER_JOIN_CHAR}" if prefix else ""  # as Lightning prefixes tags
         self.write_every_s = write_every_s
         self.pending: list[tuple[dict[str, float], int | None, float]] = []  # (scalars, step, wall time)
@@ -124,15 +128,13 @@ def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
 class Dashboard(L.Callback):
     """Everything the dashboards need beyond the module's own curves, in one callback.
 
-    `params/<name>` after each epoch and every `every_n_steps` SGD steps; the HParams record
-    (`hparams` with `hp/train_mse`, `hp/ols_gap`); the model graph; and, with `fit_figure`, the image
-    `fit` at the end.
+    `params/<name>` after each epoch and at train/loss's cadence (the module's `log_every_sgd_steps`); the
+    HParams record (`hparams` with `hp/train_mse`, `hp/ols_gap`); and, when the TensorBoard logger has
+    `fit_figure`, the image `fit` at the end. The graph is Lightning's (the logger's `log_graph`).
     """
 
-    def __init__(
-        self, hparams: dict[str, Any], every_n_steps: int, fit_figure: bool = True, graph: bool = True
-    ) -> None:
-        self.hparams, self.every_n_steps, self.fit_figure, self.graph = hparams, every_n_steps, fit_figure, graph
+    def __init__(self, hparams: dict[str, Any]) -> None:
+        self.hparams = hparams
         self.ols_mse = math.nan
         self.end_summary: Any = None
         self.logged_at = -1  # the step params/* were last written at
@@ -156,8 +158,6 @@ class Dashboard(L.Callback):
             # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
             tb.experiment.file_writer.add_summary(experiment)
             tb.experiment.file_writer.add_summary(session_start)
-            if self.graph:  # the tutorial's add_graph
-                tb.experiment.add_graph(pl_module, pl_module.example_input_array.to(pl_module.device))
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
         self.log_params(trainer, pl_module)  # the starting weights (step 0, or where a resume starts)
@@ -166,8 +166,8 @@ class Dashboard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Every N SGD steps, like train/loss, at the end of the call that reaches each multiple of N: the same
-        # steps as train/loss's when no call straddles one (N a multiple of steps_per_call, whole calls an epoch).
-        every = self.every_n_steps
+        # steps as train/loss's when no call straddles one (N a multiple of batches_per_call, whole calls an epoch).
+        every = pl_module.hparams.log_every_sgd_steps
         if every > 0 and log_step(trainer) // every > self.logged_at // every:  # a multiple of N passed since
             self.log_params(trainer, pl_module)
 
@@ -188,7 +188,7 @@ class Dashboard(L.Callback):
             return
         if self.end_summary is not None:
             tb.experiment.file_writer.add_summary(self.end_summary)  # status: finished
-        if self.fit_figure:
+        if getattr(tb, "fit_figure", False):
             x, y = trainer.datamodule.full_data()
             stride = max(1, len(y) // FIT_POINTS)
             x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output
@@ -282,11 +282,6 @@ def figure_pixels(fig: "Figure") -> np.ndarray:
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The dashboard callback when the run logs anywhere; none without a logger (no cost at all)."""
-    lcfg = cfg.get("logger") or {}
-    if not lcfg:
+    if not any(lcfg is not None for lcfg in (cfg.get("logger") or {}).values()):
         return []
-    tb = lcfg.get("tensorboard")
-    figure = tb is not None and bool(tb.get("fit_figure", True))
-    graph = tb is not None and bool(tb.get("log_graph", True))
-    # params/* are sampled at train/loss's cadence: one knob, and the curves share their points.
-    return [Dashboard(dashboard_hparams(cfg), cfg.trainer.log_every_n_steps, fit_figure=figure, graph=graph)]
+    return [Dashboard(dashboard_hparams(cfg))]

@@ -77,7 +77,7 @@ def index_batches(perm: Tensor, size: int) -> Iterator[Tensor]:
 class BatchLoader:
     """The mini-batches of one `training_step` call per item: gathered in one go, then split (no collation).
 
-    With `steps_per_call > 1` the sampler's index slices hold that many mini-batches: one gather
+    With `batches_per_call > 1` the sampler's index slices hold that many mini-batches: one gather
     per call instead of one per SGD step, the same rows in the same order.
     """
 
@@ -119,7 +119,7 @@ class RegressionDataModule(L.LightningDataModule):
         batch_size: int = 10,
         seed: int = 420,
         ones_column: bool = True,
-        steps_per_call: int = 1,
+        batches_per_call: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -186,7 +186,7 @@ class RegressionDataModule(L.LightningDataModule):
         """Shuffled mini-batches; the order depends only on (seed, epoch)."""
         x, y = self.full_data()
         h = self.hparams
-        sampler = EpochBatchSampler(len(x), h.batch_size * h.steps_per_call, h.seed)  # a call's rows a slice
+        sampler = EpochBatchSampler(len(x), h.batch_size * h.batches_per_call, h.seed)  # a call's rows a slice
         return BatchLoader(x, y, sampler, h.batch_size)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

@@ -21,9 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from linreg.config import MODEL_NAMES, ConfigError, is_int, refuse
-from linreg.record import finite_or_none, write_json_atomic
-from linreg.stack import import_training_stack
+from linreg.config import ConfigError, is_int, refuse
+from linreg.record import finite_or_none, model_name, write_json_atomic
 from linreg.train import CONFIG_DIR, NOISE, output_dir
 
 if TYPE_CHECKING:
@@ -92,9 +91,9 @@ def config_problem(saved: Any) -> str | None:
     if missing:
         return f"no data.{missing[0]}"
     model = saved.get("model")
-    name = model.get("name") if isinstance(model, dict) else None
-    if name not in MODEL_NAMES:
-        return f"model.name={name!r}, not one of {', '.join(MODEL_NAMES)}"
+    target = model.get("_target_") if isinstance(model, dict) else None
+    if not isinstance(target, str) or "." not in target:
+        return f"model._target_={target!r}, not a model class"
     return None
 
 
@@ -138,12 +137,12 @@ def check_inputs(cfg: DictConfig) -> Inputs:
 
 def load_model(inputs: Inputs) -> RegressionModule:
     """The trained module, loaded tensors-only (`weights_only=True`) onto the CPU."""
-    import_training_stack()
-    from linreg.models import MODELS
+    from hydra.utils import get_class
 
-    name = inputs.run_cfg["model"]["name"]
+    target = inputs.run_cfg["model"]["_target_"]
+    name = model_name(target)
     try:
-        model = MODELS[name].load_from_checkpoint(inputs.ckpt, map_location="cpu", weights_only=True)
+        model = get_class(target).load_from_checkpoint(inputs.ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and Lightning raise many types for a bad file (EOF, zip, unpickling, keys)
         raise ConfigError("ckpt_path", str(inputs.ckpt), load_error(err, name)) from None
     return model.eval()
@@ -160,11 +159,12 @@ def load_error(err: Exception, name: str) -> str:
 
 def datamodule(inputs: Inputs, seed: int, num_examples: int) -> RegressionDataModule:
     """The run's data generator with another seed and size (not yet set up)."""
+    from hydra.utils import get_class
+
     from linreg.data import RegressionDataModule
-    from linreg.models import MODELS
 
     data = {k: inputs.run_cfg["data"][k] for k in DATA_KEYS if k != "num_examples"}
-    ones = MODELS[inputs.run_cfg["model"]["name"]].uses_ones_column
+    ones = get_class(inputs.run_cfg["model"]["_target_"]).uses_ones_column
     return RegressionDataModule(**data, num_examples=num_examples, seed=seed, ones_column=ones)
 
 
@@ -200,7 +200,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     train = datamodule(inputs, run_cfg["seed"], run_cfg["data"]["num_examples"])
     result = {
         "ckpt_path": str(inputs.ckpt),
-        "model": run_cfg["model"]["name"],
+        "model": model_name(run_cfg["model"]["_target_"]),
         "seed": run_cfg["seed"],
         "data_seed": inputs.data_seed,
         "num_examples": inputs.num_examples,

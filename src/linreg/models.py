@@ -30,7 +30,7 @@ def sgd(params: list[Tensor], lr: float) -> None:
 
 
 def log_step(trainer: L.Trainer) -> int:
-    """The x axis of every curve: SGD steps so far (`global_step`), whatever `steps_per_call` is."""
+    """The x axis of every curve: SGD steps so far (`global_step`), whatever `data.batches_per_call` is."""
     return trainer.global_step
 
 
@@ -60,7 +60,7 @@ class RegressionModule(L.LightningModule):
 
     uses_ones_column: bool = True  # whether the features carry the tutorial's column of ones
 
-    def __init__(self, in_features: int, lr: float, bias: bool, log_every_n_steps: int) -> None:
+    def __init__(self, in_features: int, lr: float, bias: bool, log_every_sgd_steps: int) -> None:
         super().__init__()
         # Both modules drive their own steps: `training_step` may hold several mini-batches.
         self.automatic_optimization = False
@@ -94,7 +94,7 @@ class RegressionModule(L.LightningModule):
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
         opt = self.optimizers()
         first = self.trainer.global_step
-        every = self.hparams.log_every_n_steps
+        every = self.hparams.log_every_sgd_steps
         for step, (x, y) in enumerate(batch, start=first):
             loss = self.update(x, y, opt)
             # Logging costs about as much as a step on this tiny model: sample it, every N SGD steps.
@@ -142,8 +142,8 @@ class ManualRegression(RegressionModule):
 
     uses_ones_column = True
 
-    def __init__(self, in_features: int, lr: float = 0.03, bias: bool = True, log_every_n_steps: int = 50) -> None:
-        super().__init__(in_features, lr, bias, log_every_n_steps)
+    def __init__(self, in_features: int, lr: float = 0.03, bias: bool = True, log_every_sgd_steps: int = 50) -> None:
+        super().__init__(in_features, lr, bias, log_every_sgd_steps)
         self.save_hyperparameters()
         # torch.zeros(3, 1, requires_grad=True) in the tutorial; the intercept is the ones column's weight.
         self.w = nn.Parameter(torch.zeros(in_features, 1))
@@ -174,10 +174,10 @@ class LinearRegression(RegressionModule):
         in_features: int,
         lr: float = 0.03,
         bias: bool = True,
-        log_every_n_steps: int = 50,
+        log_every_sgd_steps: int = 50,
         init: str = "default",
     ) -> None:
-        super().__init__(in_features, lr, bias, log_every_n_steps)
+        super().__init__(in_features, lr, bias, log_every_sgd_steps)
         self.save_hyperparameters()
         self.linear = nn.Linear(in_features, 1, bias=bias)
         if init == "zeros":
@@ -201,6 +201,3 @@ class LinearRegression(RegressionModule):
     def weights(self) -> list[float]:
         w = self.linear.weight.detach().flatten().tolist()
         return w + (self.linear.bias.detach().tolist() if self.linear.bias is not None else [])
-
-
-MODELS: dict[str, type[RegressionModule]] = {"manual": ManualRegression, "linear": LinearRegression}

@@ -153,10 +153,18 @@ def safe(read: Any) -> Any:
         return None
 
 
+def model_name(target: Any) -> str | None:
+    """A model's name in records and tables: its class (`model._target_`) less `Regression`, lower-cased."""
+    if not isinstance(target, str) or not target:
+        return None
+    cls = target.rpartition(".")[2]
+    return cls.removesuffix("Regression").lower() or cls.lower()
+
+
 def config_fields(cfg: DictConfig) -> dict[str, Any]:
     """The metrics.json fields a run's config decides (any missing or unreadable key is None)."""
     return {
-        "model": safe(lambda: OmegaConf.select(cfg, "model.name")),
+        "model": safe(lambda: model_name(OmegaConf.select(cfg, "model._target_"))),
         "seed": safe(lambda: OmegaConf.select(cfg, "seed")),
         "data": safe(lambda: OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None),
         "lr": safe(lambda: OmegaConf.select(cfg, "model.lr")),

@@ -23,12 +23,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn, optim
 
 from linreg.data import FullBatch, RegressionDataModule, epoch_seed
-from linreg.models import MODELS, HandSGD
-from linreg.record import config_fields, finite_or_none, job_config
+from linreg.models import HandSGD
+from linreg.record import config_fields, finite_or_none, job_config, model_name
 
 # What may differ between the members of one group: numbers with the same shape in every member.
+STACKABLE_MODELS = ("linreg.models.ManualRegression", "linreg.models.LinearRegression")  # StackedRegression's two
 STACKED_KEYS = ("seed", "model.lr", "model.init", "data.delta", "data.deg", "data.w")
 INDEX_BYTES = 12  # per sample and member: the epoch's permutation (int32) and its flat row indices (int64)
+
+
+def uses_ones_column(cfg: DictConfig) -> bool:
+    """Whether the job's model class takes the tutorial's column of ones (the manual model)."""
+    from hydra.utils import get_class
+
+    return get_class(cfg.model._target_).uses_ones_column
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -137,11 +145,11 @@ def member_data(cfg: DictConfig, ones_column: bool) -> MemberData:
 class StackedDataModule(L.LightningDataModule):
     """Every member's data stacked, (members, n, features) and (members, n, 1), and their batch orders."""
 
-    def __init__(self, x: Tensor, y: Tensor, seeds: Sequence[int], batch_size: int, steps_per_call: int) -> None:
+    def __init__(self, x: Tensor, y: Tensor, seeds: Sequence[int], batch_size: int, batches_per_call: int) -> None:
         super().__init__()
         self.x, self.y, self.seeds = x, y, list(seeds)
-        self.batch_size, self.steps_per_call = batch_size, steps_per_call
-        self.sampler = StackedSampler(x.shape[1], batch_size * steps_per_call, self.seeds)
+        self.batch_size, self.batches_per_call = batch_size, batches_per_call
+        self.sampler = StackedSampler(x.shape[1], batch_size * batches_per_call, self.seeds)
 
     def to_device(self, device: torch.device) -> None:
         """Move the data once: every gather then happens where the model is."""
@@ -193,11 +201,11 @@ class StackedRegression(L.LightningModule):
         lrs: Sequence[float],
         seeds: Sequence[int],
         inits: Sequence[str],
-        log_every_n_steps: int,
+        log_every_sgd_steps: int,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.name, self.bias, self.every = name, bias, log_every_n_steps
+        self.name, self.bias, self.every = name, bias, log_every_sgd_steps
         members = len(lrs)
         self.register_buffer("lr", torch.tensor(list(lrs), dtype=torch.float32).view(members, 1, 1))
         if name == "manual":  # torch.zeros(k, 1) per member: the tutorial's w, the intercept in the ones column
@@ -408,13 +416,17 @@ def train_group(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
 def train_members(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
     """`train_group`'s work, with the group's thread count set."""
     first = cfgs[0]
-    name = first.model.name
-    x, y, ols, failed = stack_data(cfgs, MODELS[name].uses_ones_column)
+    if first.model._target_ not in STACKABLE_MODELS:
+        from linreg.config import ConfigError
+
+        raise ConfigError("model._target_", first.model._target_, f"the vectorized launcher stacks {STACKABLE_MODELS}")
+    name = model_name(first.model._target_)
+    x, y, ols, failed = stack_data(cfgs, uses_ones_column(first))
     good = [c for j, c in enumerate(cfgs) if j not in failed]
     if not good:
         return [failed[j] for j in range(len(cfgs))]
     seeds = [int(c.seed) for c in good]
-    dm = StackedDataModule(x, y, seeds, first.data.batch_size, first.trainer.steps_per_call)
+    dm = StackedDataModule(x, y, seeds, first.data.batch_size, first.data.batches_per_call)
     module = StackedRegression(
         name,
         in_features=x.shape[2],
@@ -422,7 +434,7 @@ def train_members(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
         lrs=[float(c.model.lr) for c in good],
         seeds=seeds,
         inits=[str(c.model.get("init", "default")) for c in good],
-        log_every_n_steps=first.trainer.log_every_n_steps,
+        log_every_sgd_steps=first.model.log_every_sgd_steps,
     )
     trainer = build_trainer(first)
     start = time.perf_counter()
@@ -452,7 +464,7 @@ def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResu
     end_summary = None
     n_coef = len(m["weights"] or m["true_weights"])
     names = param_names(n_coef, bool(cfg.data.bias))
-    in_features = n_coef if MODELS[cfg.model.name].uses_ones_column or not cfg.data.bias else n_coef - 1
+    in_features = n_coef if uses_ones_column(cfg) or not cfg.data.bias else n_coef - 1
     for lg in loggers:
         lg.log_hyperparams(hparams_of(cfg, in_features))
     if tb is not None:
@@ -477,19 +489,9 @@ def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResu
 
 def hparams_of(cfg: DictConfig, in_features: int) -> dict[str, Any]:
     """What Lightning logs as a single run's hparams: the DataModule's and the module's saved arguments."""
-    from linreg.models import MODELS
-
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    return {
-        **data,
-        "seed": cfg.seed,
-        "ones_column": MODELS[cfg.model.name].uses_ones_column,
-        "steps_per_call": cfg.trainer.steps_per_call,
-        "in_features": in_features,
-        "log_every_n_steps": cfg.trainer.log_every_n_steps,
-        **model,
-    }
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    return {**data, "seed": cfg.seed, "ones_column": uses_ones_column(cfg), "in_features": in_features, **model}
 
 
 def log_all(loggers: Sequence[Any], metrics: dict[str, float], step: int) -> None:

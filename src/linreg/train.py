@@ -97,26 +97,16 @@ class RunDirLock:
 
 
 def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Logger]:
-    """The loggers named under `logger` (tensorboard, csv); none when `logger=null`."""
-    from lightning.pytorch.loggers import CSVLogger
+    """Every logger under `logger` (each a `_target_`), saving into the run dir; none when `logger=null`."""
+    from hydra.utils import instantiate
 
-    from linreg.dashboard import BufferedTensorBoardLogger
-
-    lcfg = cfg.get("logger") or {}
     loggers: list[Logger] = []
-    if (tb := lcfg.get("tensorboard")) is not None:
-        loggers.append(
-            BufferedTensorBoardLogger(
-                write_every_s=tb.write_every_s,
-                save_dir=str(out),
-                name="tensorboard",
-                version=label,  # TensorBoard names a run by its path: <job num>/tensorboard/<overrides>
-                log_graph=False,  # the Dashboard writes the graph (traced once per model shape)
-                default_hp_metric=False,
-            )
-        )
-    if lcfg.get("csv") is not None:
-        loggers.append(CSVLogger(save_dir=str(out), name="csv", version=""))
+    for lcfg in (cfg.get("logger") or {}).values():
+        if lcfg is None:  # `logger.csv=null` turns one off
+            continue
+        # TensorBoard names a run by its path: <run dir>/tensorboard/<overrides>, unless the config names a version.
+        version = {} if "version" in lcfg else {"version": label}
+        loggers.append(instantiate(lcfg, save_dir=str(out), **version))
     return loggers
 
 
@@ -258,25 +248,17 @@ def run(
 def fit(cfg: DictConfig, out: Path, ckpt: Path | None, label: str, progress: bool, in_sweep: bool) -> dict[str, Any]:
     """Build DataModule, LightningModule and Trainer, fit, and write the run record."""
     import lightning as L
+    from hydra.utils import get_class, instantiate
 
     from linreg.data import RegressionDataModule
-    from linreg.models import MODELS
 
-    model_cls = MODELS[cfg.model.name]
+    model_cls = get_class(cfg.model._target_)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = RegressionDataModule(
-        **data_cfg, seed=cfg.seed, ones_column=model_cls.uses_ones_column, steps_per_call=cfg.trainer.steps_per_call
-    )
+    dm = RegressionDataModule(**data_cfg, seed=cfg.seed, ones_column=model_cls.uses_ones_column)
     dm.setup("fit")
     check_finite_data(dm, cfg)
     L.seed_everything(cfg.seed, verbose=False)  # the linear model's default init
-    model_kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
-    model = model_cls(
-        in_features=dm.in_features,
-        bias=cfg.data.bias,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        **model_kwargs,
-    )
+    model = instantiate(cfg.model, in_features=dm.in_features, bias=cfg.data.bias)
     trainer = build_trainer(cfg, out, label, progress, in_sweep)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)

@@ -63,10 +63,9 @@ class VectorizedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from linreg.stack import import_training_stack
+        import linreg.stacked  # noqa: F401  (Lightning and the stacked model: imported before the first group's clock)
 
         assert self.config is not None and self.hydra_context is not None
-        import_training_stack()  # once, before the first group: the imports are what a job's set-up waits on
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
