@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from hydra_plugins.linreg_sweeper import compose_cache
 from hydra_plugins.linreg_sweeper.compose_cache import CachedConfigLoader
 from hydra_plugins.linreg_sweeper.grid_sweeper import GridSweeper, LightReturns, unfinished_runs
-from linreg.train import CONFIG_DIR, job_config
+from linreg.record import job_config
+from linreg.train import CONFIG_DIR
 from tests.conftest import REPO, run_cli
 
 TUTORIAL_GRID = [

@@ -338,12 +338,11 @@ def test_data_that_overflows_float32_is_refused_before_training(tmp_path):
 
 
 def test_a_failed_attempt_never_replaces_a_finished_result(make_cfg, tmp_path, monkeypatch):
-    from linreg.record import write_failure
-    from linreg.train import main  # noqa: F401  (the module whose failure path is tested)
+    from linreg.record import RunRecord, write_failure
 
     d = tmp_path / "run"
     first = run(make_cfg(*SMALL, run_dir=d))
-    write_failure(d, {"status": "failed", "error": "boom"})
+    write_failure(d, RunRecord("failed", error="boom"))
     assert json.loads((d / "metrics.json").read_text()) == first
     assert json.loads((d / "failed.json").read_text())["error"] == "boom"
 

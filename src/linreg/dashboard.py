@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from linreg import fastpath
 from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
-from linreg.record import model_name
+from linreg.record import NOT_IDENTITY, RunRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -29,24 +29,9 @@ if TYPE_CHECKING:
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
 HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
-LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
+LABEL_EXCLUDE = (*NOT_IDENTITY, "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
 FIT_POINTS = 500  # about this many data points are drawn in the fit image (every k-th)
-
-
-def dashboard_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The swept hyperparameters of a run, one scalar each (the same keys for every job)."""
-    return {
-        "model": str(model_name(cfg.model._target_)),
-        "deg": int(cfg.data.deg),
-        "delta": float(cfg.data.delta),
-        "lr": float(cfg.model.lr),
-        "batch_size": int(cfg.data.batch_size),
-        "accelerator": str(cfg.trainer.accelerator),
-        "seed": int(cfg.seed),
-        "num_examples": int(cfg.data.num_examples),
-        "epochs": int(cfg.trainer.max_epochs),
-    }
 
 
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
@@ -284,4 +269,4 @@ def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The dashboard callback when the run logs anywhere; none without a logger (no cost at all)."""
     if not any(lcfg is not None for lcfg in (cfg.get("logger") or {}).values()):
         return []
-    return [Dashboard(dashboard_hparams(cfg))]
+    return [Dashboard(RunRecord.of(cfg, "running").hparams())]

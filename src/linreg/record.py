@@ -1,19 +1,24 @@
 """The run record: `metrics.json` and the config saved beside a checkpoint, read and written safely."""
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import ConfigError
+from linreg.config import ConfigError, override_key
 
 log = logging.getLogger(__name__)
 FINISHED = ("ok", "diverged")  # outcomes; anything else (failed, missing) is no result
+STATUSES = (*FINISHED, "failed")  # what a run may write; missing and corrupt are what a reader finds
+NOT_IDENTITY = ("resume",)  # how a run is run, not what it computes: left out wherever two runs are compared
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -42,12 +47,17 @@ def read_json(path: Path) -> Any:
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's own config (no `hydra`, no `resume`): what a resumed job must match."""
+    """The run's identity: its own config less `hydra` and NOT_IDENTITY; what a resumed job must match."""
     return {
         key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         for key, value in cfg.items()
-        if key not in ("hydra", "resume")
+        if key != "hydra" and key not in NOT_IDENTITY
     }
+
+
+def identity_overrides(overrides: Sequence[str]) -> list[str]:
+    """Command-line overrides less NOT_IDENTITY (`resume=true`, `+resume`, `~resume`): what names a run."""
+    return [o for o in overrides if override_key(o) not in NOT_IDENTITY]
 
 
 def checkpoint_config(cfg: DictConfig) -> dict[str, Any]:
@@ -130,10 +140,9 @@ def refuse_other_runs(out: Path, cfg: DictConfig, check_lock: bool = True) -> No
         raise RunDirBusy("hydra.run.dir", str(out), "holds a checkpoint of another config; use another dir")
 
 
-def sweep_value(metrics: dict[str, Any]) -> float:
+def sweep_value(train_mse: float | None) -> float:
     """What a job returns to its sweeper: the train MSE, inf when there is none (a minimising sweeper needs one)."""
-    mse = metrics.get("train_mse")
-    return math.inf if mse is None else mse
+    return math.inf if train_mse is None else train_mse
 
 
 def finite_or_none(value: Any) -> Any:
@@ -174,31 +183,162 @@ def config_fields(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def failed_metrics(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
-    """What a job that raised leaves behind: its config and the error, in one line."""
-    fields = config_fields(cfg)
-    data = fields["data"] if isinstance(fields["data"], dict) else {}
-    return {
-        "status": "failed",
-        **fields,
-        "epoch_mse": [],
-        "train_mse": None,
-        "weights": None,
-        "true_weights": data.get("w"),
-        "ols_mse": None,
-        "steps": 0,
-        "fit_seconds": 0.0,
-        "diverged_epoch": None,
-        "error": str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}",
-        "config": safe(lambda: job_config(cfg)) or safe(lambda: OmegaConf.to_container(cfg)),
-    }
+class CorruptRecord(ValueError):
+    """A record that cannot be read or trusted; the message says which file and why."""
 
 
-def write_failure(out: Path, failed: dict[str, Any]) -> None:
+def is_finite(value: Any) -> bool:
+    """A number with a value: any int (JSON ints are exact), a finite float; not a bool, not a string."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def json_type(value: Any) -> str:
+    """`a list`, `null`, `a string '0.1'`: what a JSON value is, for an error message."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return f"{names.get(type(value), type(value).__name__)} {text[:40]}"
+
+
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # what a record's value may be, and how to say it
+    "number": (is_finite, "a finite number"),
+    "numbers": (lambda v: isinstance(v, list) and all(map(is_finite, v)), "a list of finite numbers"),
+    # A diverged run's weights: NaN and inf were written as null.
+    "numbers or nulls": (
+        lambda v: isinstance(v, list) and all(x is None or is_finite(x) for x in v),
+        "a list of finite numbers or nulls",
+    ),
+    "text": (lambda v: isinstance(v, str), "a string"),
+}
+# What an ok or diverged record must hold: a failed run may have written whatever bad value it was given.
+RESULT_KINDS = {
+    "model": "text?",
+    "accelerator": "text?",
+    "seed": "number?",
+    "lr": "number?",
+    "batch_size": "number?",
+    "epochs": "number?",
+    "ols_mse": "number?",
+    "steps": "number?",
+    "fit_seconds": "number?",
+    "diverged_epoch": "number?",
+    "true_weights": "numbers?",
+}
+OK_KINDS = {"train_mse": "number", "ols_mse": "number", "weights": "numbers"}
+DIVERGED_KINDS = {"train_mse": "number?", "weights": "numbers or nulls?", "diverged_epoch": "number"}
+
+
+def check_value(record: dict[str, Any], key: str, kind: str) -> None:
+    """CorruptRecord unless `record[key]` is of `kind` (a KINDS key; a trailing `?` also allows null)."""
+    value = record.get(key)
+    if kind.endswith("?") and value is None:
+        return
+    good, want = KINDS[kind.rstrip("?")]
+    if not good(value):
+        raise CorruptRecord(f"metrics.json: {key} is {json_type(value)}, not {want}")
+
+
+@dataclass
+class RunRecord:
+    """One run's record: the fields of metrics.json, in its order. Tables, HParams and failure rows come from it."""
+
+    status: str  # ok, diverged, failed (a reader also finds missing and corrupt)
+    model: str | None = None
+    seed: int | None = None
+    data: dict[str, Any] | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    accelerator: str | None = None
+    epoch_mse: list[float | None] = field(default_factory=list)
+    train_mse: float | None = None
+    weights: list[float | None] | None = None
+    true_weights: list[float] | None = None
+    ols_mse: float | None = None
+    steps: int = 0
+    fit_seconds: float = 0.0
+    diverged_epoch: int | None = None
+    error: str | None = None
+    config: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, cfg: DictConfig, status: str, **outcome: Any) -> "RunRecord":
+        """The record of `cfg`'s run: the fields its config decides, then the outcome (NaN and inf as null)."""
+        fields = config_fields(cfg)
+        data = fields["data"] if isinstance(fields["data"], dict) else {}
+        config = safe(lambda: job_config(cfg)) or safe(lambda: OmegaConf.to_container(cfg))
+        outcome = {k: finite_or_none(v) for k, v in outcome.items()}
+        return cls(status=status, **fields, true_weights=data.get("w"), config=config, **outcome)
+
+    @classmethod
+    def failed(cls, cfg: DictConfig, error: BaseException) -> "RunRecord":
+        """What a run that raised leaves behind: its config and the error, in one line."""
+        text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+        return cls.of(cfg, "failed", error=text)
+
+    @classmethod
+    def parse(cls, metrics: Any) -> "RunRecord":
+        """A metrics.json's content as a record; CorruptRecord when it cannot be trusted."""
+        if not isinstance(metrics, dict):
+            raise CorruptRecord(f"metrics.json: holds {json_type(metrics)}, not an object")
+        status = metrics.get("status")
+        if status not in STATUSES:
+            raise CorruptRecord(f"metrics.json: status is {json_type(status)}, not one of {', '.join(STATUSES)}")
+        data = metrics.get("data")
+        if data is not None and not isinstance(data, dict):
+            raise CorruptRecord(f"metrics.json: data is {json_type(data)}, not an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        record = {k: v for k, v in metrics.items() if k in known}
+        if status != "failed":
+            checks = {**RESULT_KINDS, **(OK_KINDS if status == "ok" else DIVERGED_KINDS)}
+            for key, kind in checks.items():
+                check_value(record, key, kind)
+            for key, kind in (("deg", "number?"), ("delta", "number?")):
+                check_value(data or {}, key, kind)
+        return cls(**record)
+
+    def as_json(self) -> dict[str, Any]:
+        """metrics.json's content."""
+        return dataclasses.asdict(self)
+
+    @property
+    def gap(self) -> float | None:
+        """How far the fit is above the least-squares floor (ok runs only)."""
+        if self.status != "ok" or self.train_mse is None or self.ols_mse is None:
+            return None
+        return self.train_mse - self.ols_mse
+
+    def data_value(self, key: str) -> Any:
+        """One `data` setting (deg, delta, num_examples), None when unknown."""
+        return self.data.get(key) if isinstance(self.data, dict) else None
+
+    def hparams(self) -> dict[str, Any]:
+        """The HParams record's hyperparameters, one scalar each (the same keys for every run)."""
+        return {
+            "model": str(self.model),
+            "deg": int(self.data_value("deg")),
+            "delta": float(self.data_value("delta")),
+            "lr": float(self.lr),
+            "batch_size": int(self.batch_size),
+            "accelerator": str(self.accelerator),
+            "seed": int(self.seed),
+            "num_examples": int(self.data_value("num_examples")),
+            "epochs": int(self.epochs),
+        }
+
+    def write(self, out: Path) -> None:
+        """Write metrics.json in `out` (atomically)."""
+        write_json_atomic(out / "metrics.json", self.as_json())
+
+
+def write_failure(out: Path, failed: RunRecord) -> None:
     """Record a failure without ever replacing a finished result (then it goes to failed.json beside it)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         name = "failed.json" if finished_record(out) is not None else "metrics.json"
-        write_json_atomic(out / name, failed)
+        write_json_atomic(out / name, failed.as_json())
     except OSError as err:
         log.error("could not record the failure in %s: %s", out, err)

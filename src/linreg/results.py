@@ -28,12 +28,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import override_key
-from linreg.record import FINISHED, config_fields, write_atomic
+from linreg.record import (
+    FINISHED,
+    CorruptRecord,
+    RunRecord,
+    identity_overrides,
+    is_finite,
+    json_type,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
-STATUSES = (*FINISHED, "failed")  # what a job may write; missing and corrupt are found here, and fail the sweep
-COLUMNS = [
+COLUMNS = [  # a row: the job, its record's fields (data as deg and delta), how far above the floor, where
     "job",
     "model",
     "deg",
@@ -68,10 +75,6 @@ class SweepFailedError(SystemExit):
     """The sweep failed or its results could not be written: a SystemExit, which Hydra lets through to exit 1."""
 
 
-class CorruptRecord(ValueError):
-    """A job record that cannot be read or trusted; the message says which file and why."""
-
-
 # ---------------------------------------------------------------- reading a job's record
 
 
@@ -102,31 +105,22 @@ def reason(err: BaseException) -> str:
 
 
 def job_overrides(job_dir: Path) -> list[str]:
-    """The job's task overrides as Hydra saved them, without `resume` (not part of the job's config)."""
+    """The job's task overrides as Hydra saved them, less what is not the run's identity (`resume`)."""
     overrides = load_yaml(job_dir, "overrides.yaml")
     if overrides is None:
         return []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise CorruptRecord(".hydra/overrides.yaml: not a list of overrides")
-    return without_resume(overrides)
+    return identity_overrides(overrides)
 
 
-def without_resume(overrides: Any) -> list[str]:
-    """Overrides less `resume` (and `+resume`/`~resume`): it is how a job was run, not what it computes."""
-    return [o for o in overrides if override_key(o) != "resume"]
-
-
-def saved_config_fields(job_dir: Path) -> dict[str, Any]:
-    """The row fields the job's saved config decides (model, lr, ...), for a job without a usable metrics.json."""
+def saved_record(job_dir: Path) -> RunRecord:
+    """A `missing` record made from the job's saved config, for a job without a metrics.json."""
     cfg = load_yaml(job_dir, "config.yaml")
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, dict):
+    if cfg is not None and not isinstance(cfg, dict):
         raise CorruptRecord(".hydra/config.yaml: not a mapping")
-    fields = config_fields(OmegaConf.create(cfg))
-    data = fields.pop("data", None)
-    data = data if isinstance(data, dict) else {}
-    return {**fields, "deg": data.get("deg"), "delta": data.get("delta")}
+    # No outcome at all: no steps, no time (a failed run's record says 0 of each).
+    return RunRecord.of(OmegaConf.create(cfg or {}), "missing", error="no metrics.json", steps=None, fit_seconds=None)
 
 
 def read_metrics(job_dir: Path) -> dict[str, Any] | None:
@@ -147,87 +141,17 @@ def read_metrics(job_dir: Path) -> dict[str, Any] | None:
     return metrics
 
 
-def json_type(value: Any) -> str:
-    """`a list`, `null`, `a string '0.1'`: what a JSON value is, for an error message."""
-    if value is None:
-        return "null"
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
-    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
-    return f"{names.get(type(value), type(value).__name__)} {text[:40]}"
-
-
-def is_finite(value: Any) -> bool:
-    """A number with a value: any int (JSON ints are exact), a finite float; not a bool, not a string."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
-
-
-KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # what a record's value may be, and how to say it
-    "number": (is_finite, "a finite number"),
-    "numbers": (lambda v: isinstance(v, list) and all(map(is_finite, v)), "a list of finite numbers"),
-    # A diverged run's weights: NaN and inf were written as null.
-    "numbers or nulls": (
-        lambda v: isinstance(v, list) and all(x is None or is_finite(x) for x in v),
-        "a list of finite numbers or nulls",
-    ),
-    "text": (lambda v: isinstance(v, str), "a string"),
-}
-
-
-def check_value(fields: dict[str, Any], key: str, kind: str) -> None:
-    """CorruptRecord unless `fields[key]` is of `kind` (a KINDS key; a trailing `?` also allows null)."""
-    value = fields.get(key)
-    if kind.endswith("?") and value is None:
-        return
-    good, want = KINDS[kind.rstrip("?")]
-    if not good(value):
-        raise CorruptRecord(f"metrics.json: {key} is {json_type(value)}, not {want}")
-
-
-METRIC_KEYS = [k for k in COLUMNS if k not in ("job", "deg", "delta", "gap", "overrides", "dir")]  # from metrics.json
-# What an ok or diverged record must hold: a failed job may have written whatever bad value it was given.
-RESULT_KINDS = {
-    "model": "text?",
-    "accelerator": "text?",
-    "seed": "number?",
-    "lr": "number?",
-    "batch_size": "number?",
-    "epochs": "number?",
-    "deg": "number?",
-    "delta": "number?",
-    "ols_mse": "number?",
-    "steps": "number?",
-    "fit_seconds": "number?",
-    "diverged_epoch": "number?",
-    "true_weights": "numbers?",
-}
-OK_KINDS = {"train_mse": "number", "ols_mse": "number", "weights": "numbers"}
-DIVERGED_KINDS = {"train_mse": "number?", "weights": "numbers or nulls?", "diverged_epoch": "number"}
-
-
-def metrics_fields(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The row fields of a metrics.json, checked: CorruptRecord for a record that cannot be trusted."""
-    status = metrics.get("status")
-    if status not in STATUSES:
-        raise CorruptRecord(f"metrics.json: status is {json_type(status)}, not one of {', '.join(STATUSES)}")
-    data = metrics.get("data")
-    if data is not None and not isinstance(data, dict):
-        raise CorruptRecord(f"metrics.json: data is {json_type(data)}, not an object")
-    data = data or {}
-    fields = {k: metrics.get(k) for k in METRIC_KEYS}
-    fields.update(deg=data.get("deg"), delta=data.get("delta"), status=status)
-    fields["error"] = one_line(metrics.get("error"))
-    if status != "failed":
-        kinds = {**RESULT_KINDS, **(OK_KINDS if status == "ok" else DIVERGED_KINDS)}
-        for key, kind in kinds.items():
-            check_value(fields, key, kind)
-    fields["gap"] = fields["train_mse"] - fields["ols_mse"] if status == "ok" else None
-    return fields
+def record_row(record: RunRecord) -> dict[str, Any]:
+    """A record's fields as a row: `data` as its deg and delta, the error on one line, the gap to the floor."""
+    fields = record.as_json()
+    row = {k: fields[k] for k in COLUMNS if k in fields}
+    row.update(deg=record.data_value("deg"), delta=record.data_value("delta"), gap=record.gap)
+    row["error"] = one_line(record.error)
+    return row
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """One table row for a job dir: its metrics, or its saved config with status missing or corrupt."""
+    """One table row for a job dir: its record, or one made from its saved config (missing), or corrupt."""
     row: dict[str, Any] = {
         **dict.fromkeys(COLUMNS),
         "job": job_dir.name,
@@ -239,19 +163,19 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         row["overrides"] = job_overrides(job_dir)
     except CorruptRecord as err:
         problems.append(str(err))
+    record = None
     try:
         metrics = read_metrics(job_dir)
-        if metrics is not None:
-            row.update(metrics_fields(metrics))
+        record = RunRecord.parse(metrics) if metrics is not None else None
     except CorruptRecord as err:
         problems.append(str(err))
-        metrics = None
-    if metrics is None:
+    if record is None:
         try:
-            row.update(saved_config_fields(job_dir))
+            record = saved_record(job_dir)
         except CorruptRecord as err:
             problems.append(str(err))
-        row.update(status="missing", error="no metrics.json")
+            record = RunRecord("missing", steps=None, fit_seconds=None)  # type: ignore[arg-type]
+    row.update(record_row(record))
     if problems:
         row.update(status="corrupt", error="; ".join(problems), gap=None)
     return row
@@ -684,7 +608,7 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, job_return: JobReturn
     """The progress line of the k-th finished job: `[3/48 12s, ~2m left] model=linear: ok train_mse=0.0001`."""
     swept = set(plan.get("swept") or [])
     given = job_return.overrides or []
-    overrides = [o for o in given if override_key(o) in swept] or without_resume(given) or ["defaults"]
+    overrides = [o for o in given if override_key(o) in swept] or identity_overrides(given) or ["defaults"]
     status, mse, resumed = job_outcome(out, plan, job_return)
     mse_text = f"{mse:.6g}" if is_finite(mse) else "n/a"
     total = plan.get("jobs")

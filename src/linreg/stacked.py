@@ -24,7 +24,7 @@ from torch import Tensor, nn, optim
 
 from linreg.data import FullBatch, RegressionDataModule, epoch_seed
 from linreg.models import HandSGD
-from linreg.record import config_fields, finite_or_none, job_config, model_name
+from linreg.record import RunRecord, job_config, model_name
 
 # What may differ between the members of one group: numbers with the same shape in every member.
 STACKABLE_MODELS = ("linreg.models.ManualRegression", "linreg.models.LinearRegression")  # StackedRegression's two
@@ -313,7 +313,7 @@ class StackedRegression(L.LightningModule):
 class MemberResult:
     """One member's run record and the logs its single run would have written."""
 
-    metrics: dict[str, Any]
+    record: RunRecord
     history: dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, values)]
     start_mse: float
 
@@ -338,22 +338,19 @@ def member_results(
         diverged = module.diverged_epoch[j]
         last = diverged if diverged is not None else epochs_run - 1
         epoch_mse = [float(m[j]) for _, _, m in module.history.mse[: last + 1]]
-        metrics = {
-            "status": "ok" if diverged is None else "diverged",
-            **config_fields(cfg),
-            "epoch_mse": finite_or_none(epoch_mse),
-            "train_mse": finite_or_none(epoch_mse[-1]) if epoch_mse else None,
-            "weights": finite_or_none(weights[j].tolist()),
-            "true_weights": list(cfg.data.w),
-            "ols_mse": ols[j],
-            "steps": module.stop_step[j] if diverged is not None else steps,
-            "fit_seconds": seconds / len(cfgs),  # the member's share of the group's fit
-            "diverged_epoch": diverged,
-            "error": None,
-            "config": job_config(cfg),
-        }
+        record = RunRecord.of(
+            cfg,
+            "ok" if diverged is None else "diverged",
+            epoch_mse=epoch_mse,
+            train_mse=epoch_mse[-1] if epoch_mse else None,
+            weights=weights[j].tolist(),
+            ols_mse=ols[j],
+            steps=module.stop_step[j] if diverged is not None else steps,
+            fit_seconds=seconds / len(cfgs),  # the member's share of the group's fit
+            diverged_epoch=diverged,
+        )
         start = float(module.history.start_mse[j]) if module.history.start_mse is not None else math.nan
-        results.append(MemberResult(metrics, member_history(module.history, j, last), start))
+        results.append(MemberResult(record, member_history(module.history, j, last), start))
     return results
 
 
@@ -451,24 +448,24 @@ def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResu
     """The member's TensorBoard run (and CSV) with the single run's tags: train/*, params/*, HParams (no graph)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from linreg.dashboard import dashboard_hparams, hparams_summaries, param_names
+    from linreg.dashboard import hparams_summaries, param_names
     from linreg.train import build_loggers
 
     loggers = build_loggers(cfg, out, label)
     if not loggers:
         return
-    m = result.metrics
-    ols = m["ols_mse"]
+    m = result.record
+    ols = m.ols_mse
     start = {"hp/train_mse": result.start_mse, "hp/ols_gap": result.start_mse - ols}
     tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
     end_summary = None
-    n_coef = len(m["weights"] or m["true_weights"])
+    n_coef = len(m.weights or m.true_weights)
     names = param_names(n_coef, bool(cfg.data.bias))
     in_features = n_coef if uses_ones_column(cfg) or not cfg.data.bias else n_coef - 1
     for lg in loggers:
         lg.log_hyperparams(hparams_of(cfg, in_features))
     if tb is not None:
-        experiment, session_start, end_summary = hparams_summaries(dashboard_hparams(cfg), start)
+        experiment, session_start, end_summary = hparams_summaries(m.hparams(), start)
         # Into this run's own event file, as the Dashboard writes it (add_hparams would make a run of its own).
         tb.experiment.file_writer.add_summary(experiment)
         tb.experiment.file_writer.add_summary(session_start)
@@ -479,8 +476,8 @@ def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResu
     for tag in ("train/loss", "train/mse"):
         for step, values in h[tag]:
             log_all(loggers, {tag: values[0]}, step)
-    final = m["epoch_mse"][-1] if m["epoch_mse"] and m["epoch_mse"][-1] is not None else math.nan
-    log_all(loggers, {"hp/train_mse": final, "hp/ols_gap": final - ols}, max(m["steps"], 1))
+    final = m.epoch_mse[-1] if m.epoch_mse and m.epoch_mse[-1] is not None else math.nan
+    log_all(loggers, {"hp/train_mse": final, "hp/ols_gap": final - ols}, max(m.steps, 1))
     if tb is not None and end_summary is not None:
         tb.experiment.file_writer.add_summary(end_summary)
     for lg in loggers:

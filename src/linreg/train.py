@@ -26,17 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from linreg.config import ConfigError, full_error, refuse, remove_if_created, validate
 from linreg.record import (
     RunDirBusy,
+    RunRecord,
     checkpoint_config,
-    config_fields,
-    failed_metrics,
     finished_metrics,
-    finite_or_none,
-    job_config,
     read_json,
     refuse_other_runs,
     sweep_value,
     write_failure,
-    write_json_atomic,
 )
 
 if TYPE_CHECKING:
@@ -264,22 +260,19 @@ def fit(cfg: DictConfig, out: Path, ckpt: Path | None, label: str, progress: boo
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     fit_seconds = time.perf_counter() - start
 
-    metrics = {
-        "status": "ok" if model.diverged_epoch is None else "diverged",
-        **config_fields(cfg),
-        "epoch_mse": finite_or_none(model.epoch_mse),
-        "train_mse": finite_or_none(model.epoch_mse[-1]) if model.epoch_mse else None,
-        "weights": finite_or_none(model.weights()),
-        "true_weights": list(cfg.data.w),
-        "ols_mse": dm.ols_mse(),
-        "steps": trainer.global_step,
-        "fit_seconds": fit_seconds,
-        "diverged_epoch": model.diverged_epoch,
-        "error": None,
-        "config": job_config(cfg),
-    }
-    write_json_atomic(out / "metrics.json", metrics)
-    return metrics
+    record = RunRecord.of(
+        cfg,
+        "ok" if model.diverged_epoch is None else "diverged",
+        epoch_mse=model.epoch_mse,
+        train_mse=model.epoch_mse[-1] if model.epoch_mse else None,
+        weights=model.weights(),
+        ols_mse=dm.ols_mse(),
+        steps=trainer.global_step,
+        fit_seconds=fit_seconds,
+        diverged_epoch=model.diverged_epoch,
+    )
+    record.write(out)
+    return record.as_json()
 
 
 def result_line(metrics: dict[str, Any]) -> str:
@@ -326,16 +319,16 @@ def main(cfg: DictConfig) -> float:
         if isinstance(err, OSError) and not sweep and not full_error():  # a full disk, a read-only dir
             print(f"error: cannot write {err.filename or out}: {err.strerror or err}", file=sys.stderr)
             sys.exit(1)
-        failed = failed_metrics(cfg, err)
+        failed = RunRecord.failed(cfg, err)
         write_failure(out, failed)
         if not sweep:
             raise
         # In a sweep a failing job is a row of the results table, not the end of the sweep.
-        log.error("job failed: %s", failed["error"])
+        log.error("job failed: %s", failed.error)
         return math.inf  # a sweeper minimising train_mse (optuna) needs a number
     if not sweep:
         print(result_line(metrics))
-    return sweep_value(metrics)
+    return sweep_value(metrics["train_mse"])
 
 
 if __name__ == "__main__":

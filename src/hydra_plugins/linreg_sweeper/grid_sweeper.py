@@ -219,5 +219,5 @@ class GridSweeper(Sweeper):
         )
         from linreg.record import sweep_value
 
-        ret.status, ret.return_value = JobStatus.COMPLETED, sweep_value(metrics)  # as linreg.train.main
+        ret.status, ret.return_value = JobStatus.COMPLETED, sweep_value(metrics["train_mse"])  # as linreg.train.main
         return ret

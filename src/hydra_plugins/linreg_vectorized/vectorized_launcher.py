@@ -268,7 +268,7 @@ def record_task(job: Job, result: Any) -> Callable[[DictConfig], Any]:
 
     def task(cfg: DictConfig) -> float:
         from linreg.dashboard import run_label
-        from linreg.record import failed_metrics, sweep_value, write_failure, write_json_atomic
+        from linreg.record import RunRecord, sweep_value, write_failure
         from linreg.results import read_plan
         from linreg.stacked import write_member_logs
 
@@ -276,12 +276,12 @@ def record_task(job: Job, result: Any) -> Callable[[DictConfig], Any]:
         label = run_label(hc.overrides.task, read_plan(Path(hc.sweep.dir))["swept"])
         try:
             write_member_logs(job.cfg, job.out, label, result)  # type: ignore[arg-type]
-            write_json_atomic(job.out / "metrics.json", result.metrics)
+            result.record.write(job.out)
         except Exception as err:
-            write_failure(job.out, failed_metrics(cfg, err))
+            write_failure(job.out, RunRecord.failed(cfg, err))
             logging.getLogger("linreg.train").error(f"job failed: {err}")
             return math.inf
-        return sweep_value(result.metrics)
+        return sweep_value(result.record.train_mse)
 
     return task
 
@@ -290,12 +290,12 @@ def failed_task(error: BaseException) -> Callable[[DictConfig], Any]:
     """The task of a job that cannot train: a failed record, as `linreg.train.main` writes in a sweep."""
 
     def task(cfg: DictConfig) -> float:
-        from linreg.record import failed_metrics, write_failure
+        from linreg.record import RunRecord, write_failure
         from linreg.train import output_dir
 
-        failed = failed_metrics(cfg, error)
+        failed = RunRecord.failed(cfg, error)
         write_failure(output_dir(), failed)
-        logging.getLogger("linreg.train").error(f"job failed: {failed['error']}")
+        logging.getLogger("linreg.train").error(f"job failed: {failed.error}")
         return math.inf
 
     return task
@@ -318,6 +318,6 @@ def done_task(metrics: dict[str, Any]) -> Callable[[DictConfig], Any]:
         logging.getLogger("linreg.train").info("resume: already finished with this config; nothing to train")
         from linreg.record import sweep_value
 
-        return sweep_value(metrics)
+        return sweep_value(metrics["train_mse"])
 
     return task
