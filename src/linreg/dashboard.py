@@ -5,6 +5,7 @@ Tags written here (a contract for dashboards and scripts; `train/loss` and `trai
 Every scalar is written at the run's SGD step count (`global_step`), so all curves share one axis.
 """
 
+import io
 import math
 import re
 import time
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from linreg import fastpath
 from linreg.config import override_key
@@ -32,6 +34,7 @@ HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by def
 LABEL_EXCLUDE = (*NOT_IDENTITY, "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
 FIT_POINTS = 500  # about this many data points are drawn in the fit image (every k-th)
+FIT_DPI = 80  # the fit image's pixels per inch: 512 x 320, drawn and encoded once per job (cost: benchmarks/README.md)
 
 
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
@@ -179,8 +182,12 @@ class Dashboard(L.Callback):
             x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            pixels = figure_pixels(fit_figure(x, y.reshape(-1), y_hat, mse))
-            tb.experiment.add_image("fit", pixels, log_step(trainer), dataformats="HWC")
+            png, (height, width) = figure_png(fit_figure(x, y.reshape(-1), y_hat, mse))
+            # The image summary SummaryWriter.add_image writes, from PNG bytes made at zlib level 1 (add_image
+            # encodes at level 6, which costs more than the figure's draw).
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+            summary = Summary(value=[Summary.Value(tag="fit", image=image)])
+            tb.experiment.file_writer.add_summary(summary, log_step(trainer))
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
@@ -224,11 +231,13 @@ def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float
     ax = fig.axes[0]
     for j, line in zip(features, ax.lines):  # the feature lines come first, then the zero line
         line.set_data(x[:, j], residual)
-    ax.set_title(f"residuals of the fit, MSE {mse:.4g} (a curve: the model misses a shape)", y=1.0, fontsize=10)
+    ax.set_title(f"residuals of the fit, MSE {mse:.4g}", y=1.0, fontsize=10)  # short: each glyph is redrawn every job
     ax.relim()
-    if not drawn:  # no data limits: a fixed x range, the same on a new figure as on a reused one
+    if drawn:
+        ax.autoscale_view()
+    else:  # no data limits: fixed ranges, the same on a new figure as on a reused one (autoscaling stays on)
         ax.set_xlim(-1, 1, auto=None)
-    ax.autoscale_view()
+        ax.set_ylim(-1, 1, auto=None)
     return fig
 
 
@@ -241,7 +250,7 @@ def empty_fit_figure(features: tuple[int, ...]) -> "Figure":
 
     # Fixed margins (no tight_layout), a title at a fixed height (automatic placement measures every tick
     # label), few ticks, and marker lines instead of scatter collections: the cheap way to draw it.
-    fig = Figure(figsize=(6.4, 4))
+    fig = Figure(figsize=(6.4, 4), dpi=FIT_DPI)
     ax = fig.subplots()
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91)
     for j in features:
@@ -263,6 +272,16 @@ def figure_pixels(fig: "Figure") -> np.ndarray:
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.array(canvas.buffer_rgba())[..., :3]  # a copy: a reused figure's next draw overwrites the buffer
+
+
+def figure_png(fig: "Figure") -> tuple[bytes, tuple[int, int]]:
+    """A figure drawn by matplotlib's Agg canvas as RGB PNG bytes (zlib level 1: fast, a bit bigger), and its size."""
+    from PIL import Image
+
+    pixels = figure_pixels(fig)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), pixels.shape[:2]
 
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
