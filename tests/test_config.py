@@ -1,5 +1,6 @@
 """Bad input through the real CLI: one line naming the key, a non-zero exit, no traceback, no files."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from linreg.config import ConfigError, validate
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 # (overrides, the key the message must name, a phrase of what is allowed)
 BAD_INPUT = {
@@ -177,10 +178,17 @@ def test_more_bad_values_are_caught_before_any_work(make_cfg, override):
     [
         ("+trainer.steps_per_call=5", "now data.batches_per_call"),
         ("+trainer.log_every_n_steps=5", "now model.log_every_sgd_steps"),
-        ("model._target_=linreg.models.Lasso", "linreg.models has no Lasso"),
+        ("model._target_=linreg.models.Lasso", "cannot be imported: AttributeError"),
         ("model._target_=nowhere.Model", "cannot be imported: ModuleNotFoundError"),
+        ("model._target_=collections.OrderedDict", "must name a subclass of linreg.models.RegressionModule"),
+        ("model._target_=os.path.join", "must name a subclass of linreg.models.RegressionModule"),
+        ("model._target_=linreg.models.RegressionModule", "must name a subclass"),
+        ("+model.in_features=3", "is given by the run"),
         ("logger.tensorboard._target_=lasso", "must name a class"),
+        ("+logger.x={_target_:collections.OrderedDict}", "must name a subclass of lightning.pytorch.loggers.Logger"),
+        ("logger.tensorboard._target_=lightning.pytorch.loggers.TensorBoardLogger", "fit_figure=True: unknown key"),
         ("+model.lrr=1", "did you mean model.lr?"),
+        ("model._target_=tests.user_classes.DecayedLinearRegression", "model.log_every_sgd_steps=50: unknown key"),
     ],
 )
 def test_moved_keys_and_bad_targets_say_so(make_cfg, override, says):
@@ -188,52 +196,21 @@ def test_moved_keys_and_bad_targets_say_so(make_cfg, override, says):
         validate(make_cfg(override))
 
 
-def test_a_model_of_your_own_is_checked_by_its_class_not_our_table(make_cfg):
-    # Another class takes its own arguments: only that it imports is checked here.
-    validate(make_cfg("model._target_=collections.OrderedDict", "+model.anything=1"))
+def test_a_class_of_yours_takes_the_arguments_its_constructor_takes(make_cfg):
+    user = "model=linear", "model._target_=tests.user_classes.DecayedLinearRegression"
+    validate(make_cfg(*user, "~model.log_every_sgd_steps", "~model.init", "+model.weight_decay=0.1"))
+    validate(
+        make_cfg("logger=tensorboard_csv", "+logger.csv.flush_logs_every_n_steps=10", "+logger.tensorboard.prefix=a")
+    )
 
 
-def test_slurm_without_a_cluster_is_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    env["PATH"] = f"{tmp_path}:{env['PATH']}"
-    for tool in ("sbatch", "scontrol"):  # stand-ins: whether SLURM is installed or not, the config is missing
-        (tmp_path / tool).write_text("#!/bin/sh\nexit 1\n")
-        (tmp_path / tool).chmod(0o755)
-    if Path("/etc/slurm/slurm.conf").exists():
-        pytest.skip("this machine has a system-wide SLURM config")
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "linreg.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("error: hydra/launcher='slurm': SLURM_CONF is unset")
-    assert "slurm-local.sh" in proc.stderr and not sweep.exists()
-
-
-def test_a_used_sweep_dir_is_refused_without_resume(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ["-m", "data.num_examples=100", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}"]
-    cmd = [sys.executable, "-m", "linreg.train", *args, "model.lr=0.03"]
-    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=300).returncode == 0
-    kept = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
-    proc = subprocess.run([*cmd[:-1], "model.lr=0.1"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("error: hydra.sweep.dir=") and "add resume=true" in proc.stderr
-    assert {p: p.read_bytes() for p in kept} == kept  # not even .hydra/ rewritten
-
-
-@pytest.mark.parametrize("value", ["true", "1.0"])
-def test_one_device_means_the_integer_1(make_cfg, value):
-    with pytest.raises(ConfigError, match="^trainer.devices="):
-        validate(make_cfg(f"trainer.devices={value}"))
-
-
-@pytest.mark.parametrize(
-    "override",
-    ["hydra.launcher.max_group_size=0", "hydra.launcher.max_group_size=-1", "hydra.launcher.memory_budget_gb=0"],
-)
-def test_vectorized_launcher_settings_are_refused_before_any_job(tmp_path, override):
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "linreg.train", "-m", "hydra/launcher=vectorized", override, "seed=1,2"]
-    proc = subprocess.run([*cmd, f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: {override.split('=')[0]}=")
+def test_a_model_of_yours_trains_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "model=linear", "model._target_=tests.user_classes.DecayedLinearRegression", "~model.log_every_sgd_steps",
+        "~model.init", "+model.weight_decay=0.01", "data.num_examples=100", "trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["model"] == "decayedlinear" and metrics["steps"] == 10

@@ -1,6 +1,8 @@
 """Checks a composed config before any work, so a bad value fails in one clear line."""
 
 import difflib
+import importlib
+import inspect
 import math
 import os
 import shutil
@@ -124,9 +126,15 @@ TRAINER = {
     "deterministic": boolean,
     "enable_progress_bar": optional_boolean,
 }
-# The arguments of the project's own classes a `_target_` may name (a `_target_` of yours takes its own).
+
+
+def any_value(key: str, v: Any) -> None:
+    """A value its class checks itself (a name, a version)."""
+
+
+# The project's arguments of the classes a `_target_` may name; other arguments are checked against the class.
 REGRESSION = {
-    "_target_": lambda key, v: None,
+    "_target_": any_value,
     "lr": number_in(0, True, "must be a finite number > 0 (at most 3.4e38, float32)"),
     "log_every_sgd_steps": positive_int,
 }
@@ -136,19 +144,17 @@ MODELS = {
 }
 LOGGERS = {
     "linreg.dashboard.BufferedTensorBoardLogger": {
-        "_target_": lambda key, v: None,
-        "name": lambda key, v: None,
+        "_target_": any_value,
+        "name": any_value,
         "log_graph": boolean,
         "default_hp_metric": boolean,
         "fit_figure": boolean,
         "write_every_s": number_in(0, False, "must be a finite number >= 0"),
     },
-    "lightning.pytorch.loggers.CSVLogger": {
-        "_target_": lambda key, v: None,
-        "name": lambda key, v: None,
-        "version": lambda key, v: None,
-    },
+    "lightning.pytorch.loggers.CSVLogger": {"_target_": any_value, "name": any_value, "version": any_value},
 }
+BASES = {"model": "linreg.models.RegressionModule", "logger": "lightning.pytorch.loggers.Logger"}
+GIVEN = {"model": ("in_features", "bias"), "logger": ("save_dir",)}  # arguments a run passes: not config keys
 MOVED = {  # keys of earlier versions, and where they went
     "trainer.steps_per_call": "data.batches_per_call",
     "trainer.log_every_n_steps": "model.log_every_sgd_steps",
@@ -160,7 +166,7 @@ TOP = {
     "threads": int_in(1, 1024, "must be a positive integer (torch's intra-op threads for this run)"),
 }
 GROUPS = ("data", "model", "trainer", "logger")
-OPTIONAL = {"trainer.enable_progress_bar", "model.log_every_sgd_steps", "model.init"}  # keys that may be left out
+OPTIONAL = {"trainer.enable_progress_bar"}  # keys that may be left out
 
 
 def unknown_key(key: str, value: Any, known: list[str]) -> ConfigError:
@@ -191,26 +197,57 @@ def check_mapping(prefix: str, got: Any, schema: dict[str, Check], option: str, 
         check(full, got[key])
 
 
+def target_class(key: str, target: str) -> type:
+    """The class a `_target_` names, imported; ConfigError unless it is one of the kind `key` needs."""
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as err:  # the user's module failed to import, or has no such name: say why in its words
+        raise ConfigError(f"{key}._target_", target, f"cannot be imported: {type(err).__name__}: {err}") from None
+    base_module, _, base_name = BASES[key.split(".")[0]].rpartition(".")
+    base = getattr(importlib.import_module(base_module), base_name)
+    if not (isinstance(cls, type) and issubclass(cls, base) and cls is not base):
+        raise ConfigError(f"{key}._target_", target, f"must name a subclass of {BASES[key.split('.')[0]]}")
+    return cls
+
+
+def accepted_arguments(cls: type) -> set[str]:
+    """The keyword arguments a class's constructor takes, following `**kwargs` up its base classes."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def check_target(key: str, got: Any, known: dict[str, dict[str, Check]], option: str) -> None:
-    """A `_target_` group: the project's classes' arguments checked, another class importable."""
+    """A `_target_` group: the project's arguments checked by table, any other against the class's constructor."""
+    group = key.split(".")[0]
     if not isinstance(got, dict):
-        what = "a logger (a mapping with a _target_) or null" if key.startswith("logger.") else "a config group"
-        raise ConfigError(key, got, f"must be {what}, e.g. {key.split('.')[0]}={option}")
+        what = "a logger (a mapping with a _target_) or null" if group == "logger" else "a config group"
+        raise ConfigError(key, got, f"must be {what}, e.g. {group}={option}")
     target = got.get("_target_")
     if not isinstance(target, str) or "." not in target:
         raise ConfigError(f"{key}._target_", target, "must name a class, e.g. linreg.models.ManualRegression")
-    if target in known:
-        check_mapping(key, got, known[target], option, required=key == "model")
-        return
-    import importlib
-
-    module, _, name = target.rpartition(".")
-    try:
-        found = hasattr(importlib.import_module(module), name)
-    except Exception as err:  # the user's module failed to import: say why in its words
-        raise ConfigError(f"{key}._target_", target, f"cannot be imported: {type(err).__name__}: {err}") from None
-    if not found:
-        raise ConfigError(f"{key}._target_", target, f"{module} has no {name}")
+    for name in GIVEN[group]:
+        if name in got:
+            raise ConfigError(
+                f"{key}.{name}", got[name], "is given by the run (from data and the run dir), not set here"
+            )
+    schema = known.get(target, {"_target_": any_value})
+    ours = {k: v for k, v in got.items() if k in schema}
+    check_mapping(key, ours, schema, option, required=group == "model")
+    others = [k for k in got if k not in schema]
+    if target in known and not others:
+        return  # the project's own class with its own arguments: nothing to import (Lightning is slow to)
+    accepted = accepted_arguments(target_class(key, target))
+    for name in others:
+        if name not in accepted:
+            raise unknown_key(f"{key}.{name}", got[name], sorted(accepted - set(GIVEN[group])))
 
 
 def check_logger(lcfg: Any) -> None:

@@ -1,11 +1,10 @@
 """TensorBoard dashboards: parameter trajectories, the HParams record and a picture of the fit.
 
 Tags written here (a contract for dashboards and scripts; `train/loss` and `train/mse` come from the module):
-`params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap`, the image `fit` and the model graph.
+`params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap` and the image `fit` (the graph is Lightning's).
 Every scalar is written at the run's SGD step count (`global_step`), so all curves share one axis.
 """
 
-import io
 import math
 import re
 import time
@@ -18,7 +17,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
-from tensorboard.compat.proto.summary_pb2 import Summary
 
 from linreg import fastpath
 from linreg.config import override_key
@@ -34,7 +32,7 @@ HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by def
 LABEL_EXCLUDE = (*NOT_IDENTITY, "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
 FIT_POINTS = 500  # about this many data points are drawn in the fit image (every k-th)
-FIT_DPI = 80  # the fit image's pixels per inch: 512 x 320, drawn and encoded once per job (cost: benchmarks/README.md)
+FIT_DPI = 80  # the fit image's pixels per inch: 512 x 320, drawn and PNG-encoded every job (benchmarks/README.md)
 
 
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
@@ -182,12 +180,8 @@ class Dashboard(L.Callback):
             x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            png, (height, width) = figure_png(fit_figure(x, y.reshape(-1), y_hat, mse))
-            # The image summary SummaryWriter.add_image writes, from PNG bytes made at zlib level 1 (add_image
-            # encodes at level 6, which costs more than the figure's draw).
-            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-            summary = Summary(value=[Summary.Value(tag="fit", image=image)])
-            tb.experiment.file_writer.add_summary(summary, log_step(trainer))
+            pixels = figure_pixels(fit_figure(x, y.reshape(-1), y_hat, mse))
+            tb.experiment.add_image("fit", pixels, log_step(trainer), dataformats="HWC")
 
     def metrics(self, mse: float) -> dict[str, float]:
         """The HParams metrics for a full-data MSE."""
@@ -272,16 +266,6 @@ def figure_pixels(fig: "Figure") -> np.ndarray:
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.array(canvas.buffer_rgba())[..., :3]  # a copy: a reused figure's next draw overwrites the buffer
-
-
-def figure_png(fig: "Figure") -> tuple[bytes, tuple[int, int]]:
-    """A figure drawn by matplotlib's Agg canvas as RGB PNG bytes (zlib level 1: fast, a bit bigger), and its size."""
-    from PIL import Image
-
-    pixels = figure_pixels(fig)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue(), pixels.shape[:2]
 
 
 def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:

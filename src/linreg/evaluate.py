@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from linreg.config import ConfigError, is_int, refuse
+from linreg.config import ConfigError, is_int, refuse, target_class
 from linreg.record import finite_or_none, model_name, write_json_atomic
 from linreg.train import CONFIG_DIR, NOISE, output_dir
 
@@ -91,9 +91,15 @@ def config_problem(saved: Any) -> str | None:
     if missing:
         return f"no data.{missing[0]}"
     model = saved.get("model")
+    if isinstance(model, dict) and "name" in model and "_target_" not in model:
+        return "written by an earlier linreg (model.name, not model._target_): train the run again"
     target = model.get("_target_") if isinstance(model, dict) else None
     if not isinstance(target, str) or "." not in target:
         return f"model._target_={target!r}, not a model class"
+    try:
+        target_class("model", target)
+    except ConfigError as err:
+        return str(err)
     return None
 
 
@@ -137,12 +143,10 @@ def check_inputs(cfg: DictConfig) -> Inputs:
 
 def load_model(inputs: Inputs) -> RegressionModule:
     """The trained module, loaded tensors-only (`weights_only=True`) onto the CPU."""
-    from hydra.utils import get_class
-
     target = inputs.run_cfg["model"]["_target_"]
     name = model_name(target)
     try:
-        model = get_class(target).load_from_checkpoint(inputs.ckpt, map_location="cpu", weights_only=True)
+        model = target_class("model", target).load_from_checkpoint(inputs.ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and Lightning raise many types for a bad file (EOF, zip, unpickling, keys)
         raise ConfigError("ckpt_path", str(inputs.ckpt), load_error(err, name)) from None
     return model.eval()
@@ -159,12 +163,10 @@ def load_error(err: Exception, name: str) -> str:
 
 def datamodule(inputs: Inputs, seed: int, num_examples: int) -> RegressionDataModule:
     """The run's data generator with another seed and size (not yet set up)."""
-    from hydra.utils import get_class
-
     from linreg.data import RegressionDataModule
 
     data = {k: inputs.run_cfg["data"][k] for k in DATA_KEYS if k != "num_examples"}
-    ones = get_class(inputs.run_cfg["model"]["_target_"]).uses_ones_column
+    ones = target_class("model", inputs.run_cfg["model"]["_target_"]).uses_ones_column
     return RegressionDataModule(**data, num_examples=num_examples, seed=seed, ones_column=ones)
 
 

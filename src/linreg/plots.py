@@ -26,7 +26,7 @@ REPEATS = ("seed",)  # swept keys that repeat a setting rather than change it
 # Override keys whose value is a column of the results table; other swept keys are read from the overrides.
 COLUMN_OF = {
     "model": "model",
-    "model.name": "model",
+    "model._target_": "model",
     "data.deg": "deg",
     "data.delta": "delta",
     "model.lr": "lr",

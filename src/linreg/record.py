@@ -211,24 +211,29 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # what a record's value
         lambda v: isinstance(v, list) and all(x is None or is_finite(x) for x in v),
         "a list of finite numbers or nulls",
     ),
+    "integer": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "text": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
 }
 # What an ok or diverged record must hold: a failed run may have written whatever bad value it was given.
 RESULT_KINDS = {
     "model": "text?",
     "accelerator": "text?",
-    "seed": "number?",
+    "seed": "integer?",
     "lr": "number?",
-    "batch_size": "number?",
-    "epochs": "number?",
+    "batch_size": "integer?",
+    "epochs": "integer?",
+    "epoch_mse": "numbers or nulls?",
     "ols_mse": "number?",
-    "steps": "number?",
+    "steps": "integer?",
     "fit_seconds": "number?",
-    "diverged_epoch": "number?",
+    "diverged_epoch": "integer?",
     "true_weights": "numbers?",
+    "error": "text?",
+    "config": "object?",
 }
 OK_KINDS = {"train_mse": "number", "ols_mse": "number", "weights": "numbers"}
-DIVERGED_KINDS = {"train_mse": "number?", "weights": "numbers or nulls?", "diverged_epoch": "number"}
+DIVERGED_KINDS = {"train_mse": "number?", "weights": "numbers or nulls?", "diverged_epoch": "integer"}
 
 
 def check_value(record: dict[str, Any], key: str, kind: str) -> None:
@@ -258,8 +263,8 @@ class RunRecord:
     weights: list[float | None] | None = None
     true_weights: list[float] | None = None
     ols_mse: float | None = None
-    steps: int = 0
-    fit_seconds: float = 0.0
+    steps: int | None = None
+    fit_seconds: float | None = None
     diverged_epoch: int | None = None
     error: str | None = None
     config: dict[str, Any] | None = None
@@ -277,7 +282,7 @@ class RunRecord:
     def failed(cls, cfg: DictConfig, error: BaseException) -> "RunRecord":
         """What a run that raised leaves behind: its config and the error, in one line."""
         text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-        return cls.of(cfg, "failed", error=text)
+        return cls.of(cfg, "failed", steps=0, fit_seconds=0.0, error=text)
 
     @classmethod
     def parse(cls, metrics: Any) -> "RunRecord":
@@ -321,7 +326,7 @@ class RunRecord:
             "model": str(self.model),
             "deg": int(self.data_value("deg")),
             "delta": float(self.data_value("delta")),
-            "lr": float(self.lr),
+            "lr": float(self.lr) if is_finite(self.lr) else math.nan,  # a model of yours may keep its own default
             "batch_size": int(self.batch_size),
             "accelerator": str(self.accelerator),
             "seed": int(self.seed),

@@ -119,8 +119,7 @@ def saved_record(job_dir: Path) -> RunRecord:
     cfg = load_yaml(job_dir, "config.yaml")
     if cfg is not None and not isinstance(cfg, dict):
         raise CorruptRecord(".hydra/config.yaml: not a mapping")
-    # No outcome at all: no steps, no time (a failed run's record says 0 of each).
-    return RunRecord.of(OmegaConf.create(cfg or {}), "missing", error="no metrics.json", steps=None, fit_seconds=None)
+    return RunRecord.of(OmegaConf.create(cfg or {}), "missing", error="no metrics.json")
 
 
 def read_metrics(job_dir: Path) -> dict[str, Any] | None:
@@ -174,7 +173,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
             record = saved_record(job_dir)
         except CorruptRecord as err:
             problems.append(str(err))
-            record = RunRecord("missing", steps=None, fit_seconds=None)  # type: ignore[arg-type]
+            record = RunRecord("missing")
     row.update(record_row(record))
     if problems:
         row.update(status="corrupt", error="; ".join(problems), gap=None)

@@ -22,21 +22,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn, optim
 
+from linreg.config import MODELS, ConfigError, target_class
 from linreg.data import FullBatch, RegressionDataModule, epoch_seed
 from linreg.models import HandSGD
 from linreg.record import RunRecord, job_config, model_name
 
 # What may differ between the members of one group: numbers with the same shape in every member.
-STACKABLE_MODELS = ("linreg.models.ManualRegression", "linreg.models.LinearRegression")  # StackedRegression's two
 STACKED_KEYS = ("seed", "model.lr", "model.init", "data.delta", "data.deg", "data.w")
 INDEX_BYTES = 12  # per sample and member: the epoch's permutation (int32) and its flat row indices (int64)
 
 
 def uses_ones_column(cfg: DictConfig) -> bool:
     """Whether the job's model class takes the tutorial's column of ones (the manual model)."""
-    from hydra.utils import get_class
-
-    return get_class(cfg.model._target_).uses_ones_column
+    return target_class("model", cfg.model._target_).uses_ones_column
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -379,8 +377,6 @@ def stack_data(
 
     A member whose data overflows float32 is left out (its ConfigError returned by position).
     """
-    from linreg.config import ConfigError
-
     x = y = None
     ols: list[float] = []
     failed: dict[int, Exception] = {}
@@ -413,10 +409,9 @@ def train_group(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
 def train_members(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
     """`train_group`'s work, with the group's thread count set."""
     first = cfgs[0]
-    if first.model._target_ not in STACKABLE_MODELS:
-        from linreg.config import ConfigError
-
-        raise ConfigError("model._target_", first.model._target_, f"the vectorized launcher stacks {STACKABLE_MODELS}")
+    if first.model._target_ not in MODELS:
+        allowed = f"the vectorized launcher stacks {' and '.join(MODELS)} only"
+        raise ConfigError("model._target_", first.model._target_, allowed)
     name = model_name(first.model._target_)
     x, y, ols, failed = stack_data(cfgs, uses_ones_column(first))
     good = [c for j, c in enumerate(cfgs) if j not in failed]

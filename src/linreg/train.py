@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import ConfigError, full_error, refuse, remove_if_created, validate
+from linreg.config import ConfigError, accepted_arguments, full_error, refuse, remove_if_created, target_class, validate
 from linreg.record import (
     RunDirBusy,
     RunRecord,
@@ -95,14 +95,17 @@ class RunDirLock:
 def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Logger]:
     """Every logger under `logger` (each a `_target_`), saving into the run dir; none when `logger=null`."""
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     loggers: list[Logger] = []
-    for lcfg in (cfg.get("logger") or {}).values():
+    for key, lcfg in (cfg.get("logger") or {}).items():
         if lcfg is None:  # `logger.csv=null` turns one off
             continue
-        # TensorBoard names a run by its path: <run dir>/tensorboard/<overrides>, unless the config names a version.
-        version = {} if "version" in lcfg else {"version": label}
-        loggers.append(instantiate(lcfg, save_dir=str(out), **version))
+        cls = target_class(f"logger.{key}", lcfg._target_)
+        given: dict[str, Any] = {"save_dir": str(out)} if "save_dir" in accepted_arguments(cls) else {}
+        if issubclass(cls, TensorBoardLogger) and "version" not in lcfg:
+            given["version"] = label  # TensorBoard names a run by its path: <run dir>/tensorboard/<overrides>
+        loggers.append(instantiate(lcfg, **given))
     return loggers
 
 
@@ -244,11 +247,11 @@ def run(
 def fit(cfg: DictConfig, out: Path, ckpt: Path | None, label: str, progress: bool, in_sweep: bool) -> dict[str, Any]:
     """Build DataModule, LightningModule and Trainer, fit, and write the run record."""
     import lightning as L
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
     from linreg.data import RegressionDataModule
 
-    model_cls = get_class(cfg.model._target_)
+    model_cls = target_class("model", cfg.model._target_)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = RegressionDataModule(**data_cfg, seed=cfg.seed, ones_column=model_cls.uses_ones_column)
     dm.setup("fit")
