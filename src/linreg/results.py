@@ -34,7 +34,6 @@ from linreg.record import (
     RunRecord,
     identity_overrides,
     is_finite,
-    json_type,
     write_atomic,
 )
 
@@ -122,8 +121,8 @@ def saved_record(job_dir: Path) -> RunRecord:
     return RunRecord.of(OmegaConf.create(cfg or {}), "missing", error="no metrics.json")
 
 
-def read_metrics(job_dir: Path) -> dict[str, Any] | None:
-    """The job's metrics.json as a dict, None when there is none; CorruptRecord when it is no JSON object."""
+def read_record(job_dir: Path) -> RunRecord | None:
+    """The job's metrics.json as a record, None when there is none; CorruptRecord when it cannot be trusted."""
     path = job_dir / "metrics.json"
     if not path.exists() and not path.is_symlink():
         return None
@@ -135,9 +134,7 @@ def read_metrics(job_dir: Path) -> dict[str, Any] | None:
         ) from err
     except (OSError, UnicodeDecodeError) as err:
         raise CorruptRecord(f"metrics.json: {reason(err)}") from err
-    if not isinstance(metrics, dict):
-        raise CorruptRecord(f"metrics.json: holds {json_type(metrics)}, not an object")
-    return metrics
+    return RunRecord.parse(metrics)
 
 
 def record_row(record: RunRecord) -> dict[str, Any]:
@@ -164,8 +161,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         problems.append(str(err))
     record = None
     try:
-        metrics = read_metrics(job_dir)
-        record = RunRecord.parse(metrics) if metrics is not None else None
+        record = read_record(job_dir)
     except CorruptRecord as err:
         problems.append(str(err))
     if record is None:
