@@ -46,9 +46,10 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in state
 
 
-def test_workers_of_a_killed_sweep_end(tmp_path):
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
     sweep = tmp_path / "sweep"
-    args = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.num_examples=20000", "seed=1,2", "~logger"]
+    args = [*LAUNCHERS[launcher], "data.num_examples=20000", "seed=1,2", "~logger"]
     long = ["trainer.max_epochs=200"]  # minutes: both jobs are still training when the sweep is killed
     cmd = [sys.executable, "-m", "linreg.train", "-m", *args, *long, f"hydra.sweep.dir={sweep}"]
     sweeper = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -57,7 +58,7 @@ def test_workers_of_a_killed_sweep_end(tmp_path):
         deadline = time.monotonic() + 180
         while not all(p.exists() and p.read_text().strip() for p in locks):
             assert time.monotonic() < deadline and sweeper.poll() is None, "the jobs never started"
-            time.sleep(0.1)
+            time.sleep(0.01)  # kill at once: a job may not have built its Trainer yet, and must still end
         workers = [int(p.read_text()) for p in locks]
         assert sweeper.pid not in workers  # jobs run in joblib's worker processes
     finally:

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import select
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,50 @@ class EpochLines(L.Callback):
 
 
 class EndWithSweep(L.Callback):
-    """Ends a sweep's worker job when the sweep's process is gone (its parent changed): a resume will redo it."""
+    """Ends a sweep's worker job once the sweep's process is gone: a resume will redo it.
 
-    def __init__(self) -> None:
-        self.parent = os.getppid()
+    The sweep names its pid; a pidfd on it (Linux) sees it exit even if the pid is reused. Not its parent pid
+    at set-up: a sweep killed before the job builds its Trainer has already left the worker to init, and
+    submitit_local's jobs are its grandchildren.
+    """
+
+    def __init__(self, sweep_pid: int) -> None:
+        self.sweep_pid, self.pidfd, self.poller = sweep_pid, -1, None
+        self.gone = False
+        try:
+            self.pidfd = os.pidfd_open(sweep_pid)
+        except ProcessLookupError:
+            self.gone = True  # killed already: the first check ends the job
+        except (AttributeError, OSError):
+            pass  # no pidfd here (not Linux): ask by pid instead
+        if self.pidfd >= 0:
+            self.poller = select.poll()
+            self.poller.register(self.pidfd, select.POLLIN)  # readable once the process has exited
+
+    def sweep_gone(self) -> bool:
+        """Whether the sweep's process has exited."""
+        if self.gone or self.poller is not None:
+            return self.gone or bool(self.poller.poll(0))
+        try:
+            os.kill(self.sweep_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, and somebody else's
+        return False
+
+    def check(self) -> None:
+        """Raise `SweepGone` once the sweep's process has exited."""
+        if self.sweep_gone():
+            raise SweepGone(f"the sweep's process (pid {self.sweep_pid}) is gone")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if os.getppid() != self.parent:
-            raise SweepGone(f"the sweep's process (pid {self.parent}) is gone")
+        self.check()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.poller is not None:
+            os.close(self.pidfd)
+            self.pidfd, self.poller = -1, None

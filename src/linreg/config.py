@@ -389,10 +389,14 @@ def check_sweep_dir(config: DictConfig) -> None:
 SLURM_HINT = 'start one and export its settings: scripts/slurm-local.sh start; eval "$(scripts/slurm-local.sh env)"'
 
 
+def on_slurm(config: DictConfig) -> bool:
+    """Whether the sweep's launcher submits its jobs to SLURM."""
+    return "SlurmLauncher" in str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+
+
 def check_slurm(config: DictConfig) -> None:
     """`hydra/launcher=slurm` needs a cluster that answers: say what is missing instead of sbatch's traceback."""
-    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-    if "SlurmLauncher" not in target:
+    if not on_slurm(config):
         return
     key = "hydra/launcher"
     if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
@@ -460,5 +464,9 @@ class CheckConfig(Callback):
             if full_error():
                 raise SystemExit(f"error: {err}") from err
             refuse(err)
-        # Jobs in other processes (joblib, submitit_local) compare their pid with it: are they a worker?
-        os.environ["LINREG_SWEEP_PID"] = str(os.getpid())
+        # Jobs in this machine's worker processes (joblib, submitit_local) end when this process is gone;
+        # SLURM's jobs are the cluster's, and outlive the sweep that submitted them.
+        if on_slurm(config):
+            os.environ.pop("LINREG_SWEEP_PID", None)
+        else:
+            os.environ["LINREG_SWEEP_PID"] = str(os.getpid())

@@ -123,8 +123,9 @@ def build_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool) 
     callbacks = [checkpoint, SaveRunConfig(out, checkpoint_config(cfg)), *dashboard_callbacks(cfg)]
     if progress:
         callbacks.append(EpochLines())
-    if in_sweep and os.environ.get("LINREG_SWEEP_PID") != str(os.getpid()):
-        callbacks.append(EndWithSweep())  # a worker process of a sweep (joblib, submitit_local)
+    sweep_pid = os.environ.get("LINREG_SWEEP_PID")
+    if in_sweep and sweep_pid and sweep_pid != str(os.getpid()):
+        callbacks.append(EndWithSweep(int(sweep_pid)))  # a worker process of a sweep (joblib, submitit_local)
     return callbacks
 
 
