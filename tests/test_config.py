@@ -132,6 +132,7 @@ def test_full_error_zero_is_not_set(tmp_path):
         ("hydra/launcher=joblib hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs"),
         ("hydra.sweeper.max_batch_size=0", "hydra.sweeper.max_batch_size"),
         ("model.lr=-1", "model.lr"),
+        ("model.lr=interval(0.01,0.1)", "model.lr"),  # the grid cannot list it (Optuna's sweeper can)
     ],
 )
 def test_bad_sweep_settings_are_refused_before_any_job(tmp_path, override, key):

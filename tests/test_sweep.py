@@ -203,3 +203,29 @@ def test_a_sweep_without_overrides_is_named_defaults_and_a_blocked_table_exits_1
     assert last == f"error: sweep {sweep}: cannot write {sweep / 'results.csv'}: Is a directory"
     assert (sweep / "results.md").is_file() and (sweep / "mse.png").is_file()
     assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]
+
+
+def snapshot(tree: Path) -> dict[str, bytes]:
+    """Every file under `tree`, by relative path, with its bytes."""
+    return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "again, line",
+    [
+        # The grid's order changed: job 0 would now be lr 0.1, while 0/ holds lr 0.03's finished run.
+        (["model.lr=0.1,0.03"], "hydra.sweep.dir='{sweep}': job 0 (model.lr=0.1): its dir holds a finished run of"),
+        (["model.lr=0.03,0.1", "trainer.max_epochs=1"], "trainer.max_epochs=1: job 0 (model.lr=0.03): the run in"),
+    ],
+)
+def test_resume_with_a_changed_grid_is_refused_before_any_file_changes(tmp_path, again, line):
+    sweep, small = tmp_path / "sweep", ["data.num_examples=100", "~logger"]
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *small, "trainer.max_epochs=2", "model.lr=0.03,0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = snapshot(sweep)
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *small, "trainer.max_epochs=2", *again, "resume=true")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: " + line.format(sweep=sweep)), lines
+    assert snapshot(sweep) == before  # .hydra/, metrics.json, multirun.yaml, progress, the table: as they were

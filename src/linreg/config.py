@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         super().__init__(f"{key}={value!r}: {allowed}")
-        self.key = key
+        self.key, self.value, self.allowed = key, value, allowed
 
 
 def is_int(v: Any) -> bool:
@@ -386,6 +386,21 @@ def check_sweep_dir(config: DictConfig) -> None:
         raise ConfigError("hydra.sweep.dir", str(sweep), allowed)
 
 
+def check_grid(config: DictConfig) -> None:
+    """The grid sweeper's jobs can be listed; with resume=true, every job's dir holds only that job's own runs."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if not target.endswith(".GridSweeper"):
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra_plugins.linreg_sweeper.grid_sweeper import planned_jobs, refuse_changed_jobs
+
+    loader = GlobalHydra.instance().config_loader()
+    jobs = planned_jobs(config, loader)
+    if config.get("resume") is True:
+        refuse_changed_jobs(config, loader, jobs)
+
+
 SLURM_HINT = 'start one and export its settings: scripts/slurm-local.sh start; eval "$(scripts/slurm-local.sh env)"'
 
 
@@ -460,6 +475,7 @@ class CheckConfig(Callback):
             validate_launch(config)
             validate(config)
             check_slurm(config)
+            check_grid(config)
         except ConfigError as err:
             if full_error():
                 raise SystemExit(f"error: {err}") from err

@@ -7,17 +7,20 @@
   the callbacks still hear of it (progress line, results table), and job numbers stay as planned. The basic
   launcher gets each run of consecutive unfinished jobs; a parallel launcher (joblib, submitit) gets the span
   from the first unfinished job to the last as one pool or array job, whose finished jobs return at once from
-  `linreg.train.run`'s own check.
+  `linreg.train.run`'s own check. A resume whose grid no longer matches the jobs' dirs (a job's dir holds another
+  config's run) is refused by the config check before the sweep writes anything (`refuse_changed_jobs`).
 - A job's return keeps its status and value but not its configs once the callbacks have heard of it, so a
   long sweep's launcher does not grow with every job.
 """
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_loader import ConfigLoader
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -44,8 +47,11 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
         elif override.is_discrete_sweep():
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
-            kind = override.value_type.name if override.value_type is not None else "?"
-            raise HydraException(f"{GridSweeper.__name__} does not support sweep type : {kind}")
+            from linreg.config import ConfigError, override_key
+
+            value = (override.input_line or "").partition("=")[2]  # a sweep has no str of its own
+            allowed = "a grid sweeps values a,b,c, range() or glob(); interval() needs hydra/sweeper=optuna"
+            raise ConfigError(override_key(key), value, allowed)
     return [list(job) for job in itertools.product(*choices.values())]
 
 
@@ -72,6 +78,61 @@ def unfinished_runs(finished: Sequence[bool], in_process: bool) -> list[tuple[in
         else:
             runs.append([i, i + 1])
     return [(start, end) for start, end in runs]
+
+
+def planned_jobs(config: DictConfig, loader: ConfigLoader) -> list[list[str]]:
+    """Every job's overrides as `GridSweeper.sweep` plans them: the sweeper's `params`, then the command line."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    lines = [f"{key}={value}" for key, value in params.items()] + [str(o) for o in config.hydra.overrides.task]
+    parser = OverridesParser.create(config_loader=loader)  # glob() lists groups
+    return grid_jobs(parser.parse_overrides(lines))
+
+
+@contextmanager
+def job_config(loader: ConfigLoader, config: DictConfig, overrides: Sequence[str], num: int) -> Iterator[DictConfig]:
+    """Job `num`'s config, numbered and placed as its launcher will, seen by HydraConfig as during the job."""
+    cfg = loader.load_sweep_config(config, list(overrides))
+    with open_dict(cfg.hydra):
+        cfg.hydra.job.id, cfg.hydra.job.num = str(num), num  # as the basic launcher sets them
+    out = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(out.resolve())
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    hydra_config.set_config(cfg)  # what a callback sees during a job, as Hydra's run_job sets it
+    try:
+        yield cfg
+    finally:
+        hydra_config.cfg = previous
+
+
+def refuse_changed_jobs(config: DictConfig, loader: ConfigLoader, jobs: list[list[str]]) -> None:
+    """With resume=true, a ConfigError when a job's dir holds a run of another config: the grid changed.
+
+    Called from the config check before the sweep writes anything; the job itself would refuse its dir only after
+    Hydra had rewritten that dir's `.hydra/`, and the table would show the old run as the new job's.
+    """
+    from linreg.config import ConfigError, override_key
+    from linreg.record import RunDirBusy, finished_metrics, identity_overrides, refuse_other_runs
+
+    cached = CachedConfigLoader(loader)
+    values: dict[str, set[str]] = {}
+    for override in itertools.chain.from_iterable(jobs):
+        values.setdefault(override_key(override), set()).add(override)
+    for num, overrides in enumerate(jobs):
+        with job_config(cached, config, overrides, num) as cfg:
+            out = Path(cfg.hydra.runtime.output_dir)
+            if not cfg.get("resume") or not out.is_dir() or finished_metrics(out, cfg) is not None:
+                continue
+            try:
+                refuse_other_runs(out, cfg, check_lock=False)  # a live worker's lock: that job's own row says so
+            except RunDirBusy as err:
+                named = [o for o in identity_overrides(overrides) if len(values[override_key(o)]) > 1]
+                job = f"job {num} ({' '.join(named or identity_overrides(overrides)) or 'defaults'})"
+                if err.key != "hydra.run.dir":
+                    raise ConfigError(err.key, err.value, f"{job}: {err.allowed}") from None
+                why = f"{job}: its dir {err.allowed} (resume needs the grid the sweep was made with)"
+                raise ConfigError("hydra.sweep.dir", str(config.hydra.sweep.dir), why) from None
 
 
 class LightReturns:
@@ -115,14 +176,12 @@ class GridSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Run the grid batch by batch, as Hydra's basic sweeper; the jobs' returns, per batch."""
         assert self.hydra_context is not None and self.config is not None and self.launcher is not None
-        lines = [f"{key}={value}" for key, value in self.params.items()] + list(arguments)
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)  # glob() lists groups
-        jobs = grid_jobs(parser.parse_overrides(lines))
+        jobs = planned_jobs(self.config, self.hydra_context.config_loader)  # `arguments` are the command line's
         planned = batches(jobs, self.max_batch_size)
+        self.validate_batch_is_legal(jobs)  # every batch at once: a bad last batch fails before the first runs
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        self.validate_batch_is_legal(jobs)  # every batch at once: a bad last batch fails before the first runs
         returns: list[Sequence[JobReturn]] = []
         first = 0
         for batch in planned:
@@ -187,24 +246,11 @@ class GridSweeper(Sweeper):
         assert self.hydra_context is not None and self.config is not None
         if not self.config.get("resume") and not any(override_key(o) == "resume" for o in overrides):
             return None, None  # the common case, decided without composing the job's config
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        if not cfg.get("resume"):
-            return None, None
-        hydra_config = HydraConfig.instance()
-        previous = hydra_config.cfg
-        try:
-            with open_dict(cfg.hydra):
-                cfg.hydra.job.id, cfg.hydra.job.num = str(num), num  # as the basic launcher sets them
-            out = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
-            with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-                cfg.hydra.runtime.output_dir = str(out.resolve())
-            hydra_config.set_config(cfg)  # what a callback sees during a job, as Hydra's run_job sets it
-            metrics = finished_metrics(out, cfg)
-            if metrics is None:
+        with job_config(self.hydra_context.config_loader, self.config, overrides, num) as cfg:
+            if not cfg.get("resume"):
                 return None, None
-            return self.stand_in(cfg, metrics), cfg
-        finally:
-            hydra_config.cfg = previous
+            metrics = finished_metrics(Path(cfg.hydra.runtime.output_dir), cfg)
+            return (None, None) if metrics is None else (self.stand_in(cfg, metrics), cfg)
 
     @staticmethod
     def stand_in(cfg: DictConfig, metrics: dict[str, Any]) -> JobReturn:
