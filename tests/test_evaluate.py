@@ -190,6 +190,20 @@ def test_a_refused_checkpoint_keeps_an_explicit_run_dir_unmade(tmp_path):
     assert proc.stderr.startswith("error: ckpt_path=") and not out.exists()
 
 
+def test_a_refused_sweep_job_removes_only_a_dir_it_made(runs, tmp_path):
+    # A sweep has no on_run_start: the job itself refuses, after Hydra made its dir.
+    args = ["-m", f"ckpt_path={runs['manual']}", "data_seed=-1"]
+    proc = evaluate(*args, f"hydra.sweep.dir={tmp_path / 'new'}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data_seed=-1"), proc.stderr
+    assert not (tmp_path / "new" / "0").exists()
+    kept = tmp_path / "old" / "0"
+    kept.mkdir(parents=True)
+    (kept / "evaluate.log").write_text("an earlier job's log\n")
+    proc = evaluate(*args, f"hydra.sweep.dir={tmp_path / 'old'}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data_seed=-1"), proc.stderr
+    assert (kept / "evaluate.log").read_text().startswith("an earlier job's log")  # there before: not removed
+
+
 def console_script() -> Path:
     """The installed `linreg-evaluate` beside this Python (skip the test without it)."""
     script = Path(sys.executable).with_name("linreg-evaluate")

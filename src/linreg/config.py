@@ -441,14 +441,18 @@ def refuse(err: ConfigError) -> None:
     raise SystemExit(2)
 
 
-NEW_RUN_DIRS: set[Path] = set()  # run dirs this process's run will create: only those may be removed again
+NEW_RUN_DIRS: set[Path] = set()  # run (or sweep) dirs this process will create: only those may be removed again
+HYDRA_FILES = (".hydra", "train.log", "evaluate.log", ".lock")  # what Hydra (and the run's lock) put there first
 
 
 def remove_if_created(out: Path) -> None:
-    """Remove a run dir this run created, if it holds only what Hydra wrote: bad input leaves nothing behind."""
-    if out.absolute() in NEW_RUN_DIRS and out.is_dir():
-        if all(p.name in (".hydra", "train.log", ".lock") for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
+    """Remove a run dir this process created, if it holds only what Hydra wrote: bad input leaves nothing behind.
+
+    A sweep's job dir counts as created when the sweep dir was (a job in another process never removes one).
+    """
+    made = out.absolute() in NEW_RUN_DIRS or out.absolute().parent in NEW_RUN_DIRS
+    if made and out.is_dir() and all(p.name in HYDRA_FILES for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 class CheckConfig(Callback):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from linreg.config import ConfigError, is_int, refuse, target_class
+from linreg.config import NEW_RUN_DIRS, ConfigError, is_int, refuse, remove_if_created, target_class
 from linreg.record import finite_or_none, model_name, write_json_atomic
 from linreg.train import CONFIG_DIR, NOISE, output_dir
 
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from linreg.models import RegressionModule
 
 DATA_KEYS = ("num_examples", "w", "bias", "delta", "deg", "batch_size")  # what checkpoint_config saves of `data`
-HYDRA_FILES = (".hydra", "evaluate.log")  # what Hydra writes in a run dir before the task runs
 
 
 @dataclass
@@ -41,7 +39,6 @@ class Inputs:
     run_cfg: dict[str, Any]
     data_seed: int
     num_examples: int
-    model: RegressionModule | None = None  # loaded from ckpt by check_inputs
 
 
 def first_line(err: BaseException) -> str:
@@ -124,31 +121,29 @@ def held_out_size(value: Any, train_size: int) -> int:
 
 
 def check_inputs(cfg: DictConfig) -> Inputs:
-    """Check the command line and the files it names (the checkpoint must load); raise ConfigError if bad."""
+    """Check the command line and the files it names (not yet the checkpoint's tensors); raise ConfigError if bad."""
     ckpt = checkpoint_path(cfg.get("ckpt_path"))
     run_cfg = run_config(ckpt)
-    inputs = Inputs(
+    return Inputs(
         ckpt=ckpt,
         run_cfg=run_cfg,
         data_seed=held_out_seed(cfg.get("data_seed"), run_cfg["seed"]),
         num_examples=held_out_size(cfg.get("num_examples"), run_cfg["data"]["num_examples"]),
     )
-    inputs.model = model = load_model(inputs)
-    features = datamodule(inputs, inputs.data_seed, inputs.num_examples).in_features
-    if model.hparams.in_features != features:
-        reason = f"has {model.hparams.in_features} inputs, config.json's data gives {features}"
-        raise ConfigError("ckpt_path", str(ckpt), reason)
-    return inputs
 
 
 def load_model(inputs: Inputs) -> RegressionModule:
-    """The trained module, loaded tensors-only (`weights_only=True`) onto the CPU."""
+    """The trained module, loaded tensors-only (`weights_only=True`) onto the CPU, with as many inputs as its data."""
     target = inputs.run_cfg["model"]["_target_"]
     name = model_name(target)
     try:
         model = target_class("model", target).load_from_checkpoint(inputs.ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and Lightning raise many types for a bad file (EOF, zip, unpickling, keys)
         raise ConfigError("ckpt_path", str(inputs.ckpt), load_error(err, name)) from None
+    features = datamodule(inputs, inputs.data_seed, inputs.num_examples).in_features
+    if model.hparams.in_features != features:
+        reason = f"has {model.hparams.in_features} inputs, config.json's data gives {features}"
+        raise ConfigError("ckpt_path", str(inputs.ckpt), reason)
     return model.eval()
 
 
@@ -195,8 +190,8 @@ def measure_mse(model: RegressionModule, dm: RegressionDataModule, out: Path) ->
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Check the inputs, measure the checkpoint's held-out and training MSE; write and return eval.json."""
     inputs = check_inputs(cfg)
+    model = load_model(inputs)
     out = output_dir()
-    model = inputs.model
     run_cfg = inputs.run_cfg
     heldout = datamodule(inputs, inputs.data_seed, inputs.num_examples)
     train = datamodule(inputs, run_cfg["seed"], run_cfg["data"]["num_examples"])
@@ -221,14 +216,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 class CheckInputs(Callback):
-    """Refuses a bad command line in `on_run_start`, which Hydra calls before it makes the run dir."""
+    """Refuses a bad command line, the checkpoint's tensors included, in `on_run_start`: before Hydra makes the dir.
+
+    The run checks again (a sweep has no `on_run_start`) and removes a dir only if it was noted here as new.
+    """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            check_inputs(config)
+            load_model(check_inputs(config))
         except ConfigError as err:
             # SystemExit, not an Exception: Hydra turns an Exception from a callback into a warning and goes on.
             refuse(err)
+        note_if_new(Path(str(config.hydra.run.dir)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        note_if_new(Path(str(config.hydra.sweep.dir)))
+
+
+def note_if_new(path: Path) -> None:
+    """Note a dir Hydra is about to make: only such a dir may be removed again."""
+    if not path.exists():
+        NEW_RUN_DIRS.add(path.absolute())
 
 
 def fmt(value: float | None) -> str:
@@ -242,10 +250,8 @@ def main(cfg: DictConfig) -> float:
     try:
         result = evaluate(cfg)
     except ConfigError as err:
-        # Reached in a sweep (no on_run_start there) or if the file changed since the check: leave no empty dir.
-        out = Path(HydraConfig.get().runtime.output_dir)
-        if out.is_dir() and all(p.name in HYDRA_FILES for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
+        # A checkpoint that does not load, bad input in a sweep (no on_run_start there): leave no dir it made.
+        remove_if_created(Path(HydraConfig.get().runtime.output_dir))
         refuse(err)
     out = output_dir()
     print(
