@@ -261,5 +261,12 @@ def main(cfg: DictConfig) -> float:
     return math.inf if result["heldout_mse"] is None else result["heldout_mse"]
 
 
+def cli() -> None:
+    """`python -m linreg.evaluate` and `linreg-evaluate`: the command line checked (linreg.cli), then Hydra's main."""
+    from linreg.cli import entry
+
+    entry(main, CONFIG_DIR, "evaluate")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

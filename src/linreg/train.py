@@ -335,5 +335,12 @@ def main(cfg: DictConfig) -> float:
     return sweep_value(metrics["train_mse"])
 
 
+def cli() -> None:
+    """`python -m linreg.train` and `linreg-train`: the command line checked (linreg.cli), then Hydra's main."""
+    from linreg.cli import entry
+
+    entry(main, CONFIG_DIR, "train")
+
+
 if __name__ == "__main__":
-    main()
+    cli()
