@@ -50,7 +50,7 @@ def values(override: Override) -> list[str]:
     return [override.get_value_element_as_str()]
 
 
-def check_groups(overrides: list[Override]) -> None:
+def check_groups(overrides: list[Override], config_name: str, lines: list[str]) -> None:
     """Every value given to a config group (`model=…`, `hydra/launcher=…`) is one of its options."""
     loader = GlobalHydra.instance().config_loader()
     for override in overrides:
@@ -60,9 +60,13 @@ def check_groups(overrides: list[Override]) -> None:
         options = loader.get_group_options(group)
         if not options:
             continue  # not a group
-        for value in values(override):
-            if value not in options and value != "null":
-                raise ConfigError(group, value, f"one of {', '.join(options)}")
+        unknown = [v for v in values(override) if v not in options and v != "null"]
+        if unknown:  # `hydra.searchpath=[…]` may add options: look again on the search path the command line sets
+            paths = [line for line in lines if line.startswith("hydra.")]
+            options = loader.get_group_options(group, config_name=config_name, overrides=paths)
+            unknown = [v for v in unknown if v not in options]
+        if unknown:
+            raise ConfigError(group, unknown[0], f"one of {', '.join(options)}")
 
 
 def one_job(overrides: list[Override], multirun: bool) -> list[str]:
@@ -116,8 +120,8 @@ def check_command_line(args: list[str], config_dir: str, config_name: str) -> No
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = parse([a for a in args if a not in RUN_FLAGS])
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name=config_name):
-        check_groups(overrides)
         lines = one_job(overrides, multirun)
+        check_groups(overrides, config_name, lines)
         try:
             compose(config_name, overrides=lines, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
