@@ -275,3 +275,40 @@ def test_stacked_groups_train_on_a_gpu(tmp_path):
         assert g["accelerator"] == "gpu" and g["status"] == c["status"] and g["steps"] == c["steps"], job
         for key in NUMBERS:
             assert close(g[key], c[key], 1e-4), (job, key)
+
+
+@pytest.mark.slow
+def test_members_hold_their_run_dir_locks_while_the_group_trains(tmp_path):
+    from linreg.record import lock_holder
+
+    out = tmp_path / "sweep"
+    busy = out / "3"
+    busy.mkdir(parents=True)
+    (busy / "notes.txt").write_text("another run's\n")
+    holder = subprocess.Popen(  # another run, alive, holding job 3's dir
+        [sys.executable, "-c", f"import fcntl,time; f=open({str(busy / '.lock')!r},'w'); fcntl.flock(f, fcntl.LOCK_EX);"
+         " f.write('4242'); f.flush(); print('held', flush=True); time.sleep(300)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    grid = ["data.num_examples=20000", "trainer.max_epochs=10", "seed=1,2,3,4", "~logger"]
+    cmd = [sys.executable, "-m", "linreg.train", "-m", *VECTORIZED, *grid, f"hydra.sweep.dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while lock_holder(out / "0") is None:  # the group is training: the launcher holds every member's dir
+            assert time.monotonic() < deadline and proc.poll() is None, "the group never started"
+            time.sleep(0.02)
+        assert [lock_holder(out / j) for j in "012"] == [str(proc.pid)] * 3
+        assert not (out / "0" / "metrics.json").exists()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 1, output[-2000:]  # one job could not run: a row, and a non-zero exit
+    assert output.strip().endswith("error: sweep " + str(out) + ": 1 of 4 jobs did not finish: #3 (no metrics.json)")
+    assert [lock_holder(out / j) for j in "012"] == [None] * 3  # released once the records are written
+    assert sorted(records(out)) == ["0", "1", "2"]
+    assert "job refused: hydra.run.dir=" in output and "another run (pid 4242)" in output
+    assert sorted(p.name for p in busy.iterdir()) == [".lock", "notes.txt"]  # nothing written into job 3's dir

@@ -78,8 +78,18 @@ class SweepFailedError(SystemExit):
 
 
 def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
-    """The sweep's job dirs (what Hydra or a job wrote into), in job-number order; with `jobs`, only 0..jobs-1."""
-    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "metrics.json").exists())]
+    """The sweep's job dirs (what Hydra or a job wrote into), in job-number order; with `jobs`, only 0..jobs-1.
+
+    With `jobs`, a planned job's numbered dir counts even if nothing was written there (a job refused because
+    another run holds it): it is a row, missing, not a job that vanished from the table.
+    """
+
+    def is_job(p: Path) -> bool:
+        if not p.is_dir():
+            return False
+        return (p / ".hydra").is_dir() or (p / "metrics.json").exists() or (jobs is not None and p.name.isdigit())
+
+    dirs = [p for p in sweep_dir.iterdir() if is_job(p)]
     if jobs is not None:  # a re-run with a smaller grid leaves older job dirs that are not part of this sweep
         dirs = [p for p in dirs if not p.name.isdigit() or int(p.name) < jobs]
     return sorted(dirs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))

@@ -12,8 +12,9 @@ Imports of torch and Lightning wait for `launch`: Hydra imports every plugin mod
 import logging
 import math
 import os
+import resource
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
+FILES_KEPT_FREE = 256  # open files left for torch, logs and TensorBoard beside a group's run-dir locks
 BUDGET_SHARE = 4  # the default budget: 1/4 of the memory available at launch (the data is copied once more)
 
 
@@ -48,6 +50,7 @@ class Job:
     out: Path
     task: Callable[[DictConfig], Any] | None = None  # set when the job needs no training
     key: str | None = None  # its group
+    refused: bool = False  # its dir is another run's: nothing is written there, not even .hydra/
 
 
 class VectorizedLauncher(Launcher):
@@ -78,10 +81,32 @@ class VectorizedLauncher(Launcher):
                 returns[job.num] = self.finish(job, job.task)
         for group in groups:
             self.sweep_logging()  # a group's lines are the sweep's, not the last job's log file
-            for job, task in zip(group, self.train(group)):
-                returns[job.num] = self.finish(job, task)
+            with ExitStack() as locks:
+                members = self.lock(group, locks, returns)
+                for job, task in zip(members, self.train(members) if members else []):
+                    returns[job.num] = self.finish(job, task)
         self.sweep_logging()
         return [returns[j.num] for j in jobs]
+
+    def lock(self, group: list[Job], locks: ExitStack, returns: dict[int, JobReturn]) -> list[Job]:
+        """Take each member's run-dir lock, held in `locks` while the group trains and writes its records.
+
+        A member whose dir another run took since it was planned is a refused row and leaves the group.
+        """
+        from linreg.record import RunDirBusy
+        from linreg.train import RunDirLock
+
+        members = []
+        for job in group:
+            job.out.mkdir(parents=True, exist_ok=True)
+            try:
+                locks.enter_context(RunDirLock(job.out))
+            except RunDirBusy as err:
+                job.refused = True
+                returns[job.num] = self.finish(job, refused_task(err))
+                continue
+            members.append(job)
+        return members
 
     def sweep_logging(self) -> None:
         """Hydra's own logging, as the basic launcher sets it between jobs."""
@@ -129,6 +154,7 @@ class VectorizedLauncher(Launcher):
         try:
             refuse_other_runs(job.out, job.cfg)
         except RunDirBusy as err:
+            job.refused = True
             return refused_task(err), None
         return None, group_key(job.cfg)
 
@@ -140,12 +166,15 @@ class VectorizedLauncher(Launcher):
         for i, job in enumerate(jobs):
             assert job.key is not None
             by_key.setdefault(job.key, []).append(i)
+        # A member holds its run dir's lock (one open file) while its group trains: stay well within the limit.
+        room = max(1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FILES_KEPT_FREE)
+        max_size = min(self.max_group_size or room, room)
         out = []
         for members in by_key.values():
             first = jobs[members[0]].cfg
             assert first is not None
             budget = self.budget(str(first.trainer.accelerator))
-            for chunk in split_groups(members, member_bytes(first), budget, self.max_group_size):
+            for chunk in split_groups(members, member_bytes(first), budget, max_size):
                 out.append([jobs[i] for i in chunk])
         return out
 
@@ -200,12 +229,13 @@ class VectorizedLauncher(Launcher):
             out.mkdir(parents=True, exist_ok=True)
             if config.hydra.job.chdir:
                 os.chdir(out)
-            configure_log(config.hydra.job_logging, config.hydra.verbose)
+            if not job.refused:  # a refused job's line goes to the sweep's log, not the other run's
+                configure_log(config.hydra.job_logging, config.hydra.verbose)
             task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
             hydra_cfg = HydraConfig.instance().cfg
             ret = JobReturn(overrides=list(config.hydra.overrides.task), cfg=task_cfg, hydra_cfg=hydra_cfg)
             ret.working_dir = os.getcwd()
-            if config.hydra.output_subdir is not None:
+            if config.hydra.output_subdir is not None and not job.refused:
                 save_job_configs(out / str(config.hydra.output_subdir), task_cfg, hydra_cfg, ret.overrides)
             with env_override(config.hydra.job.env_set):
                 self.hydra_context.callbacks.on_job_start(config=config, task_function=task)
