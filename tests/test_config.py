@@ -64,6 +64,8 @@ BAD_INPUT = {
     "plus_on_a_key_there": (["+seed=3"], "seed", "set it with seed=3"),
     "sweep_without_m": (["seed=1,2"], "seed", "add -m (--multirun)"),
     "unreadable_value": (["model.lr=["], "model.lr", "Hydra cannot read this value"),
+    "group_null": (["logger=null"], "logger", "write ~logger"),
+    "new_key_in_a_mapping": (["hydra.job.env_set.X=1"], "hydra.job.env_set.X", "+hydra.job.env_set.X=1 adds it"),
 }
 if not torch.cuda.is_available():
     BAD_INPUT["gpu_without_gpu"] = (["trainer=gpu"], "trainer.accelerator", "no GPU available; use trainer=cpu")

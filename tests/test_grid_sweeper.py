@@ -256,17 +256,38 @@ def test_the_sweeper_uses_no_hydra_internals():
     ("sweep", "message"),
     [
         ("model=manual,nosuch", "error: model='nosuch': one of linear, manual"),  # linreg.cli, before Hydra
-        ("data.nokey=1,2", "error: data.nokey='1': unknown key"),
-        ("+data.w=[2,-1,1],3", "Could not append to config"),  # the same key, a value of another kind
+        ("data.nokey=1,2", "error: data.nokey='1': unknown key"),  # the config check, before the sweep starts
+        ("+data.w=[2,-1,1],3", "error: data.w='3': is in the config already"),  # a value of another kind
         ("~resume=false,true", "Could not delete from config"),  # a delete's value is checked per value
     ],
 )
 def test_a_bad_sweep_value_is_refused_before_any_job_runs(tmp_path, sweep, message):
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", "data.num_examples=100", sweep)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert not list(sweep_dir.glob("*/metrics.json"))  # no job ran, not even the legal first one
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", "data.num_examples=100", *sweep.split())
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ") and message in proc.stderr
+    assert not sweep_dir.exists()  # nothing written: no plan, no progress log, no job dir
+
+
+def test_each_job_resolves_its_own_interpolations_and_globs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    small = ["data.num_examples=100", "trainer.max_epochs=1", "~logger"]
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *small, "model=glob(*)", "seed=10,20",
+                   "data.batch_size=${seed}", "hydra.sweep.subdir=${hydra.job.override_dirname}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+    assert sorted((r["model"], r["seed"], r["batch_size"]) for r in runs) == [
+        ("linear", 10, 10), ("linear", 20, 20), ("manual", 10, 10), ("manual", 20, 20)
+    ]  # fmt: skip
+    assert all("seed=" in p.parent.name for p in sweep_dir.glob("*/metrics.json"))  # the subdir as asked
+
+
+def test_a_preset_may_make_a_run_a_sweep_without_m(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("hydra.mode=MULTIRUN", "seed=1,2", f"hydra.sweep.dir={sweep_dir}", "data.num_examples=100",
+                   "trainer.max_epochs=1", "~logger")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(sweep_dir.glob("*/metrics.json"))) == 2
 
 
 def snapshot(job_dir: Path) -> dict[str, tuple[int, bytes]]:

@@ -205,6 +205,15 @@ def test_a_sweep_without_overrides_is_named_defaults_and_a_blocked_table_exits_1
     assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_job_with_a_list_where_a_number_belongs_is_a_failed_row(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "~logger", "data.batch_size=10,[3]")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().endswith("1 of 2 jobs failed: data.batch_size=[3]: must be a positive integer (#1)")
+    assert [r["status"] for r in read_csv(sweep)] == ["ok", "failed"]
+    assert metrics_of(sweep, "1")["batch_size"] == [3]  # the failed record keeps the value as given
+
+
 def snapshot(tree: Path) -> dict[str, bytes]:
     """Every file under `tree`, by relative path, with its bytes."""
     return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*")) if p.is_file()}

@@ -50,6 +50,7 @@ class EndWithSweep(L.Callback):
 
     def __init__(self, sweep_pid: int) -> None:
         self.sweep_pid, self.pidfd, self.poller = sweep_pid, -1, None
+        self.parent = os.getppid()  # without a pidfd, a parent that changes says so too (a reused pid would not)
         self.gone = False
         try:
             self.pidfd = os.pidfd_open(sweep_pid)
@@ -71,7 +72,7 @@ class EndWithSweep(L.Callback):
             return True
         except PermissionError:
             pass  # alive, and somebody else's
-        return False
+        return os.getppid() != self.parent
 
     def check(self) -> None:
         """Raise `SweepGone` once the sweep's process has exited."""

@@ -1,9 +1,11 @@
 """The command line, checked before Hydra composes it: a mistyped key or option is one line and exit 2.
 
 Hydra refuses these itself, but in a paragraph and with exit 1, and a sweep has by then written its first
-files. Here the overrides are parsed and composed once with Hydra's compose API (sweeps at their first value),
-every value of a config group is looked up among its options, and Hydra's error becomes one line that names
-the key and what is allowed. Hydra's own flags (`--help`, `--cfg`, ...) and HYDRA_FULL_ERROR=1 go to Hydra.
+files. Here the overrides are parsed, every value given to a config group is looked up among its options,
+and the config is composed once with Hydra's compose API, leaving out the swept values as Hydra's multirun
+does (the grid's jobs are checked by the config check when the sweep starts, `config.check_grid`). Hydra's
+error becomes one line that names the key. Hydra's own flags (`--help`, `--cfg`, ...) and HYDRA_FULL_ERROR=1
+go to Hydra.
 """
 
 import sys
@@ -14,23 +16,19 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from linreg.config import ConfigError, full_error, override_key, refuse, unknown_key
+from linreg.config import ConfigError, first_line, full_error, override_key, refuse, unknown_key
 
 RUN_FLAGS = ("-m", "--multirun", "-r", "--run")  # flags that leave the overrides for Hydra to compose
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)  # ValueError: `group=null`, for one
 
 
 def parse(lines: list[str]) -> list[Override]:
     """The overrides, parsed as Hydra will; a line Hydra cannot read is refused naming its key."""
-    parser = OverridesParser.create()
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # glob() lists options
     overrides = []
     for line in lines:
         try:
@@ -41,13 +39,17 @@ def parse(lines: list[str]) -> list[Override]:
     return overrides
 
 
-def values(override: Override) -> list[str]:
-    """The values an override gives its key: each of a list sweep's, none for a range of numbers or a glob."""
-    if override.is_discrete_sweep():
-        return [str(v) for v in override.sweep_string_iterator()]
-    if override.is_sweep_override() or override.is_delete():
+def group_values(override: Override) -> list[str]:
+    """The options an override names for its group: each of a list sweep's; none for a glob, list or path."""
+    if override.is_delete() or (override.is_sweep_override() and not override.is_discrete_sweep()):
         return []
-    return [override.get_value_element_as_str()]
+    if override.is_sweep_override():
+        names = [str(v) for v in override.sweep_string_iterator()]
+    elif isinstance(override.value(), list):
+        return []  # `model=[a,b]`: several options at once, for compose to check
+    else:
+        names = [override.get_value_element_as_str()]
+    return [name for name in names if "/" not in name]  # `experiment=sub/x`: a nested option, for compose
 
 
 def check_groups(overrides: list[Override], config_name: str, lines: list[str]) -> None:
@@ -60,7 +62,10 @@ def check_groups(overrides: list[Override], config_name: str, lines: list[str]) 
         options = loader.get_group_options(group)
         if not options:
             continue  # not a group
-        unknown = [v for v in values(override) if v not in options and v != "null"]
+        names = group_values(override)
+        if "null" in names:
+            raise ConfigError(group, "null", f"to leave a config group out, write ~{group}")
+        unknown = [v for v in names if v not in options]
         if unknown:  # `hydra.searchpath=[…]` may add options: look again on the search path the command line sets
             paths = [line for line in lines if line.startswith("hydra.")]
             options = loader.get_group_options(group, config_name=config_name, overrides=paths)
@@ -69,22 +74,12 @@ def check_groups(overrides: list[Override], config_name: str, lines: list[str]) 
             raise ConfigError(group, unknown[0], f"one of {', '.join(options)}")
 
 
-def one_job(overrides: list[Override], multirun: bool) -> list[str]:
-    """The lines of the sweep's first job (the overrides themselves without -m, where a sweep is refused)."""
-    lines = []
-    for override in overrides:
-        line = override.input_line or ""
-        if override.is_sweep_override():
-            key = line.partition("=")[0]
-            if not multirun:
-                why = "is a sweep: add -m (--multirun) for a job per value, or write a list as [a,b]"
-                raise ConfigError(override_key(line), line.partition("=")[2], why)
-            first = values(override)
-            if not first:
-                continue  # a range or glob: the sweeper checks it
-            line = f"{key}={first[0]}"
-        lines.append(line)
-    return lines
+def composed(config_name: str, lines: list[str]) -> DictConfig:
+    """The config these lines give, with `hydra`; Hydra's error as one ConfigError."""
+    try:
+        return compose(config_name, overrides=lines, return_hydra_config=True)
+    except COMPOSE_ERRORS as err:
+        raise compose_error(err, config_name, lines) from None
 
 
 def known_keys(config_name: str, lines: list[str], key: str) -> list[str]:
@@ -93,24 +88,29 @@ def known_keys(config_name: str, lines: list[str], key: str) -> list[str]:
     others = [line for line in lines if override_key(line) != key]
     try:
         cfg = compose(config_name, overrides=others, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException):
+    except COMPOSE_ERRORS:
         return []
     node = OmegaConf.select(cfg, parent) if parent else cfg
     return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
 def compose_error(err: Exception, config_name: str, lines: list[str]) -> ConfigError:
-    """Hydra's composition error as one line naming the key."""
+    """Hydra's composition error for these lines as one line naming the key."""
     cause = err.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:  # `trainer.max_epoch=5`
         key = str(cause.full_key)
         value = next((line.partition("=")[2] for line in lines if override_key(line) == key), None)
-        return unknown_key(key, value, known_keys(config_name, lines, key))
-    line = next((line for line in lines if f"'{override_key(line)}'" in str(err)), " ".join(lines))
+        known = known_keys(config_name, lines, key)
+        if not known:  # a mapping with no keys of its own yet, such as `hydra.job.env_set`
+            return ConfigError(key, value, f"not in the config; +{key}={value} adds it")
+        return unknown_key(key, value, known)
+    line = next((line for line in lines if f"'{override_key(line)}'" in str(err)), None)
+    if line is None:
+        return ConfigError("overrides", " ".join(lines), first_line(err) or type(err).__name__)
     key, value = override_key(line), line.partition("=")[2]
     if "Could not append to config" in str(err):  # `+seed=5`
         return ConfigError(key, value, f"is in the config already: set it with {key}={value} (+ adds a new key)")
-    return ConfigError(key, value, first_line(err))
+    return ConfigError(key, value, first_line(err) or type(err).__name__)
 
 
 def check_command_line(args: list[str], config_dir: str, config_name: str) -> None:
@@ -118,14 +118,16 @@ def check_command_line(args: list[str], config_dir: str, config_name: str) -> No
     if not args or full_error() or any(a.startswith("-") and a not in RUN_FLAGS for a in args):
         return
     multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = parse([a for a in args if a not in RUN_FLAGS])
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name=config_name):
-        lines = one_job(overrides, multirun)
-        check_groups(overrides, config_name, lines)
-        try:
-            compose(config_name, overrides=lines, return_hydra_config=True)
-        except (HydraException, OmegaConfBaseException) as err:
-            raise compose_error(err, config_name, lines) from None
+        overrides = parse([a for a in args if a not in RUN_FLAGS])
+        fixed = [o.input_line or "" for o in overrides if not o.is_sweep_override()]  # swept: each job's to check
+        check_groups(overrides, config_name, fixed)
+        cfg = composed(config_name, fixed)  # as Hydra composes a sweep's config: without the swept values
+        swept = [o.input_line or "" for o in overrides if o.is_sweep_override()]
+        multirun = multirun or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN  # a preset may set it
+        if swept and not multirun:
+            why = "is a sweep: add -m (--multirun) for a job per value, or write a list as [a,b]"
+            raise ConfigError(override_key(swept[0]), swept[0].partition("=")[2], why)
 
 
 def entry(main: Callable[[], object], config_dir: str, config_name: str) -> None:

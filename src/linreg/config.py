@@ -5,6 +5,7 @@ import importlib
 import inspect
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,12 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         super().__init__(f"{key}={value!r}: {allowed}")
         self.key, self.value, self.allowed = key, value, allowed
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, terminal colours removed ("" when it has none)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def is_int(v: Any) -> bool:
@@ -387,18 +394,14 @@ def check_sweep_dir(config: DictConfig) -> None:
 
 
 def check_grid(config: DictConfig) -> None:
-    """The grid sweeper's jobs can be listed; with resume=true, every job's dir holds only that job's own runs."""
+    """The grid sweeper's jobs, checked before the sweep writes anything (`grid_sweeper.check_jobs`)."""
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
-    if not target.endswith(".GridSweeper"):
-        return
-    from hydra.core.global_hydra import GlobalHydra
+    if target.endswith(".GridSweeper"):
+        from hydra.core.global_hydra import GlobalHydra
 
-    from hydra_plugins.linreg_sweeper.grid_sweeper import planned_jobs, refuse_changed_jobs
+        from hydra_plugins.linreg_sweeper.grid_sweeper import check_jobs
 
-    loader = GlobalHydra.instance().config_loader()
-    jobs = planned_jobs(config, loader)
-    if config.get("resume") is True:
-        refuse_changed_jobs(config, loader, jobs)
+        check_jobs(config, GlobalHydra.instance().config_loader())
 
 
 SLURM_HINT = 'start one and export its settings: scripts/slurm-local.sh start; eval "$(scripts/slurm-local.sh env)"'

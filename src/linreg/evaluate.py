@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from linreg.config import NEW_RUN_DIRS, ConfigError, is_int, refuse, remove_if_created, target_class
+from linreg.config import NEW_RUN_DIRS, ConfigError, first_line, is_int, refuse, remove_if_created, target_class
 from linreg.record import finite_or_none, model_name, write_json_atomic
 from linreg.train import CONFIG_DIR, NOISE, output_dir
 
@@ -41,10 +41,9 @@ class Inputs:
     num_examples: int
 
 
-def first_line(err: BaseException) -> str:
-    """An error's message as one short line (torch's errors run to many lines, some with terminal colours)."""
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+def short_error(err: BaseException) -> str:
+    """An error as one short line, its type first (torch's errors run to many lines, some with terminal colours)."""
+    text = f"{type(err).__name__}: {first_line(err)}".rstrip(": ")
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -70,7 +69,7 @@ def run_config(ckpt: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError("ckpt_path", str(ckpt), "no config.json beside it (linreg.train writes one)") from None
     except (OSError, ValueError) as err:
-        raise ConfigError("ckpt_path", str(ckpt), f"config.json beside it is unreadable ({first_line(err)})") from None
+        raise ConfigError("ckpt_path", str(ckpt), f"config.json beside it is unreadable ({short_error(err)})") from None
     problem = config_problem(saved)
     if problem:
         raise ConfigError("ckpt_path", str(ckpt), f"config.json beside it is not a run's config: {problem}")
@@ -153,7 +152,7 @@ def load_error(err: Exception, name: str) -> str:
     if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
         return f"holds a {found[1]} object, not only tensors and plain values: refused (loaded with weights_only=True)"
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    return f"not a loadable checkpoint of a {name} model ({detail[1].strip() if detail else first_line(err)})"
+    return f"not a loadable checkpoint of a {name} model ({detail[1].strip() if detail else short_error(err)})"
 
 
 def datamodule(inputs: Inputs, seed: int, num_examples: int) -> RegressionDataModule:

@@ -170,16 +170,22 @@ def model_name(target: Any) -> str | None:
     return cls.removesuffix("Regression").lower() or cls.lower()
 
 
+def value_at(cfg: DictConfig, key: str) -> Any:
+    """The config's value at `key` as JSON has it (a bad value may be a list or a mapping: `data.batch_size=[3]`)."""
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def config_fields(cfg: DictConfig) -> dict[str, Any]:
     """The metrics.json fields a run's config decides (any missing or unreadable key is None)."""
     return {
         "model": safe(lambda: model_name(OmegaConf.select(cfg, "model._target_"))),
-        "seed": safe(lambda: OmegaConf.select(cfg, "seed")),
+        "seed": safe(lambda: value_at(cfg, "seed")),
         "data": safe(lambda: OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else None),
-        "lr": safe(lambda: OmegaConf.select(cfg, "model.lr")),
-        "batch_size": safe(lambda: OmegaConf.select(cfg, "data.batch_size")),
-        "epochs": safe(lambda: OmegaConf.select(cfg, "trainer.max_epochs")),
-        "accelerator": safe(lambda: OmegaConf.select(cfg, "trainer.accelerator")),
+        "lr": safe(lambda: value_at(cfg, "model.lr")),
+        "batch_size": safe(lambda: value_at(cfg, "data.batch_size")),
+        "epochs": safe(lambda: value_at(cfg, "trainer.max_epochs")),
+        "accelerator": safe(lambda: value_at(cfg, "trainer.accelerator")),
     }
 
 

@@ -477,7 +477,8 @@ def planned_jobs(config: DictConfig) -> tuple[int | None, list[str]]:
     params = {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()}
     if sweeper.get("n_trials") is not None:  # optuna: one job per trial
         return int(sweeper.n_trials), list(params)
-    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in config.hydra.overrides.task]
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: `${...}` is each job's
+    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in task]  # type: ignore[union-attr]
     try:
         final = {}
         for override in OverridesParser.create().parse_overrides(args):

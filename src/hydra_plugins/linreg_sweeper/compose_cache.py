@@ -59,7 +59,7 @@ class CachedConfigLoader(ConfigLoader):
                 parent,
                 results_filter=ObjectType.GROUP,
                 config_name=master.hydra.job.config_name,
-                overrides=list(master.hydra.overrides.hydra),
+                overrides=OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False),  # as typed
             )
             self.groups[key] = name in options
         return self.groups[key]

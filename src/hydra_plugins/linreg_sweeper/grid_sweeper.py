@@ -80,12 +80,16 @@ def unfinished_runs(finished: Sequence[bool], in_process: bool) -> list[tuple[in
     return [(start, end) for start, end in runs]
 
 
-def planned_jobs(config: DictConfig, loader: ConfigLoader) -> list[list[str]]:
-    """Every job's overrides as `GridSweeper.sweep` plans them: the sweeper's `params`, then the command line."""
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    lines = [f"{key}={value}" for key, value in params.items()] + [str(o) for o in config.hydra.overrides.task]
+def planned_jobs(params: dict[str, Any], arguments: Sequence[str], loader: ConfigLoader) -> list[list[str]]:
+    """Every job's overrides, as `GridSweeper.sweep` runs them: the sweeper's `params`, then the command line's."""
+    lines = [f"{key}={value}" for key, value in params.items()] + list(arguments)
     parser = OverridesParser.create(config_loader=loader)  # glob() lists groups
     return grid_jobs(parser.parse_overrides(lines))
+
+
+def command_line(config: DictConfig) -> list[str]:
+    """The sweep's overrides as typed (`${...}` left for each job to resolve), as Hydra gives them to `sweep`."""
+    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]  # type: ignore[union-attr]
 
 
 @contextmanager
@@ -106,21 +110,58 @@ def job_config(loader: ConfigLoader, config: DictConfig, overrides: Sequence[str
         hydra_config.cfg = previous
 
 
-def refuse_changed_jobs(config: DictConfig, loader: ConfigLoader, jobs: list[list[str]]) -> None:
-    """With resume=true, a ConfigError when a job's dir holds a run of another config: the grid changed.
+def one_job_per_kind(planner: CachedConfigLoader, config: DictConfig, jobs: Sequence[Sequence[str]]) -> list[list[str]]:
+    """One job per choice of groups and set of plain keys and value kinds: if these compose, every job does."""
+    # Whether a config composes depends on what Hydra composes (groups, hydra keys, +/++/~ lines), the keys
+    # plain values set, and their kinds (a list where a number was): one job per such kind is the same check.
+    kinds: dict[tuple[Any, ...], list[str]] = {}
+    for overrides in jobs:
+        _, composed, values = planner.split(config, overrides)
+        shape = tuple((o.key_or_group, type(o.value()).__name__) for o in values)
+        kinds.setdefault((composed, shape), list(overrides))
+    return list(kinds.values())
 
-    Called from the config check before the sweep writes anything; the job itself would refuse its dir only after
-    Hydra had rewritten that dir's `.hydra/`, and the table would show the old run as the new job's.
+
+def check_jobs(config: DictConfig, loader: ConfigLoader) -> None:
+    """Before the sweep writes anything: a ConfigError unless every job composes and, with resume=true, each
+    job's dir holds nothing but its own runs (a changed grid would mix old runs into the new table)."""
+    from linreg.cli import COMPOSE_ERRORS, compose_error
+    from linreg.config import ConfigError
+
+    node = OmegaConf.select(config, "hydra.sweeper.params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+    try:
+        jobs = planned_jobs(params, command_line(config), loader)  # type: ignore[arg-type]
+    except HydraException as err:
+        raise ConfigError("overrides", " ".join(command_line(config)), str(err)) from None
+    planner = CachedConfigLoader(loader)
+    if OmegaConf.select(config, "hydra.sweeper.cache") is False:
+        loader_for_jobs: ConfigLoader = loader  # composed by Hydra from the YAML files, as asked
+    else:
+        loader_for_jobs = planner
+    for overrides in one_job_per_kind(planner, config, jobs):
+        try:
+            loader_for_jobs.load_sweep_config(config, overrides)
+        except COMPOSE_ERRORS as err:
+            raise compose_error(err, str(config.hydra.job.config_name), overrides) from None
+    if config.get("resume") is True:
+        refuse_changed_jobs(config, loader_for_jobs, jobs)
+
+
+def refuse_changed_jobs(config: DictConfig, loader: ConfigLoader, jobs: list[list[str]]) -> None:
+    """A ConfigError when a job's dir holds a run of another config (resume=true with a changed grid).
+
+    The job itself would refuse its dir only after Hydra had rewritten that dir's `.hydra/`, and the table would
+    show the old run as the new job's.
     """
     from linreg.config import ConfigError, override_key
     from linreg.record import RunDirBusy, finished_metrics, identity_overrides, refuse_other_runs
 
-    cached = CachedConfigLoader(loader)
     values: dict[str, set[str]] = {}
     for override in itertools.chain.from_iterable(jobs):
         values.setdefault(override_key(override), set()).add(override)
     for num, overrides in enumerate(jobs):
-        with job_config(cached, config, overrides, num) as cfg:
+        with job_config(loader, config, overrides, num) as cfg:
             out = Path(cfg.hydra.runtime.output_dir)
             if not cfg.get("resume") or not out.is_dir() or finished_metrics(out, cfg) is not None:
                 continue
@@ -176,7 +217,7 @@ class GridSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Run the grid batch by batch, as Hydra's basic sweeper; the jobs' returns, per batch."""
         assert self.hydra_context is not None and self.config is not None and self.launcher is not None
-        jobs = planned_jobs(self.config, self.hydra_context.config_loader)  # `arguments` are the command line's
+        jobs = planned_jobs(self.params, arguments, self.hydra_context.config_loader)
         planned = batches(jobs, self.max_batch_size)
         self.validate_batch_is_legal(jobs)  # every batch at once: a bad last batch fails before the first runs
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -193,18 +234,10 @@ class GridSweeper(Sweeper):
         return returns
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        """Compose one job per choice of groups and set of plain keys and value kinds, before any job runs."""
-        # Whether a config composes depends on what Hydra composes (groups, hydra keys, +/++/~ lines), the keys
-        # plain values set, and their kinds (a list where a number was): one job per such kind is the same check.
+        """Compose one job per kind (`one_job_per_kind`) before any job runs."""
         assert self.hydra_context is not None and self.config is not None
-        planner = self.planner()
-        kinds: dict[tuple[Any, ...], Sequence[str]] = {}
-        for overrides in batch:
-            _, composed, values = planner.split(self.config, overrides)
-            shape = tuple((o.key_or_group, type(o.value()).__name__) for o in values)
-            kinds.setdefault((composed, shape), overrides)
-        for overrides in kinds.values():
-            self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        for overrides in one_job_per_kind(self.planner(), self.config, batch):
+            self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
 
     def planner(self) -> CachedConfigLoader:
         """The cached loader (or one over Hydra's, composing nothing) that splits a job's overrides."""

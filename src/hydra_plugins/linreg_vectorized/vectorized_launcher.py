@@ -105,6 +105,10 @@ class VectorizedLauncher(Launcher):
                 job.refused = True
                 returns[job.num] = self.finish(job, refused_task(err))
                 continue
+            # Looked at again under the lock: another run may have used the dir since the job was planned.
+            if (task := self.no_training(job, check_lock=False)) is not None:
+                returns[job.num] = self.finish(job, task)
+                continue
             members.append(job)
         return members
 
@@ -145,18 +149,26 @@ class VectorizedLauncher(Launcher):
 
     def triage(self, job: Job) -> tuple[Callable[[DictConfig], Any] | None, str | None]:
         """A finished job (resume) or a dir holding another run needs no training; the rest get a group key."""
-        from linreg.record import RunDirBusy, finished_metrics, refuse_other_runs
         from linreg.stacked import group_key
 
         assert job.cfg is not None
+        task = self.no_training(job, check_lock=True)
+        return (task, None) if task is not None else (None, group_key(job.cfg))
+
+    @staticmethod
+    def no_training(job: Job, check_lock: bool) -> Callable[[DictConfig], Any] | None:
+        """The task of a job that must not train (finished before with resume=true, or its dir another run's)."""
+        from linreg.record import RunDirBusy, finished_metrics, refuse_other_runs
+
+        assert job.cfg is not None
         if job.cfg.resume and (done := finished_metrics(job.out, job.cfg)) is not None:
-            return done_task(done), None
+            return done_task(done)
         try:
-            refuse_other_runs(job.out, job.cfg)
+            refuse_other_runs(job.out, job.cfg, check_lock=check_lock)
         except RunDirBusy as err:
             job.refused = True
-            return refused_task(err), None
-        return None, group_key(job.cfg)
+            return refused_task(err)
+        return None
 
     def groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Jobs with the same key, in order of their first job, split to fit the memory budget."""
@@ -166,9 +178,13 @@ class VectorizedLauncher(Launcher):
         for i, job in enumerate(jobs):
             assert job.key is not None
             by_key.setdefault(job.key, []).append(i)
-        # A member holds its run dir's lock (one open file) while its group trains: stay well within the limit.
-        room = max(1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FILES_KEPT_FREE)
-        max_size = min(self.max_group_size or room, room)
+        max_size = self.max_group_size
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:  # a member holds its run dir's lock (an open file) while its group trains
+            room = max(1, soft - FILES_KEPT_FREE)
+            if len(jobs) > room and (max_size is None or max_size > room):
+                log.info(f"groups of at most {room} members: the open-file limit is {soft} (ulimit -n)")
+            max_size = min(max_size or room, room)
         out = []
         for members in by_key.values():
             first = jobs[members[0]].cfg
