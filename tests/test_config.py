@@ -140,6 +140,7 @@ def test_full_error_zero_is_not_set(tmp_path):
         ("model.lr=interval(0.01,0.1)", "model.lr"),  # the grid cannot list it (Optuna's sweeper can)
         ("model=manual,lasso", "model"),  # one bad value of a group: before Hydra starts the sweep
         ("trainer.max_epochz=2", "trainer.max_epochz"),
+        ("hydra/launcher=joblib hydra.launcher.n_jobs=abc", "hydra.launcher.n_jobs"),  # Hydra's own type check
     ],
 )
 def test_bad_sweep_settings_are_refused_before_any_job(tmp_path, override, key):

@@ -104,13 +104,15 @@ def compose_error(err: Exception, config_name: str, lines: list[str]) -> ConfigE
         if not known:  # a mapping with no keys of its own yet, such as `hydra.job.env_set`
             return ConfigError(key, value, f"not in the config; +{key}={value} adds it")
         return unknown_key(key, value, known)
-    line = next((line for line in lines if f"'{override_key(line)}'" in str(err)), None)
+    text = str(err)
+    line = next((line for line in lines if line in text or f"'{override_key(line)}'" in text), None)
     if line is None:
         return ConfigError("overrides", " ".join(lines), first_line(err) or type(err).__name__)
     key, value = override_key(line), line.partition("=")[2]
     if "Could not append to config" in str(err):  # `+seed=5`
         return ConfigError(key, value, f"is in the config already: set it with {key}={value} (+ adds a new key)")
-    return ConfigError(key, value, first_line(err) or type(err).__name__)
+    why = first_line(err) or type(err).__name__
+    return ConfigError(key, value, f"{why} ({first_line(cause)})" if cause and first_line(cause) else why)
 
 
 def check_command_line(args: list[str], config_dir: str, config_name: str) -> None:
