@@ -141,6 +141,9 @@ def test_full_error_zero_is_not_set(tmp_path):
         ("model=manual,lasso", "model"),  # one bad value of a group: before Hydra starts the sweep
         ("trainer.max_epochz=2", "trainer.max_epochz"),
         ("hydra/launcher=joblib hydra.launcher.n_jobs=abc", "hydra.launcher.n_jobs"),  # Hydra's own type check
+        ("hydra.launcher.n_jobs=1,2", "hydra.launcher.n_jobs"),  # Hydra's own settings are not swept
+        ("model=glob(x*)", "model"),  # a grid of no jobs
+        ("hydra.sweep.subdir=${nope}", "hydra.sweep.subdir"),  # the job dirs cannot be named
     ],
 )
 def test_bad_sweep_settings_are_refused_before_any_job(tmp_path, override, key):

@@ -370,3 +370,18 @@ def test_a_finished_job_inside_a_launched_span_is_heard_of_once(finished_sweep):
     assert proc.returncode == 0, proc.stderr[-2000:]
     progress = (finished_sweep / "progress.log").read_text().splitlines()
     assert len(progress) == 4, progress  # job 1 runs inside the span (and returns at once): one line, not two
+
+
+def test_a_preset_whose_params_interpolate_resumes_to_the_same_jobs(tmp_path):
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    (tmp_path / "conf" / "sweep" / "interp.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      seed: 10,20\n      data.batch_size: ${seed}\n"
+    )
+    sweep_dir = tmp_path / "sweep"
+    args = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "sweep=interp", f"hydra.sweep.dir={sweep_dir}",
+            "data.num_examples=100", "trainer.max_epochs=1", "~logger"]  # fmt: skip
+    proc = run_cli("--multirun", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = run_cli("--multirun", *args, "resume=true")  # the config check plans the jobs the sweeper ran
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (again.stdout + again.stderr).count("(done before)") == 2

@@ -23,7 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from linreg.config import ConfigError, first_line, full_error, override_key, refuse, unknown_key
 
 RUN_FLAGS = ("-m", "--multirun", "-r", "--run")  # flags that leave the overrides for Hydra to compose
-COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)  # ValueError: `group=null`, for one
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError, KeyError)  # KeyError: env_copy of no var
 
 
 def parse(lines: list[str]) -> list[Override]:
@@ -43,13 +43,9 @@ def group_values(override: Override) -> list[str]:
     """The options an override names for its group: each of a list sweep's; none for a glob, list or path."""
     if override.is_delete() or (override.is_sweep_override() and not override.is_discrete_sweep()):
         return []
-    if override.is_sweep_override():
-        names = [str(v) for v in override.sweep_string_iterator()]
-    elif isinstance(override.value(), list):
-        return []  # `model=[a,b]`: several options at once, for compose to check
-    else:
-        names = [override.get_value_element_as_str()]
-    return [name for name in names if "/" not in name]  # `experiment=sub/x`: a nested option, for compose
+    values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    # A list (`model=[a,b]`), a mapping (`model={lr:0.05}`) or a nested option (`experiment=sub/x`): for compose.
+    return [v for v in values if isinstance(v, str) and "/" not in v]
 
 
 def check_groups(overrides: list[Override], config_name: str, lines: list[str]) -> None:
@@ -62,9 +58,9 @@ def check_groups(overrides: list[Override], config_name: str, lines: list[str]) 
         options = loader.get_group_options(group)
         if not options:
             continue  # not a group
-        names = group_values(override)
-        if "null" in names:
+        if not (override.is_delete() or override.is_sweep_override()) and override.value() is None:
             raise ConfigError(group, "null", f"to leave a config group out, write ~{group}")
+        names = group_values(override)
         unknown = [v for v in names if v not in options]
         if unknown:  # `hydra.searchpath=[…]` may add options: look again on the search path the command line sets
             paths = [line for line in lines if line.startswith("hydra.")]
@@ -94,18 +90,26 @@ def known_keys(config_name: str, lines: list[str], key: str) -> list[str]:
     return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
+def mentioned(line: str, text: str) -> bool:
+    """Whether Hydra's error text is about this override line (by its text, its key, or its group/option)."""
+    key, value = override_key(line), line.partition("=")[2]
+    marks = (line.lstrip("+~"), f"'{key}'", f"'{key}/{value}'", f"for {key}", f"'{key}/")
+    return any(mark in text for mark in marks)
+
+
 def compose_error(err: Exception, config_name: str, lines: list[str]) -> ConfigError:
     """Hydra's composition error for these lines as one line naming the key."""
     cause = err.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:  # `trainer.max_epoch=5`
-        key = str(cause.full_key)
-        value = next((line.partition("=")[2] for line in lines if override_key(line) == key), None)
+        key = str(cause.full_key)  # the first key missing: the line may set one below it (`a.b.c=1`, no `a.b`)
+        line = next((line for line in lines if f"{override_key(line)}.".startswith(f"{key}.")), None)
+        key, value = (override_key(line), line.partition("=")[2]) if line else (key, None)
         known = known_keys(config_name, lines, key)
         if not known:  # a mapping with no keys of its own yet, such as `hydra.job.env_set`
             return ConfigError(key, value, f"not in the config; +{key}={value} adds it")
         return unknown_key(key, value, known)
     text = str(err)
-    line = next((line for line in lines if line in text or f"'{override_key(line)}'" in text), None)
+    line = next((line for line in lines if mentioned(line, text)), None)
     if line is None:
         return ConfigError("overrides", " ".join(lines), first_line(err) or type(err).__name__)
     key, value = override_key(line), line.partition("=")[2]
@@ -122,6 +126,14 @@ def check_command_line(args: list[str], config_dir: str, config_name: str) -> No
     multirun = any(a in ("-m", "--multirun") for a in args)
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name=config_name):
         overrides = parse([a for a in args if a not in RUN_FLAGS])
+        for o in overrides:
+            if o.is_sweep_override() and o.is_hydra_override():  # Hydra composes its own config once a sweep
+                line = o.input_line or ""
+                why = "Hydra's own settings cannot be swept: run one sweep per value"
+                if override_key(line).startswith("hydra.sweeper.params."):  # Optuna's search space, by its key
+                    param = override_key(line).removeprefix("hydra.sweeper.params.")
+                    why = f"give it as {param}={line.partition('=')[2]} (with hydra/sweeper=optuna)"
+                raise ConfigError(override_key(line), line.partition("=")[2], why)
         fixed = [o.input_line or "" for o in overrides if not o.is_sweep_override()]  # swept: each job's to check
         check_groups(overrides, config_name, fixed)
         cfg = composed(config_name, fixed)  # as Hydra composes a sweep's config: without the swept values

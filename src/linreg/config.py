@@ -438,6 +438,15 @@ def full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+def unresolved(err: OmegaConfBaseException, config: DictConfig) -> ConfigError:
+    """A value of Hydra's own config that cannot be resolved (`hydra.sweep.subdir=${nope}`), as a ConfigError."""
+    key = str(getattr(err, "full_key", None) or "hydra")
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(config, parent, throw_on_resolution_failure=False) if parent else config
+    raw = OmegaConf.to_container(node, resolve=False).get(name) if isinstance(node, DictConfig) else None
+    return ConfigError(key, raw, f"cannot be resolved: {first_line(err)}")
+
+
 def refuse(err: ConfigError) -> None:
     """One line on stderr and exit 2 (a SystemExit passes through Hydra's callback guard)."""
     print(f"error: {err}", file=sys.stderr)
@@ -473,6 +482,8 @@ class CheckConfig(Callback):
                 refuse_other_runs(run_dir, config)  # before Hydra rewrites the .hydra/ of a run it must keep
         except ConfigError as err:
             refuse(err)
+        except OmegaConfBaseException as err:  # `hydra.run.dir=${nope}`: Hydra would warn, then trace back
+            refuse(unresolved(err, config))
         if not run_dir.exists():
             NEW_RUN_DIRS.add(run_dir)
 
@@ -483,10 +494,10 @@ class CheckConfig(Callback):
             validate(config)
             check_slurm(config)
             check_grid(config)
-        except ConfigError as err:
+        except (ConfigError, OmegaConfBaseException) as err:
             if full_error():
                 raise SystemExit(f"error: {err}") from err
-            refuse(err)
+            refuse(err if isinstance(err, ConfigError) else unresolved(err, config))
         # Jobs in this machine's worker processes (joblib, submitit_local) end when this process is gone;
         # SLURM's jobs are the cluster's, and outlive the sweep that submitted them.
         if on_slurm(config):

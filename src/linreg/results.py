@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
@@ -481,7 +482,8 @@ def planned_jobs(config: DictConfig) -> tuple[int | None, list[str]]:
     args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in task]  # type: ignore[union-attr]
     try:
         final = {}
-        for override in OverridesParser.create().parse_overrides(args):
+        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        for override in OverridesParser.create(config_loader=loader).parse_overrides(args):  # glob() lists options
             final[override.get_key_element()] = override  # as Hydra's basic sweeper: the command line's value wins
         sizes = {
             override_key(key): len(list(o.sweep_string_iterator())) for key, o in final.items() if o.is_sweep_override()

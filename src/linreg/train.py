@@ -93,7 +93,7 @@ class RunDirLock:
 
 
 def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Logger]:
-    """Every logger under `logger` (each a `_target_`), saving into the run dir; none when `logger=null`."""
+    """Every logger under `logger` (each a `_target_`), saving into the run dir; none with `~logger`."""
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -31,6 +31,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.linreg_sweeper.compose_cache import CachedConfigLoader
 
@@ -126,14 +127,21 @@ def check_jobs(config: DictConfig, loader: ConfigLoader) -> None:
     """Before the sweep writes anything: a ConfigError unless every job composes and, with resume=true, each
     job's dir holds nothing but its own runs (a changed grid would mix old runs into the new table)."""
     from linreg.cli import COMPOSE_ERRORS, compose_error
-    from linreg.config import ConfigError
+    from linreg.config import ConfigError, first_line
 
     node = OmegaConf.select(config, "hydra.sweeper.params")
-    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
-    try:
+    try:  # resolved, as Hydra instantiates the sweeper with them; the command line as typed, as Hydra passes it
+        params = OmegaConf.to_container(node, resolve=True) if node is not None else {}
         jobs = planned_jobs(params, command_line(config), loader)  # type: ignore[arg-type]
-    except HydraException as err:
-        raise ConfigError("overrides", " ".join(command_line(config)), str(err)) from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError("overrides", " ".join(command_line(config)), first_line(err)) from None
+    if not jobs:  # a glob or range that matches nothing
+        parser = OverridesParser.create(config_loader=loader)
+        empty = [o for o in parser.parse_overrides(command_line(config)) if o.is_discrete_sweep()]
+        empty = [o for o in empty if not list(o.sweep_string_iterator())] or empty
+        key, _, value = ((empty[0].input_line or "") if empty else "overrides=").partition("=")
+        raise ConfigError(key.lstrip("+~"), value, "gives no jobs: it matches nothing")
+    hydra_lines = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)]  # type: ignore[union-attr]
     planner = CachedConfigLoader(loader)
     if OmegaConf.select(config, "hydra.sweeper.cache") is False:
         loader_for_jobs: ConfigLoader = loader  # composed by Hydra from the YAML files, as asked
@@ -141,9 +149,12 @@ def check_jobs(config: DictConfig, loader: ConfigLoader) -> None:
         loader_for_jobs = planner
     for overrides in one_job_per_kind(planner, config, jobs):
         try:
-            loader_for_jobs.load_sweep_config(config, overrides)
+            with job_config(loader_for_jobs, config, overrides, 0):  # its dir resolves too
+                pass
         except COMPOSE_ERRORS as err:
-            raise compose_error(err, str(config.hydra.job.config_name), overrides) from None
+            if str(getattr(err, "full_key", "")).startswith("hydra."):
+                raise  # the job's dir does not resolve: the config check names that key (`config.unresolved`)
+            raise compose_error(err, str(config.hydra.job.config_name), [*hydra_lines, *overrides]) from None
     if config.get("resume") is True:
         refuse_changed_jobs(config, loader_for_jobs, jobs)
 
