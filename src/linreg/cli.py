@@ -113,10 +113,22 @@ def compose_error(err: Exception, config_name: str, lines: list[str]) -> ConfigE
     if line is None:
         return ConfigError("overrides", " ".join(lines), first_line(err) or type(err).__name__)
     key, value = override_key(line), line.partition("=")[2]
-    if "Could not append to config" in str(err):  # `+seed=5`
+    if "Could not append to config" in text:  # `+seed=5`
         return ConfigError(key, value, f"is in the config already: set it with {key}={value} (+ adds a new key)")
     why = first_line(err) or type(err).__name__
     return ConfigError(key, value, f"{why} ({first_line(cause)})" if cause and first_line(cause) else why)
+
+
+def check_hydra_not_swept(overrides: list[Override]) -> None:
+    """Hydra composes its own config once for a whole sweep: `hydra.*` values and groups cannot be swept."""
+    for override in overrides:
+        if override.is_sweep_override() and override.is_hydra_override():
+            key, _, value = (override.input_line or "").partition("=")
+            key = key.lstrip("+~")
+            why = "Hydra's own settings cannot be swept: run one sweep per value"
+            if key.startswith("hydra.sweeper.params."):  # an Optuna search space, which goes by its own key
+                why = f"give it as {key.removeprefix('hydra.sweeper.params.')}={value} (with hydra/sweeper=optuna)"
+            raise ConfigError(key, value, why)
 
 
 def check_command_line(args: list[str], config_dir: str, config_name: str) -> None:
@@ -126,14 +138,7 @@ def check_command_line(args: list[str], config_dir: str, config_name: str) -> No
     multirun = any(a in ("-m", "--multirun") for a in args)
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name=config_name):
         overrides = parse([a for a in args if a not in RUN_FLAGS])
-        for o in overrides:
-            if o.is_sweep_override() and o.is_hydra_override():  # Hydra composes its own config once a sweep
-                line = o.input_line or ""
-                why = "Hydra's own settings cannot be swept: run one sweep per value"
-                if override_key(line).startswith("hydra.sweeper.params."):  # Optuna's search space, by its key
-                    param = override_key(line).removeprefix("hydra.sweeper.params.")
-                    why = f"give it as {param}={line.partition('=')[2]} (with hydra/sweeper=optuna)"
-                raise ConfigError(override_key(line), line.partition("=")[2], why)
+        check_hydra_not_swept(overrides)
         fixed = [o.input_line or "" for o in overrides if not o.is_sweep_override()]  # swept: each job's to check
         check_groups(overrides, config_name, fixed)
         cfg = composed(config_name, fixed)  # as Hydra composes a sweep's config: without the swept values
