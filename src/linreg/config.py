@@ -393,6 +393,11 @@ def check_sweep_dir(config: DictConfig) -> None:
         raise ConfigError("hydra.sweep.dir", str(sweep), allowed)
 
 
+def typed_overrides(config: DictConfig) -> list[str]:
+    """The sweep's command-line overrides as typed (`${...}` left for each job), as Hydra hands them to a sweeper."""
+    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]  # type: ignore[union-attr]
+
+
 def check_grid(config: DictConfig) -> None:
     """The grid sweeper's jobs, checked before the sweep writes anything (`grid_sweeper.check_jobs`)."""
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
@@ -457,6 +462,12 @@ NEW_RUN_DIRS: set[Path] = set()  # run (or sweep) dirs this process will create:
 HYDRA_FILES = (".hydra", "train.log", "evaluate.log", ".lock")  # what Hydra (and the run's lock) put there first
 
 
+def note_if_new(path: Path) -> None:
+    """Note a run or sweep dir Hydra is about to make: only such a dir may be removed again."""
+    if not path.exists():
+        NEW_RUN_DIRS.add(path.absolute())
+
+
 def remove_if_created(out: Path) -> None:
     """Remove a run dir this process created, if it holds only what Hydra wrote: bad input leaves nothing behind.
 
@@ -484,8 +495,7 @@ class CheckConfig(Callback):
             refuse(err)
         except OmegaConfBaseException as err:  # `hydra.run.dir=${nope}`: Hydra would warn, then trace back
             refuse(unresolved(err, config))
-        if not run_dir.exists():
-            NEW_RUN_DIRS.add(run_dir)
+        note_if_new(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values swept per job are each job's to check (a bad one is a failed row); the rest fail here, once.

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from linreg.config import NEW_RUN_DIRS, ConfigError, first_line, is_int, refuse, remove_if_created, target_class
+from linreg.config import ConfigError, first_line, is_int, note_if_new, refuse, remove_if_created, target_class
 from linreg.record import finite_or_none, model_name, write_json_atomic
 from linreg.train import CONFIG_DIR, NOISE, output_dir
 
@@ -232,12 +232,6 @@ class CheckInputs(Callback):
         note_if_new(Path(str(config.hydra.sweep.dir)))
 
 
-def note_if_new(path: Path) -> None:
-    """Note a dir Hydra is about to make: only such a dir may be removed again."""
-    if not path.exists():
-        NEW_RUN_DIRS.add(path.absolute())
-
-
 def fmt(value: float | None) -> str:
     """An MSE for the console line: 6 significant digits, or null for a non-finite one."""
     return "null" if value is None or not math.isfinite(value) else f"{value:.6g}"
@@ -249,7 +243,7 @@ def main(cfg: DictConfig) -> float:
     try:
         result = evaluate(cfg)
     except ConfigError as err:
-        # A checkpoint that does not load, bad input in a sweep (no on_run_start there): leave no dir it made.
+        # Bad input in a sweep (no on_run_start there), or a file changed since the check: leave no dir it made.
         remove_if_created(Path(HydraConfig.get().runtime.output_dir))
         refuse(err)
     out = output_dir()

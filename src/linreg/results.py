@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import override_key
+from linreg.config import override_key, typed_overrides
 from linreg.record import (
     FINISHED,
     CorruptRecord,
@@ -478,8 +478,7 @@ def planned_jobs(config: DictConfig) -> tuple[int | None, list[str]]:
     params = {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()}
     if sweeper.get("n_trials") is not None:  # optuna: one job per trial
         return int(sweeper.n_trials), list(params)
-    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: `${...}` is each job's
-    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in task]  # type: ignore[union-attr]
+    args = [f"{k}={v}" for k, v in params.items()] + typed_overrides(config)  # as typed: `${...}` is each job's
     try:
         final = {}
         loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None

@@ -8,7 +8,7 @@
   launcher gets each run of consecutive unfinished jobs; a parallel launcher (joblib, submitit) gets the span
   from the first unfinished job to the last as one pool or array job, whose finished jobs return at once from
   `linreg.train.run`'s own check. A resume whose grid no longer matches the jobs' dirs (a job's dir holds another
-  config's run) is refused by the config check before the sweep writes anything (`refuse_changed_jobs`).
+  config's run) is refused by the config check before the sweep writes anything (`check_jobs`).
 - A job's return keeps its status and value but not its configs once the callbacks have heard of it, so a
   long sweep's launcher does not grow with every job.
 """
@@ -88,11 +88,6 @@ def planned_jobs(params: dict[str, Any], arguments: Sequence[str], loader: Confi
     return grid_jobs(parser.parse_overrides(lines))
 
 
-def command_line(config: DictConfig) -> list[str]:
-    """The sweep's overrides as typed (`${...}` left for each job to resolve), as Hydra gives them to `sweep`."""
-    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]  # type: ignore[union-attr]
-
-
 @contextmanager
 def job_config(loader: ConfigLoader, config: DictConfig, overrides: Sequence[str], num: int) -> Iterator[DictConfig]:
     """Job `num`'s config, numbered and placed as its launcher will, seen by HydraConfig as during the job."""
@@ -127,17 +122,18 @@ def check_jobs(config: DictConfig, loader: ConfigLoader) -> None:
     """Before the sweep writes anything: a ConfigError unless every job composes and, with resume=true, each
     job's dir holds nothing but its own runs (a changed grid would mix old runs into the new table)."""
     from linreg.cli import COMPOSE_ERRORS, compose_error
-    from linreg.config import ConfigError, first_line
+    from linreg.config import ConfigError, first_line, typed_overrides
 
     node = OmegaConf.select(config, "hydra.sweeper.params")
+    typed = typed_overrides(config)
     try:  # resolved, as Hydra instantiates the sweeper with them; the command line as typed, as Hydra passes it
         params = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        jobs = planned_jobs(params, command_line(config), loader)  # type: ignore[arg-type]
+        jobs = planned_jobs(params, typed, loader)  # type: ignore[arg-type]
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", " ".join(command_line(config)), first_line(err)) from None
+        raise ConfigError("overrides", " ".join(typed), first_line(err)) from None
     if not jobs:  # a glob or range that matches nothing
         parser = OverridesParser.create(config_loader=loader)
-        empty = [o for o in parser.parse_overrides(command_line(config)) if o.is_discrete_sweep()]
+        empty = [o for o in parser.parse_overrides(typed) if o.is_discrete_sweep()]
         empty = [o for o in empty if not list(o.sweep_string_iterator())] or empty
         key, _, value = ((empty[0].input_line or "") if empty else "overrides=").partition("=")
         raise ConfigError(key.lstrip("+~"), value, "gives no jobs: it matches nothing")
