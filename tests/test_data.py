@@ -5,11 +5,11 @@ import weakref
 import pytest
 import torch
 
-from benchmarks.tutorial_loops import tensor_gen_reg as tutorial_tensor_gen_reg  # the benchmark's copy
-from linreg.data import EpochBatchSampler, RegressionDataModule, index_batches, tensor_gen_reg
+from benchmarks.tutorial_loops import tensor_gen_reg as tutorial_tensorGenReg  # the benchmark's copy
+from linreg.data import EpochBatchSampler, RegressionDataModule, index_batches, tensorGenReg
 
 
-def reference_tensor_gen_reg(num_examples=1000, w=(2, -1, 1), bias=True, delta=0.01, deg=1):
+def reference_tensorGenReg(num_examples=1000, w=(2, -1, 1), bias=True, delta=0.01, deg=1):
     """The tutorial's torchLearning.tensorGenReg, re-derived as written (global RNG)."""
     if bias:
         num_inputs = len(w) - 1
@@ -49,11 +49,11 @@ def reference_tensor_gen_reg(num_examples=1000, w=(2, -1, 1), bias=True, delta=0
 )
 def test_generator_matches_tutorial_bit_for_bit(kwargs):
     torch.manual_seed(420)
-    ref_x, ref_y = reference_tensor_gen_reg(**kwargs)
-    x, y = tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(420))
+    ref_x, ref_y = reference_tensorGenReg(**kwargs)
+    x, y = tensorGenReg(**kwargs, generator=torch.Generator().manual_seed(420))
     assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
     torch.manual_seed(420)  # the global RNG gives the same tensors as a seeded generator
-    gx, gy = tensor_gen_reg(**kwargs)
+    gx, gy = tensorGenReg(**kwargs)
     assert torch.equal(gx, ref_x) and torch.equal(gy, ref_y)
 
 
@@ -75,28 +75,28 @@ def test_generator_matches_tutorial_bit_for_bit(kwargs):
 )
 @pytest.mark.parametrize("seed", [0, 420])
 def test_generator_matches_the_benchmarks_copy_bit_for_bit(kwargs, seed):
-    ref_x, ref_y = tutorial_tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(seed))
-    x, y = tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(seed))
+    ref_x, ref_y = tutorial_tensorGenReg(**kwargs, generator=torch.Generator().manual_seed(seed))
+    x, y = tensorGenReg(**kwargs, generator=torch.Generator().manual_seed(seed))
     assert x.is_contiguous() and torch.equal(x, ref_x) and torch.equal(y, ref_y)
     # without the ones column: the same numbers, the column never made
-    lx, ly = tensor_gen_reg(**kwargs, generator=torch.Generator().manual_seed(seed), ones_column=False)
+    lx, ly = tensorGenReg(**kwargs, generator=torch.Generator().manual_seed(seed), ones_column=False)
     ref_lx = ref_x[:, :-1] if kwargs.get("bias", True) else ref_x
     assert lx.is_contiguous() and torch.equal(lx, ref_lx) and torch.equal(ly, ref_y)
 
 
 def test_generator_gives_the_tutorials_first_row():
     torch.manual_seed(420)
-    x, y = tensor_gen_reg()
+    x, y = tensorGenReg()
     assert torch.allclose(x[0], torch.tensor([-0.00704, 0.50445, 1.0]), atol=1e-5)
     assert y[0].item() == pytest.approx(0.47349, abs=1e-5)
 
 
 def test_generator_shapes_and_dtypes():
-    x, y = tensor_gen_reg(50, w=(1, 2, 3, 4))
+    x, y = tensorGenReg(50, w=(1, 2, 3, 4))
     assert x.shape == (50, 4) and y.shape == (50, 1)
     assert x.dtype == y.dtype == torch.float32
     assert torch.equal(x[:, -1], torch.ones(50))
-    x, y = tensor_gen_reg(50, w=(1, 2, 3, 4), bias=False)
+    x, y = tensorGenReg(50, w=(1, 2, 3, 4), bias=False)
     assert x.shape == (50, 4) and y.shape == (50, 1)
 
 

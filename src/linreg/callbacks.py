@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 
-from linreg.record import write_json_atomic
+from linreg.record import write_json
 
 log = logging.getLogger("linreg.train")
 
@@ -28,7 +28,7 @@ class SaveRunConfig(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         (self.out / "checkpoints").mkdir(exist_ok=True)
-        write_json_atomic(self.out / "checkpoints" / "config.json", self.config)
+        write_json(self.out / "checkpoints" / "config.json", self.config)
 
 
 class EpochLines(L.Callback):

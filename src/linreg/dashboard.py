@@ -19,9 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from linreg import fastpath
-from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
-from linreg.record import NOT_IDENTITY, RunRecord
+from linreg.record import RunRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -29,10 +28,26 @@ if TYPE_CHECKING:
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
 HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
-LABEL_EXCLUDE = (*NOT_IDENTITY, "logger")  # overrides that do not change what a run computes
+LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
 FIT_POINTS = 500  # about this many data points are drawn in the fit image (every k-th)
 FIT_DPI = 80  # the fit image's pixels per inch: 512 x 320, drawn and PNG-encoded every job (benchmarks/README.md)
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `x.y` for `x.y=1`, `+x.y=1`, `++x.y=1` and `~x.y`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def hparams(r: RunRecord) -> dict[str, Any]:
+    """The HParams record's hyperparameters, one scalar each (the same keys for every run, so rows line up)."""
+    data = r.data or {}
+    return {
+        "model": str(r.model), "deg": int(data.get("deg", 0)), "delta": float(data.get("delta", math.nan)),
+        "lr": float(r.lr) if r.lr is not None else math.nan, "batch_size": int(r.batch_size or 0),
+        "accelerator": str(r.accelerator), "seed": int(r.seed or 0),
+        "num_examples": int(data.get("num_examples", 0)), "epochs": int(r.epochs or 0),
+    }  # fmt: skip
 
 
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
@@ -266,10 +281,3 @@ def figure_pixels(fig: "Figure") -> np.ndarray:
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.draw()
     return np.array(canvas.buffer_rgba())[..., :3]  # a copy: a reused figure's next draw overwrites the buffer
-
-
-def dashboard_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The dashboard callback when the run logs anywhere; none without a logger (no cost at all)."""
-    if not any(lcfg is not None for lcfg in (cfg.get("logger") or {}).values()):
-        return []
-    return [Dashboard(RunRecord.of(cfg, "running").hparams())]

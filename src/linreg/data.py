@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-def tensor_gen_reg(
+def tensorGenReg(
     num_examples: int = 1000,
     w: Sequence[float] = (2, -1, 1),
     bias: bool = True,
@@ -141,9 +141,14 @@ class RegressionDataModule(L.LightningDataModule):
         g = torch.Generator().manual_seed(h.seed)
         # `manual` uses the ones column as its intercept input (the tutorial's linreg(X, w));
         # `linear` goes without it (the tutorial's features[:, :-1]) and has nn.Linear's bias instead.
-        self.features, self.labels = tensor_gen_reg(
+        self.features, self.labels = tensorGenReg(
             h.num_examples, h.w, h.bias, h.delta, h.deg, generator=g, ones_column=h.ones_column
         )
+
+    def finite(self) -> bool:
+        """Whether the generated data fits float32 (huge w, delta or deg overflow it)."""
+        x, y = self.full_data()
+        return bool(torch.isfinite(x).all() and torch.isfinite(y).all())
 
     def design_matrix(self) -> Tensor:
         """Features with the intercept column, whichever view is served (for least squares)."""

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from linreg.config import override_key
+from linreg.dashboard import override_key  # TEMP shim
 
 GAP_FLOOR = 1e-9  # gaps below this (float32 training against a float64 floor) are drawn at it: log axis
 MAX_PANELS = 24  # a 1,000-job sweep stays one readable figure; results.md lists every job

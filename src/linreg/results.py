@@ -28,15 +28,20 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import override_key, typed_overrides
-from linreg.record import (
-    FINISHED,
-    CorruptRecord,
-    RunRecord,
-    identity_overrides,
-    is_finite,
-    write_atomic,
-)
+from linreg.record import FINISHED, CorruptRecord, RunRecord, write_atomic
+from linreg.record import is_number as is_finite
+
+
+def override_key(o: str) -> str:  # TEMP shim until results.py is rewritten
+    return o.split("=", 1)[0].lstrip("+~")
+
+
+def typed_overrides(config: DictConfig) -> list[str]:  # TEMP shim
+    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+
+
+def identity_overrides(overrides: list[str]) -> list[str]:  # TEMP shim
+    return [o for o in overrides if override_key(o) != "resume"]
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,224 @@
+"""One run: check, lock the run dir, build DataModule, model and Trainer, fit (or resume), write metrics.json.
+
+`train`, `evaluate`, `reproduce` and the stacked launcher all build their Trainer here (`build_trainer`).
+Lightning takes seconds to import: it is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from linreg.config import MODELS, ConfigError, check
+from linreg.record import RunDirLock, RunRecord, finished, read_or_none, refuse_other_runs, resumable, identity
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from linreg.data import RegressionDataModule
+    from linreg.models import RegressionModule
+
+log = logging.getLogger("linreg.train")
+NOISE = (  # third-party warnings with nothing for a user to do (matched by message, nothing else hidden)
+    r"Checkpoint directory .* exists and is not empty",  # a resume writes into its own checkpoints/
+    r"The `srun` command is available on your system but is not used",
+    r".*LeafSpec.* is deprecated",
+    r"`torch.jit.trace(_method)?` is deprecated",  # TensorBoard's add_graph on newer torch
+)
+PROGRESS_MIN_STEPS = 20_000  # a single run this long (a few seconds) shows Lightning's progress bar on a terminal
+
+
+def model_class(target: str) -> type[RegressionModule]:
+    """The class `model._target_` names, imported: a subclass of `linreg.models.RegressionModule`."""
+    from linreg.models import RegressionModule
+
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as err:
+        raise ConfigError("model._target_", target, f"cannot be imported: {type(err).__name__}: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, RegressionModule) and cls is not RegressionModule):
+        raise ConfigError("model._target_", target, "must name a subclass of linreg.models.RegressionModule")
+    return cls
+
+
+def build_datamodule(cfg: DictConfig, seed: int | None = None, num_examples: int | None = None) -> RegressionDataModule:
+    """The run's data (made now): `cfg.data` under the run's seed, or another seed and size (held-out data)."""
+    from linreg.data import RegressionDataModule
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if num_examples is not None:
+        data["num_examples"] = num_examples
+    ones = model_class(cfg.model._target_).uses_ones_column
+    dm = RegressionDataModule(**data, seed=cfg.seed if seed is None else seed, ones_column=ones)
+    dm.setup("fit")
+    if not dm.finite():
+        key = "data.deg" if cfg.data.deg > 1 else "data.w"
+        raise ConfigError(key, OmegaConf.select(cfg, key), "the generated data overflows float32; use smaller values")
+    return dm
+
+
+def build_model(cfg: DictConfig, dm: RegressionDataModule) -> RegressionModule:
+    """The configured model, its arguments checked by building it, seeded as a single run is (nn.Linear's init)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    model_class(cfg.model._target_)
+    L.seed_everything(cfg.seed, verbose=False)
+    try:
+        return instantiate(cfg.model, in_features=dm.in_features, bias=cfg.data.bias)
+    except Exception as err:  # Hydra wraps the constructor's TypeError (an unknown argument) in its own
+        raise ConfigError("model", None, str(err.__cause__ or err).splitlines()[0]) from None
+
+
+def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
+    """Every logger under `logger` (each a `_target_`), saving into the run dir; none with `~logger`."""
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:  # `logger.csv=null` turns one off
+            continue
+        given: dict[str, Any] = {"save_dir": str(out)}
+        try:
+            if issubclass(get_class(lcfg._target_), TensorBoardLogger) and "version" not in lcfg:
+                given["version"] = label  # TensorBoard names a run by its path: <run dir>/tensorboard/<label>
+            loggers.append(instantiate(lcfg, **given))
+        except Exception as err:
+            raise ConfigError(f"logger.{key}", None, str(err.__cause__ or err).splitlines()[0]) from None
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:
+    """A Trainer lean enough for a 3-parameter model: no summary, no sanity run; the run's accelerator."""
+    import lightning as L
+
+    t = cfg.trainer
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        max_epochs=t.max_epochs,
+        logger=loggers or False,
+        callbacks=callbacks,
+        log_every_n_steps=1,  # the module samples train/loss itself
+        enable_checkpointing=out is not None,
+        enable_progress_bar=bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=t.deterministic,
+        default_root_dir=str(out) if out is not None else None,
+    )
+
+
+def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, bar: bool) -> list[Any]:
+    """Checkpoints (last.ckpt each epoch: what resume continues), the saved config, dashboards, epoch lines."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from linreg.callbacks import EndWithSweep, EpochLines, SaveRunConfig
+    from linreg.dashboard import Dashboard, hparams
+
+    callbacks = [
+        ModelCheckpoint(dirpath=out / "checkpoints", filename="last", enable_version_counter=False),
+        SaveRunConfig(out, resumable(identity(cfg))),
+    ]
+    if any(v is not None for v in (cfg.get("logger") or {}).values()):
+        callbacks.append(Dashboard(hparams(RunRecord.of(cfg, "running"))))
+    if progress:
+        callbacks.append(EpochLines())
+    if bar:  # named: with rich installed Lightning would pick its rich bar
+        callbacks.append(TQDMProgressBar())
+    sweep_pid = os.environ.get("LINREG_SWEEP_PID")
+    if in_sweep and sweep_pid and sweep_pid != str(os.getpid()):
+        callbacks.append(EndWithSweep(int(sweep_pid)))  # a worker process of a sweep (joblib, submitit_local)
+    return callbacks
+
+
+def resume_point(out: Path, cfg: DictConfig) -> Path | None:
+    """The checkpoint to continue from (None: from scratch); an unreadable one is a warning and a fresh start."""
+    import torch
+
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if not cfg.resume or not os.path.lexists(ckpt):
+        return None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and "state_dict" in state and read_or_none(ckpt.parent / "config.json")
+    except Exception as err:  # truncated, empty, random bytes, a directory, pickled code
+        ok, why = False, type(err).__name__
+    else:
+        why = "not a Lightning checkpoint with its config.json"
+    if not ok:
+        log.warning("resume: %s cannot be read (%s); training from scratch", ckpt, why)
+        return None
+    log.info("resume: continuing %s from epoch %d", out, int(state.get("epoch", 0)) + 2)
+    return ckpt
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads at `n` for a run (the same reductions whichever launcher runs it), then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with warnings.catch_warnings():
+            for message in NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(
+    cfg: DictConfig, out: Path, label: str = "defaults", progress: bool = False, in_sweep: bool = False
+) -> RunRecord:
+    """Check `cfg`, then fit (or resume, or keep a finished run) in `out` under its lock; return the record."""
+    check(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(out):
+        if cfg.resume and (done := finished(out, cfg)) is not None:
+            log.info("resume: %s already finished with this config; nothing to train", out)
+            return done
+        refuse_other_runs(out, cfg, lock_held=True)
+        with torch_threads(cfg.threads):
+            return fit(cfg, out, label, progress, in_sweep)
+
+
+def fit(cfg: DictConfig, out: Path, label: str, progress: bool, in_sweep: bool) -> RunRecord:
+    """Build the DataModule, the model and the Trainer; fit; write the record."""
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm)
+    ckpt = resume_point(out, cfg)
+    bar = cfg.trainer.enable_progress_bar
+    if bar is None:  # automatic: a long single run on a terminal
+        steps = cfg.trainer.max_epochs * -(-cfg.data.num_examples // cfg.data.batch_size)
+        bar = progress and sys.stderr.isatty() and steps >= PROGRESS_MIN_STEPS
+    loggers = build_loggers(cfg, out, label)
+    trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    record = RunRecord.of(
+        cfg,
+        "ok" if model.diverged_epoch is None else "diverged",
+        epoch_mse=model.epoch_mse,
+        train_mse=model.epoch_mse[-1] if model.epoch_mse else None,
+        weights=model.weights(),
+        ols_mse=dm.ols_mse(),
+        steps=trainer.global_step,
+        fit_seconds=time.perf_counter() - start,
+        diverged_epoch=model.diverged_epoch,
+    )
+    record.write(out)
+    return record
