@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
 
 from linreg import fastpath
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import MODELS, ConfigError, check
-from linreg.record import RunDirLock, RunRecord, finished, read_or_none, refuse_other_runs, resumable, identity
+from linreg.config import ConfigError, check
+from linreg.record import RunDirLock, RunRecord, finished, identity, read_or_none, refuse_other_runs, resumable
 
 if TYPE_CHECKING:
     import lightning as L
