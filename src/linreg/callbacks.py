@@ -18,9 +18,10 @@ class SweepGone(RuntimeError):
 
 
 class SaveRunConfig(L.Callback):
-    """Writes `checkpoints/config.json` (what a resume must match) as training starts.
+    """The run's config in `checkpoints/config.json` (what a resume must match) and inside every checkpoint.
 
-    Not before: Lightning warns at set-up about a checkpoint dir that is not empty.
+    Inside the checkpoint, evaluate needs no file beside it: what it reads was saved with the weights.
+    Written as training starts, not before: Lightning warns at set-up about a checkpoint dir that is not empty.
     """
 
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
@@ -29,6 +30,9 @@ class SaveRunConfig(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         (self.out / "checkpoints").mkdir(exist_ok=True)
         write_json(self.out / "checkpoints" / "config.json", self.config)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["linreg_config"] = self.config
 
 
 class EpochLines(L.Callback):

@@ -73,11 +73,21 @@ class TrainConfig:
     threads: int = 1
 
 
+@dataclass
+class EvaluateConfig:
+    """`conf/evaluate.yaml`: the checkpoint, and the held-out set's seed and size (null: seed + 1, same size)."""
+
+    ckpt_path: str | None = None
+    data_seed: int | None = None
+    num_examples: int | None = None
+
+
 MODELS = {"linreg.models.ManualRegression": ManualConfig, "linreg.models.LinearRegression": LinearConfig}
 
 # Each YAML option pulls its schema in with `- /schema/<group>@_here_: <name>` in its defaults list.
 store = ConfigStore.instance()
 store.store(group="schema/train", name="train", node=TrainConfig)
+store.store(group="schema/evaluate", name="evaluate", node=EvaluateConfig)
 store.store(group="schema/data", name="data", node=DataConfig)
 store.store(group="schema/model", name="manual", node=ManualConfig)
 store.store(group="schema/model", name="linear", node=LinearConfig)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from linreg.train import CONFIG_DIR, run
+from linreg.record import RunRecord
+from linreg.run import run
+from linreg.train import CONFIG_DIR
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ TUTORIAL = [
 ]
 
 
-def run_experiment(name: str, out: Path, overrides: list[str]) -> dict:
+def run_experiment(name: str, out: Path, overrides: list[str]) -> RunRecord:
     """Compose `experiment=<name>` as the CLI would and run it in this process."""
     cfg = compose("train", overrides=[f"experiment={name}", *overrides])
     return run(cfg, out / name, label=name)
@@ -45,16 +47,16 @@ def main(overrides: list[str] | None = None) -> int:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for fig in TUTORIAL:
             m = run_experiment(fig.experiment, out, overrides or [])
-            inside = fig.band[0] <= m["train_mse"] <= fig.band[1]
+            inside = m.train_mse is not None and fig.band[0] <= m.train_mse <= fig.band[1]
             ok &= inside
-            epochs = "/".join(f"{v:.6f}" for v in m["epoch_mse"])
-            weights = "[" + ", ".join(f"{v:.4f}" for v in m["weights"]) + "]"
+            epochs = "/".join(f"{v:.6f}" for v in m.epoch_mse)
+            weights = "[" + ", ".join(f"{v:.4f}" for v in m.weights) + "]"
             rows.append(
                 (
                     fig.experiment,
-                    m["model"],
+                    m.model,
                     epochs,
-                    f"{m['ols_mse']:.6f}",
+                    f"{m.ols_mse:.6f}",
                     weights,
                     fig.mse,
                     fig.weights,
