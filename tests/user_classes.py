@@ -1,4 +1,6 @@
-"""Classes of a user's own, named by `_target_` in tests: a model and a logger that are not the project's."""
+"""A model class of a user's own, named by `_target_` in tests: one more argument, another optimizer."""
+
+from typing import Any
 
 from torch import optim
 
@@ -6,10 +8,10 @@ from linreg.models import LinearRegression
 
 
 class DecayedLinearRegression(LinearRegression):
-    """The tutorial's linear model with weight decay: one more argument, one other optimizer."""
+    """The tutorial's linear model with weight decay."""
 
-    def __init__(self, in_features: int, lr: float = 0.03, bias: bool = True, weight_decay: float = 0.0) -> None:
-        super().__init__(in_features, lr=lr, bias=bias)
+    def __init__(self, in_features: int, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(in_features, **kwargs)
         self.save_hyperparameters()
 
     def configure_optimizers(self) -> optim.Optimizer:

@@ -19,6 +19,14 @@ FINISHED = ("ok", "diverged")  # outcomes; failed, missing and corrupt are no re
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
 
 
+NEW_DIRS: set[Path] = set()  # run dirs this process is about to make: only those are removed after a refusal
+
+
+def created_here(out: Path) -> bool:
+    """Whether `out` (or the sweep dir above it) did not exist before this process set out to make it."""
+    return out.absolute() in NEW_DIRS or out.absolute().parent in NEW_DIRS
+
+
 class CorruptRecord(ValueError):
     """A file that cannot be read back or trusted; the message says which and why."""
 

@@ -17,16 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import ConfigError, check, full_error, refuse
-from linreg.record import RunDirBusy, RunRecord, refuse_other_runs
+from linreg.record import NEW_DIRS, RunDirBusy, RunRecord, created_here, refuse_other_runs
 
 log = logging.getLogger("linreg.train")
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the checkout, or its copy in the wheel
-NEW_DIRS: set[Path] = set()  # run dirs this process is about to make: only those are removed after a refusal
-
-
-def created_here(out: Path) -> bool:
-    """Whether `out` (or the sweep dir above it) did not exist before this process started it."""
-    return out.absolute() in NEW_DIRS or out.absolute().parent in NEW_DIRS
 
 
 class CheckConfig(Callback):
