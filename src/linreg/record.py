@@ -57,13 +57,15 @@ def read_file(path: Path) -> Any:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO opens without waiting
     except OSError as err:
         raise CorruptRecord(f"{path.name}: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise CorruptRecord(f"{path.name}: not a regular file")
         if info.st_size > MAX_BYTES:
             raise CorruptRecord(f"{path.name}: {info.st_size} bytes, more than a record holds ({MAX_BYTES})")
-        text = f.read(MAX_BYTES + 1)
+        text = os.read(fd, MAX_BYTES + 1)
+    finally:
+        os.close(fd)
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError, RecursionError) as err:  # RecursionError: nested past Python's stack
