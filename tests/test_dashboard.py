@@ -21,14 +21,21 @@ from linreg.dashboard import (
     HEADLINE_HPARAMS,
     HP_METRICS,
     BufferedTensorBoardLogger,
-    dashboard_callbacks,
     figure_pixels,
     fit_figure,
     param_names,
     run_label,
 )
-from linreg.train import run
+from linreg.run import run_callbacks
 from tests.conftest import REPO, run_cli
+
+
+def run(cfg) -> dict:
+    """A run in its config's run dir; its metrics.json content."""
+    from linreg.run import run as run_in
+
+    return run_in(cfg, Path(cfg.hydra.run.dir)).as_json()
+
 
 HPARAM_KEYS = {"model", "deg", "delta", "lr", "batch_size", "accelerator", "seed", "num_examples", "epochs"}
 
@@ -159,10 +166,15 @@ def test_the_fit_figure_shows_the_data_and_a_diverged_fit_draws_no_points():
     assert diverged.shape == fitted.shape
 
 
-def test_no_logger_means_no_dashboard_cost(make_cfg):
-    assert dashboard_callbacks(make_cfg("~logger")) == []
-    assert dashboard_callbacks(make_cfg("logger.tensorboard=null")) == []
-    assert len(dashboard_callbacks(make_cfg("logger=csv"))) == 1
+def test_no_logger_means_no_dashboard_cost(make_cfg, tmp_path):
+    from linreg.dashboard import Dashboard
+
+    def dashboards(*overrides: str) -> int:
+        callbacks = run_callbacks(make_cfg(*overrides), tmp_path, progress=False, in_sweep=False, bar=False)
+        return sum(isinstance(c, Dashboard) for c in callbacks)
+
+    assert dashboards("~logger") == dashboards("logger.tensorboard=null") == 0
+    assert dashboards("logger=csv") == 1
 
 
 def test_graph_and_fit_image_can_be_turned_off(make_cfg, tmp_path):
@@ -257,6 +269,7 @@ def tensorboard_url(sweep_dir: Path) -> Iterator[str]:
             proc.wait()
 
 
+@pytest.mark.system
 def test_tensorboard_server_shows_every_job(sweep_dir, tensorboard_url):
     runs = http_json(f"{tensorboard_url}/data/runs")
     # One run per job, named by the job's number and overrides, directly under the sweep dir.
@@ -273,6 +286,7 @@ def test_tensorboard_server_shows_every_job(sweep_dir, tensorboard_url):
         assert "fit" in images[r]
 
 
+@pytest.mark.system
 def test_tensorboard_hparams_table_has_real_metrics_for_every_job(tensorboard_url):
     experiment = http_json(f"{tensorboard_url}/data/plugin/hparams/experiment", {"experimentName": ""})
     assert {h["name"] for h in experiment["hparamInfos"]} == HPARAM_KEYS

@@ -9,8 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from linreg import fastpath
 from linreg.dashboard import figure_pixels, fit_figure
-from linreg.train import run
-from tests.test_dashboard import fit_data
+from tests.test_dashboard import fit_data, run
 from tests.test_models import fit
 
 SRC = Path(fastpath.__file__).resolve().parent
