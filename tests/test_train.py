@@ -82,15 +82,32 @@ def test_a_dir_another_run_holds_is_refused(make_cfg, tmp_path):
     assert {p.name for p in out.iterdir()} == {".lock"}
 
 
+def csv_rows(out: Path) -> list[tuple[int, str]]:
+    """The CSV logger's (step, tags logged) rows, values left out (the wall-clock columns differ)."""
+    import csv
+
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        return [
+            (int(r["step"]), ",".join(sorted(k for k, v in r.items() if v and k != "step"))) for r in csv.DictReader(f)
+        ]
+
+
 def test_resume_continues_to_the_same_numbers(make_cfg, tmp_path):
-    whole = train(make_cfg("data.num_examples=200", "trainer.max_epochs=2"))
+    whole_cfg = make_cfg("data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv")
+    whole, whole_dir = train(whole_cfg), Path(whole_cfg.hydra.run.dir)
     cut = make_cfg("data.num_examples=200", "trainer.max_epochs=1", "logger=tensorboard_csv")
     train(cut)
     out = Path(cut.hydra.run.dir)
-    resumed = train(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true", run_dir=out))
+    resumed = train(
+        make_cfg("data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out)
+    )
     assert resumed.weights == whole.weights and resumed.epoch_mse == whole.epoch_mse
+    # The CSV history is whole across the resume: the rows an uninterrupted run writes.
+    assert csv_rows(out) == csv_rows(whole_dir)
     # Resuming a finished run of the same config trains nothing; another config is refused.
-    again = make_cfg("data.num_examples=200", "trainer.max_epochs=2", "resume=true", run_dir=out)
+    again = make_cfg(
+        "data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out
+    )
     assert train(again) == resumed
     with pytest.raises(RunDirBusy, match="another config"):
         train(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "seed=1", "resume=true", run_dir=out))

@@ -158,9 +158,12 @@ class Dashboard(L.Callback):
             # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
             tb.experiment.file_writer.add_summary(experiment)
             tb.experiment.file_writer.add_summary(session_start)
+        if log_step(trainer) > 0:  # a resume: its history up to here is in the logs already
+            self.logged_at = log_step(trainer)
+            return
         # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
         log_scalars(trainer, start, 0)
-        self.log_params(trainer, pl_module)  # the starting weights (step 0, or where a resume starts)
+        self.log_params(trainer, pl_module)  # the starting weights
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

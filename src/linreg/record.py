@@ -118,7 +118,7 @@ def model_name(target: Any) -> str | None:
 
 def is_number(v: Any) -> bool:
     """A finite int or float, not a bool."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
 
 
 KINDS = {  # metrics.json's typed fields: (test, what it must be); None is always allowed here

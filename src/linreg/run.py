@@ -7,8 +7,10 @@ Lightning takes seconds to import: it is imported inside the functions that need
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -20,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, check
-from linreg.record import RunDirLock, RunRecord, finished, identity, read_or_none, refuse_other_runs, resumable
+from linreg.record import (
+    MAX_BYTES,
+    RunDirLock,
+    RunRecord,
+    finished,
+    identity,
+    read_or_none,
+    refuse_other_runs,
+    resumable,
+)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -144,13 +155,13 @@ def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, ba
     return callbacks
 
 
-def resume_point(out: Path, cfg: DictConfig) -> Path | None:
-    """The checkpoint to continue from (None: from scratch); an unreadable one is a warning and a fresh start."""
+def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its step (None: from scratch); an unreadable one: a fresh start."""
     import torch
 
     ckpt = out / "checkpoints" / "last.ckpt"
     if not cfg.resume or not os.path.lexists(ckpt):
-        return None
+        return None, 0
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         ok = isinstance(state, dict) and "state_dict" in state and read_or_none(ckpt.parent / "config.json")
@@ -160,9 +171,29 @@ def resume_point(out: Path, cfg: DictConfig) -> Path | None:
         why = "not a Lightning checkpoint with its config.json"
     if not ok:
         log.warning("resume: %s cannot be read (%s); training from scratch", ckpt, why)
-        return None
+        return None, 0
     log.info("resume: continuing %s from epoch %d", out, int(state.get("epoch", 0)) + 2)
-    return ckpt
+    return ckpt, int(state.get("global_step", 0))
+
+
+def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
+    """A resumed run keeps its CSV rows up to the checkpoint: Lightning's CSVLogger starts metrics.csv anew."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in loggers:
+        path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+        if path is None or not path.is_file() or path.stat().st_size > 64 * MAX_BYTES:
+            continue
+        with open(path, newline="") as f:
+            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        # Up to the checkpoint; at its step, not the hp/* end values of a run that finished there.
+        kept = [
+            {**row, "step": int(row["step"])}
+            for row in rows
+            if row.get("step", math.inf) < upto_step
+            or (row.get("step") == upto_step and not any(k.startswith("hp/") for k in row))
+        ]
+        logger.experiment.metrics[:0] = kept  # the writer (made now) has removed the file; it writes these first
 
 
 @contextlib.contextmanager
@@ -200,12 +231,14 @@ def fit(cfg: DictConfig, out: Path, label: str, progress: bool, in_sweep: bool) 
     """Build the DataModule, the model and the Trainer; fit; write the record."""
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
-    ckpt = resume_point(out, cfg)
+    ckpt, step = resume_point(out, cfg)
     bar = cfg.trainer.enable_progress_bar
     if bar is None:  # automatic: a long single run on a terminal
         steps = cfg.trainer.max_epochs * -(-cfg.data.num_examples // cfg.data.batch_size)
         bar = progress and sys.stderr.isatty() and steps >= PROGRESS_MIN_STEPS
     loggers = build_loggers(cfg, out, label)
+    if ckpt is not None:
+        keep_csv_history(loggers, step)
     trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
