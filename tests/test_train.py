@@ -130,3 +130,24 @@ def test_the_checkpoint_carries_its_config(make_cfg):
     state = torch.load(ckpt / "last.ckpt", weights_only=True)
     assert state["linreg_config"] == json.loads((ckpt / "config.json").read_text())
     assert state["linreg_config"]["seed"] == 420 and "max_epochs" not in state["linreg_config"]["trainer"]
+
+
+def sweep_cli(*args: str, lrs: str = "model.lr=0.01,0.1"):
+    """A 2-job sweep of 100 samples, 1 epoch, each job seeded by its number."""
+    return run_cli("--multirun", lrs, "seed=${hydra:job.num}", *SMALL, *args)
+
+
+def test_one_sweep_owns_its_dir(tmp_path):
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    proc = sweep_cli(sweep)
+    assert proc.returncode == 0, proc.stderr
+    seeds = [json.loads((tmp_path / "sweep" / str(j) / "metrics.json").read_text())["seed"] for j in (0, 1)]
+    assert seeds == [0, 1]  # Hydra's resolvers work in a sweep
+    before = snapshot(tmp_path / "sweep")
+    for again, says in [
+        (sweep_cli(sweep), "holds a sweep's runs; resume=true continues it"),
+        (sweep_cli(sweep, "resume=true", lrs="model.lr=0.01,0.3"), "holds another sweep"),
+        (sweep_cli(sweep, "resume=true", "hydra.sweep.subdir=same"), "hydra.sweep.subdir='same': must separate"),
+    ]:
+        assert again.returncode == 2 and says in again.stderr, again.stderr
+    assert snapshot(tmp_path / "sweep") == before

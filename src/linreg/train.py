@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import ConfigError, check, full_error, refuse
-from linreg.record import NEW_DIRS, RunDirBusy, RunRecord, created_here, refuse_other_runs
+from linreg.record import NEW_DIRS, RunDirBusy, RunRecord, created_here, read_or_none, refuse_other_runs, write_json
 
 log = logging.getLogger("linreg.train")
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the checkout, or its copy in the wheel
@@ -42,16 +42,72 @@ class CheckConfig(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
         try:
-            check(config)
+            check(OmegaConf.create(without_job_values(OmegaConf.to_container(config, resolve=False))))
             check_slurm(config)
         except (ConfigError, OmegaConfBaseException) as err:
             if full_error():
                 raise SystemExit(f"error: {err}") from err
             refuse(err)
-        if not Path(str(config.hydra.sweep.dir)).exists():
-            NEW_DIRS.add(Path(str(config.hydra.sweep.dir)).absolute())
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.exists():
+            NEW_DIRS.add(sweep_dir.absolute())
+        try:
+            own_sweep_dir(config, sweep_dir)
+        except ConfigError as err:
+            refuse(err)
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if on_slurm(config) else str(os.getpid())
+
+
+SWEEP_LOCKS: list[Any] = []  # the sweep dir's lock, held by the sweep's process until it exits
+JOB_DIRS = ("${hydra.job.num}", "${hydra.job.id}", "${hydra.job.override_dirname}")
+
+
+def sweep_identity(config: DictConfig) -> dict[str, Any]:
+    """What a sweep is: its sweeper, its overrides as typed (less resume), its params, its study."""
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+    typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    return {
+        "sweeper": sweeper.get("_target_"),
+        "overrides": sorted(o for o in typed if o.split("=", 1)[0].lstrip("+~") != "resume"),
+        "params": sweeper.get("params"),
+        "study": [sweeper.get("study_name"), sweeper.get("storage")],
+    }
+
+
+def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
+    """One owner per sweep dir: a lock for the sweep's life, and the dir records which sweep it holds."""
+    import fcntl
+
+    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
+    if not any(part in subdir for part in JOB_DIRS):
+        why = f"must separate the jobs: use one of {', '.join(JOB_DIRS)} in it"
+        raise ConfigError("hydra.sweep.subdir", subdir, why)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(sweep_dir / ".sweep.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "another sweep is using it") from None
+    SWEEP_LOCKS.append(lock)
+    wanted, path = sweep_identity(config), sweep_dir / ".sweep.json"
+    saved = read_or_none(path) if os.path.lexists(path) else None
+    has_runs = any((p / "metrics.json").exists() or (p / "checkpoints").exists() for p in sweep_dir.iterdir())
+    if has_runs and not config.get("resume"):
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds a sweep's runs; resume=true continues it")
+    if has_runs and saved != wanted:
+        why = f"holds another sweep ({' '.join((saved or {}).get('overrides') or ['?'])}); use a new dir"
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), why)
+    write_json(path, wanted)
+
+
+def without_job_values(node: Any) -> Any:
+    """The sweep's config less `hydra` and values only a job can resolve (`${hydra:job.num}`): each job checks those."""
+    if isinstance(node, dict):
+        kept = {k: v for k, v in node.items() if k != "hydra" and (isinstance(v, dict) or "${hydra:" not in str(v))}
+        return {k: without_job_values(v) for k, v in kept.items()}
+    return node
 
 
 def on_slurm(config: DictConfig) -> bool:
