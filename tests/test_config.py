@@ -71,3 +71,9 @@ def test_the_command_line_refuses_in_one_message_and_leaves_no_dir(tmp_path, arg
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
     if code == 2:
         assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_sweep_with_gpu_jobs_on_a_cpu_machine_is_refused_before_it_starts(tmp_path):
+    proc = run_cli("--multirun", "trainer.accelerator=cpu,gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2 and "no GPU here" in proc.stderr and not (tmp_path / "sweep").exists()

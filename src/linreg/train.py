@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import ConfigError, check, full_error, refuse
+from linreg.config import ConfigError, check, full_error, gpu_available, refuse
 from linreg.record import NEW_DIRS, RunDirBusy, RunRecord, created_here, read_or_none, refuse_other_runs, write_json
 
 log = logging.getLogger("linreg.train")
@@ -44,6 +44,7 @@ class CheckConfig(Callback):
         try:
             check(OmegaConf.create(without_job_values(OmegaConf.to_container(config, resolve=False))))
             check_slurm(config)
+            check_swept_devices(config)
         except (ConfigError, OmegaConfBaseException) as err:
             if full_error():
                 raise SystemExit(f"error: {err}") from err
@@ -108,6 +109,18 @@ def without_job_values(node: Any) -> Any:
         kept = {k: v for k, v in node.items() if k != "hydra" and (isinstance(v, dict) or "${hydra:" not in str(v))}
         return {k: without_job_values(v) for k, v in kept.items()}
     return node
+
+
+def check_swept_devices(config: DictConfig) -> None:
+    """A sweep with GPU jobs on a machine without one is refused before its first job (SLURM's nodes may have one)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    typed = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    for o in OverridesParser.create().parse_overrides(typed):
+        if o.get_key_element().lstrip("+~") in ("trainer", "trainer.accelerator") and not on_slurm(config):
+            values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
+            if set(values) & {"gpu", "cuda"} and not gpu_available():
+                raise ConfigError(o.get_key_element(), ",".join(values), "no GPU here: its GPU jobs cannot run")
 
 
 def on_slurm(config: DictConfig) -> bool:
