@@ -1,5 +1,5 @@
-"""`hydra/sweeper=grid`: Hydra's basic sweeper's jobs and numbers, its cached compose equals Hydra's own,
-bad sweeps are refused before any job runs, resume launches only what is missing, returns keep no configs."""
+"""`hydra/sweeper=grid`: Hydra's basic sweeper's jobs and numbers, a cached compose equal to Hydra's own, bad sweeps
+refused before any job runs, returns that keep no configs."""
 
 import importlib
 import itertools
@@ -17,13 +17,11 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, RunMode
 from omegaconf import OmegaConf
 
-from hydra_plugins.linreg_sweeper import compose_cache
-from hydra_plugins.linreg_sweeper.compose_cache import CachedConfigLoader
-from hydra_plugins.linreg_sweeper.grid_sweeper import GridSweeper, LightReturns, unfinished_runs
-from linreg.record import job_config
-from linreg.train import CONFIG_DIR
+from hydra_plugins.linreg_sweeper import grid_sweeper
+from hydra_plugins.linreg_sweeper.grid_sweeper import CachedConfigLoader
 from tests.conftest import REPO, run_cli
 
+SMALL = ["data.num_examples=100", "trainer.max_epochs=1"]
 TUTORIAL_GRID = [
     list(job)
     for job in itertools.product(
@@ -34,41 +32,44 @@ TUTORIAL_GRID = [
         ["data.batch_size=10", "data.batch_size=100"],
     )
 ]
-OTHER_JOBS = [
+JOBS = [  # jobs of every kind the cache must compose as Hydra does
+    TUTORIAL_GRID[0],
+    TUTORIAL_GRID[-1],
     ["experiment=deg2", "data.deg=3"],  # a command-line value beats a preset's, as in Hydra
     ["experiment=delta2", "model=linear", "model.init=zeros", "+extra=1"],
     ["data.w=[1.5,-2,0.5,3]", "logger=csv", "seed=7"],
-    ["~resume", "trainer.max_epochs=1"],
-    ["model.lr=0.1", "model=linear", "trainer=gpu"],  # group after value: order must not matter
+    ["model.lr=0.1", "model=linear", "trainer=gpu"],  # a group after a value: the order must not matter
     ["data.delta=0.5", "+hydra.job.env_set.FOO=bar"],
-    ["++resume=true", "data.bias=${data.delta}"],
+    ["++resume=true", "data.delta=${data.deg}"],
+    ["data.nokey=1"],  # Hydra refuses it: the cache must give Hydra's own error
 ]
 GRIDS = {  # command lines of a multirun: the grid sweeper must plan exactly what Hydra's basic sweeper plans
-    "tutorial": ["sweep=tutorial"],
-    "tutorial, values replaced": ["sweep=tutorial", "model.lr=0.1", "data.deg=3,1"],
-    "hand grid": ["model=manual,linear", "model.lr=0.01,0.03", "data.deg=1,2"],
-    "range, sort, choice": ["seed=range(3)", "model.lr=sort(0.3,0.1,0.2)", "+extra=choice(a,b)"],
-    "a key twice, a delete": ["data.deg=2", "model=linear,manual", "data.deg=1,3", "~resume"],
-    "glob": ["sweep=smoke", "logger=glob(tensor*)"],
-    "batches": ["sweep=tutorial", "hydra.sweeper.max_batch_size=7"],
+    "range, sort, choice, glob, a key twice": [
+        "seed=range(2)",
+        "model.lr=sort(0.3,0.1)",
+        "data.deg=2",
+        "model=glob(*)",
+        "data.deg=1,3",
+        "logger=choice(csv)",
+    ],
+    "batches": ["sweep=smoke", "data.deg=1,2", "hydra.sweeper.max_batch_size=3"],
 }
-SMALL = ["data.num_examples=100", "trainer.max_epochs=1"]
 
 
 @pytest.fixture(scope="module")
 def hydra_loader():
     """Hydra's own config loader, as the CLI makes it."""
+    from linreg.train import CONFIG_DIR
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         yield GlobalHydra.instance().hydra.config_loader
     GlobalHydra.instance().clear()
 
 
-@pytest.fixture(scope="module")
-def loaders(hydra_loader):
-    """Hydra's own config loader and the cached one over it, with the multirun's master config."""
-    master = hydra_loader.load_configuration("train", ["hydra.sweep.dir=/tmp/x"], run_mode=RunMode.MULTIRUN)
-    return hydra_loader, CachedConfigLoader(hydra_loader), master
+def master(hydra_loader, *overrides: str):
+    """The multirun's own config, as Hydra composes it before a sweep."""
+    return hydra_loader.load_configuration("train", ["hydra.sweep.dir=/tmp/x", *overrides], run_mode=RunMode.MULTIRUN)
 
 
 class RecordingLauncher(Launcher):
@@ -85,120 +86,114 @@ class RecordingLauncher(Launcher):
         return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=0.0) for o in job_overrides]
 
 
-def planned_launches(hydra_loader, tmp_path: Path, sweeper: str, args: list[str]) -> list[tuple[int, list[list[str]]]]:
+def planned_launches(hydra_loader, sweeper: str, args: list[str]) -> list[tuple[int, list[list[str]]]]:
     """What a sweeper (instantiated as Hydra's multirun does) hands its launcher for this command line."""
-    overrides = [f"hydra.sweep.dir={tmp_path / sweeper}", *args, f"hydra/sweeper={sweeper}"]
-    master = hydra_loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+    config = master(hydra_loader, *args, f"hydra/sweeper={sweeper}")
     sweeper_obj = Plugins.instance().instantiate_sweeper(
-        hydra_context=HydraContext(config_loader=hydra_loader, callbacks=None),
-        task_function=lambda cfg: None,
-        config=master,
+        hydra_context=HydraContext(config_loader=hydra_loader, callbacks=None), task_function=None, config=config
     )
     assert type(sweeper_obj).__name__ == {"basic": "BasicSweeper", "grid": "GridSweeper"}[sweeper]
     sweeper_obj.launcher = recorder = RecordingLauncher()
-    sweeper_obj.sweep(arguments=list(master.hydra.overrides.task))
+    sweeper_obj.sweep(arguments=list(config.hydra.overrides.task))
     return recorder.launches
 
 
 @pytest.mark.parametrize("args", list(GRIDS.values()), ids=list(GRIDS))
-def test_jobs_order_and_numbers_equal_hydras_basic_sweeper(hydra_loader, tmp_path, args):
-    expected = planned_launches(hydra_loader, tmp_path, "basic", args)
-    got = planned_launches(hydra_loader, tmp_path, "grid", args)
-    assert got == expected
+def test_jobs_order_and_numbers_equal_hydras_basic_sweeper(hydra_loader, args):
+    got = planned_launches(hydra_loader, "grid", args)
+    assert got == planned_launches(hydra_loader, "basic", args)
     assert sum(len(jobs) for _, jobs in got) > 1
 
 
-def test_tutorial_preset_is_48_jobs_in_hydras_order(hydra_loader, tmp_path):
-    ((first, jobs),) = planned_launches(hydra_loader, tmp_path, "grid", ["sweep=tutorial"])
-    assert first == 0 and jobs == [[*job, "sweep=tutorial"] for job in TUTORIAL_GRID]
+def test_the_tutorial_preset_is_its_48_jobs_in_hydras_order(hydra_loader):
+    expected = [(0, [[*job, "sweep=tutorial"] for job in TUTORIAL_GRID])]  # Hydra's order: the last key fastest
+    assert planned_launches(hydra_loader, "grid", ["sweep=tutorial"]) == expected
 
 
-def test_max_batch_size_must_be_positive(hydra_loader, tmp_path):
-    with pytest.raises(Exception, match="max_batch_size=0"):
-        planned_launches(hydra_loader, tmp_path, "grid", ["model=manual,linear", "hydra.sweeper.max_batch_size=0"])
+def composed(loader, config, job):
+    """A job's config as a container, or the error Hydra's composition gave."""
+    try:
+        return OmegaConf.to_container(loader.load_sweep_config(config, list(job)))
+    except ConfigCompositionException as err:
+        return str(err)
 
 
-def test_cache_must_be_a_bool():
-    with pytest.raises(Exception, match="hydra.sweeper.cache='yes'"):
-        GridSweeper(cache="yes")
-
-
-def test_a_bad_job_in_a_later_batch_is_refused_before_the_first_batch_launches(hydra_loader, tmp_path):
-    args = ["model=manual,nosuch", "hydra.sweeper.max_batch_size=1"]
-    overrides = [f"hydra.sweep.dir={tmp_path}", *args]
-    master = hydra_loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
-    sweeper = GridSweeper(max_batch_size=1)
-    sweeper.setup(hydra_context=HydraContext(hydra_loader, None), task_function=lambda cfg: None, config=master)
-    sweeper.launcher = recorder = RecordingLauncher()
-    with pytest.raises(ConfigCompositionException, match="model/nosuch"):
-        sweeper.sweep(arguments=list(master.hydra.overrides.task))
-    assert recorder.launches == []
-
-
-@pytest.mark.parametrize("overrides", [TUTORIAL_GRID[0], TUTORIAL_GRID[-1], *OTHER_JOBS], ids=str)
-def test_cached_compose_equals_hydras(loaders, overrides):
-    hydra_loader, cached, master = loaders
-    expected = hydra_loader.load_sweep_config(master, list(overrides))
-    for _ in range(2):  # the first call composes, the second comes from the cache
-        got = cached.load_sweep_config(master, list(overrides))
-        assert OmegaConf.to_container(got) == OmegaConf.to_container(expected)
-        assert job_config(got) == job_config(expected)  # resolved, as a job sees it
-
-
-def test_tutorial_grid_composes_twice_and_equals_hydra_for_every_job(loaders):
-    hydra_loader, _, master = loaders
+def test_cached_compose_equals_hydras_for_every_kind_of_job(hydra_loader):
+    config = master(hydra_loader)
     cached = CachedConfigLoader(hydra_loader)
-    for overrides in TUTORIAL_GRID:
-        got = cached.load_sweep_config(master, overrides)
-        assert OmegaConf.to_container(got) == OmegaConf.to_container(hydra_loader.load_sweep_config(master, overrides))
-    assert sorted(cached.composed) == [("model=linear",), ("model=manual",)]  # 2 composes for 48 jobs
+    for job in JOBS:
+        expected = composed(hydra_loader, config, job)
+        assert composed(cached, config, job) == expected, job  # composed by Hydra, once
+        assert composed(cached, config, job) == expected, job  # a copy of the composition, values applied
+    for job in TUTORIAL_GRID:
+        cached.load_sweep_config(config, job)
+    assert {("model=manual",), ("model=linear",)} <= set(cached.composed)  # 2 compositions for 48 jobs
+    # A copy per job: changing one job's config changes no other.
+    cached.load_sweep_config(config, ["model.lr=0.1"]).model.lr = 5.0
+    assert cached.load_sweep_config(config, []).model.lr == 0.03
 
 
-def test_only_plain_key_values_are_applied_to_a_copy(loaders):
-    _, cached, master = loaders
-    lines = ["model=linear", "model.lr=0.1", "~resume", "+extra=1", "++seed=3", "hydra.job.chdir=false", "data.w=[1,2]"]
-    _, composed, values = cached.split(master, lines)
-    assert composed == ("model=linear", "~resume", "+extra=1", "++seed=3", "hydra.job.chdir=false")
-    assert [o.key_or_group for o in values] == ["model.lr", "data.w"]
+def test_the_cache_keeps_a_bounded_number_of_compositions(hydra_loader, monkeypatch):
+    monkeypatch.setattr(grid_sweeper, "KEPT", 2)
+    cached, config = CachedConfigLoader(hydra_loader), master(hydra_loader)
+    for job in (["model=manual"], ["model=linear"], ["logger=csv"], ["model=manual"]):
+        cached.load_sweep_config(config, job)
+    assert list(cached.composed) == [("logger=csv",), ("model=manual",)]
 
 
-def test_a_plain_value_hydra_refuses_gets_hydras_own_error(loaders):
-    hydra_loader, cached, master = loaders
-    with pytest.raises(ConfigCompositionException) as hydras:
-        hydra_loader.load_sweep_config(master, ["data.nokey=1"])
-    with pytest.raises(ConfigCompositionException) as ours:
-        cached.load_sweep_config(master, ["data.nokey=1"])
-    assert str(ours.value) == str(hydras.value)
-
-
-def test_a_group_option_found_through_hydra_searchpath_composes_as_hydras(hydra_loader, tmp_path):
+def test_a_group_option_found_through_hydra_searchpath_is_composed_as_a_group(hydra_loader, tmp_path):
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "fancy.yaml").write_text("_target_: linreg.models.LinearRegression\nlr: 0.5\ninit: zeros\n")
-    overrides = ["hydra.sweep.dir=/tmp/x", f"hydra.searchpath=[file://{tmp_path}]"]
-    master = hydra_loader.load_configuration("train", overrides, run_mode=RunMode.MULTIRUN)
+    (tmp_path / "model" / "fancy.yaml").write_text(
+        "defaults:\n  - /schema/model@_here_: linear\n_target_: linreg.models.LinearRegression\nlr: 0.5\n"
+    )
+    config = master(hydra_loader, f"hydra.searchpath=[file://{tmp_path}]")
     cached = CachedConfigLoader(hydra_loader)
     for job in (["model=fancy", "model.lr=0.2"], ["model=fancy", "model.lr=0.3"], ["model.lr=0.1"]):
-        expected = hydra_loader.load_sweep_config(master, job)
-        assert OmegaConf.to_container(cached.load_sweep_config(master, job)) == OmegaConf.to_container(expected)
+        assert composed(cached, config, job) == composed(hydra_loader, config, job)
     assert sorted(cached.composed) == [(), ("model=fancy",)]
 
 
-def test_cached_configs_are_independent_copies(loaders):
-    _, cached, master = loaders
-    first = cached.load_sweep_config(master, ["model.lr=0.1"])
-    first.model.lr = 5.0
-    assert cached.load_sweep_config(master, ["model.lr=0.2"]).model.lr == 0.2
-    assert cached.load_sweep_config(master, []).model.lr == 0.03
+def test_a_bad_job_in_a_later_batch_is_refused_before_the_first_batch_launches(hydra_loader):
+    with pytest.raises(ConfigCompositionException, match="model/nosuch"):
+        planned_launches(hydra_loader, "grid", ["model=manual,nosuch", "hydra.sweeper.max_batch_size=1"])
 
 
-def test_the_cache_keeps_a_bounded_number_of_compositions(loaders, monkeypatch):
-    hydra_loader, _, master = loaders
-    monkeypatch.setattr(compose_cache, "COMPOSED_KEPT", 2)
-    cached = CachedConfigLoader(hydra_loader)
-    for lines in (["model=manual"], ["model=linear"], ["logger=csv"], ["model=manual"]):
-        got = cached.load_sweep_config(master, lines)
-        assert OmegaConf.to_container(got) == OmegaConf.to_container(hydra_loader.load_sweep_config(master, lines))
-    assert list(cached.composed) == [("logger=csv",), ("model=manual",)]
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["model=glob(nosuch*)"], "error: model='glob(nosuch*)': matches nothing"),
+        (["hydra.sweeper.max_batch_size=0"], "error: hydra.sweeper.max_batch_size=0: must be a positive integer"),
+    ],
+)
+def test_a_sweep_without_jobs_or_batches_is_refused_in_one_line(hydra_loader, capsys, args, line):
+    with pytest.raises(SystemExit) as exit:
+        planned_launches(hydra_loader, "grid", ["model=manual", *args])
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith(line)
+
+
+def test_an_interval_is_refused_in_one_line_before_any_job_runs(tmp_path):
+    proc = run_cli("--multirun", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL, "model.lr=interval(0.01,0.1)")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: model.lr='interval(0.01,0.1)': a grid takes a,b,c, range() or glob()")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "sweep" / "0").exists()
+
+
+@pytest.fixture(scope="module")
+def globbed_sweep(tmp_path_factory) -> Path:
+    """4 jobs, each with its own interpolation, glob and dir named by its overrides: composed by the cache."""
+    sweep = tmp_path_factory.mktemp("grid") / "sweep"
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "~logger", "model=glob(*)", "seed=10,20",
+                   "data.batch_size=${seed}", "hydra.sweep.subdir=${hydra.job.override_dirname}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return sweep
+
+
+def test_each_job_resolves_its_own_interpolations_globs_and_dir(globbed_sweep):
+    runs = {p.parent.name: json.loads(p.read_text()) for p in globbed_sweep.glob("*/metrics.json")}
+    assert sorted((r["model"], r["seed"], r["batch_size"]) for r in runs.values()) == [
+        ("linear", 10, 10), ("linear", 20, 20), ("manual", 10, 10), ("manual", 20, 20)
+    ]  # fmt: skip
+    assert all(f"model={r['model']},seed={r['seed']}," in name for name, r in runs.items())  # override_dirname
 
 
 class HeardCallbacks:
@@ -216,172 +211,17 @@ class HeardCallbacks:
 
 
 def test_a_return_lets_go_of_its_configs_after_the_callbacks_heard_them():
-    callbacks = LightReturns(HeardCallbacks())
+    # joblib and submitit pickle them; Hydra's plugin scan may have imported the module anew since this one's import.
+    light = importlib.import_module("hydra_plugins.linreg_sweeper.grid_sweeper").LightReturns
+    callbacks = pickle.loads(pickle.dumps(light(HeardCallbacks())))
     ret = JobReturn(overrides=["a=1"], cfg=OmegaConf.create({"a": 1}), hydra_cfg=OmegaConf.create({"hydra": {}}))
     ret.status, ret.return_value = JobStatus.COMPLETED, 0.5
     callbacks.on_job_start(config=None, task_function=None)
     callbacks.on_job_end(config=None, job_return=ret)
     assert callbacks.callbacks.heard == [(True, True)] and callbacks.callbacks.started == 1
-    assert ret.cfg is None and ret.hydra_cfg is None
-    assert ret.overrides == ["a=1"] and ret.status == JobStatus.COMPLETED and ret.return_value == 0.5
+    assert ret.cfg is None and ret.hydra_cfg is None and ret.return_value == 0.5
 
 
-def test_light_returns_travel_to_worker_processes():
-    # Hydra's plugin scan may have imported the module anew: pickle needs the class now in sys.modules.
-    light = importlib.import_module("hydra_plugins.linreg_sweeper.grid_sweeper").LightReturns
-    copy = pickle.loads(pickle.dumps(light(HeardCallbacks())))  # joblib and submitit pickle the context
-    copy.on_job_start()
-    assert copy.callbacks.started == 1
-
-
-@pytest.mark.parametrize(
-    ("finished", "in_process", "runs"),
-    [
-        ([True, False, False, True, False], True, [(1, 3), (4, 5)]),
-        ([True, False, False, True, False], False, [(1, 5)]),
-        ([False, False], True, [(0, 2)]),
-        ([True, True], False, []),
-    ],
-)
-def test_what_is_launched_of_a_batch(finished, in_process, runs):
-    assert unfinished_runs(finished, in_process) == runs
-
-
-def test_the_sweeper_uses_no_hydra_internals():
-    sources = sorted((REPO / "src" / "hydra_plugins" / "linreg_sweeper").rglob("*.py"))
-    assert sources and not [p.name for p in sources if "hydra._internal" in p.read_text()]
-
-
-@pytest.mark.parametrize(
-    ("sweep", "message"),
-    [
-        ("model=manual,nosuch", "error: model='nosuch': one of linear, manual"),  # linreg.cli, before Hydra
-        ("data.nokey=1,2", "error: data.nokey='1': unknown key"),  # the config check, before the sweep starts
-        ("+data.w=[2,-1,1],3", "error: data.w='3': is in the config already"),  # a value of another kind
-        ("~resume=false,true", "Could not delete from config"),  # a delete's value is checked per value
-    ],
-)
-def test_a_bad_sweep_value_is_refused_before_any_job_runs(tmp_path, sweep, message):
-    sweep_dir = tmp_path / "sweep"
-    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", "data.num_examples=100", *sweep.split())
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: ") and message in proc.stderr
-    assert not sweep_dir.exists()  # nothing written: no plan, no progress log, no job dir
-
-
-def test_each_job_resolves_its_own_interpolations_and_globs(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    small = ["data.num_examples=100", "trainer.max_epochs=1", "~logger"]
-    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep_dir}", *small, "model=glob(*)", "seed=10,20",
-                   "data.batch_size=${seed}", "hydra.sweep.subdir=${hydra.job.override_dirname}")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
-    assert sorted((r["model"], r["seed"], r["batch_size"]) for r in runs) == [
-        ("linear", 10, 10), ("linear", 20, 20), ("manual", 10, 10), ("manual", 20, 20)
-    ]  # fmt: skip
-    assert all("seed=" in p.parent.name for p in sweep_dir.glob("*/metrics.json"))  # the subdir as asked
-
-
-def test_a_preset_may_make_a_run_a_sweep_without_m(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    proc = run_cli("hydra.mode=MULTIRUN", "seed=1,2", f"hydra.sweep.dir={sweep_dir}", "data.num_examples=100",
-                   "trainer.max_epochs=1", "~logger")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(list(sweep_dir.glob("*/metrics.json"))) == 2
-
-
-def snapshot(job_dir: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file of a job dir with its modification time and bytes."""
-    return {
-        str(p.relative_to(job_dir)): (p.stat().st_mtime_ns, p.read_bytes()) for p in job_dir.rglob("*") if p.is_file()
-    }
-
-
-def sweep_cli(sweep: Path, *extra: str):
-    """The 4-job sweep of these tests: two models, two learning rates."""
-    return run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "model=manual,linear", "model.lr=0.03,0.1", *extra)
-
-
-@pytest.fixture
-def finished_sweep(tmp_path) -> Path:
-    sweep = tmp_path / "sweep"
-    proc = sweep_cli(sweep)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return sweep
-
-
-@pytest.mark.slow
-def test_resume_of_a_finished_sweep_launches_nothing_and_touches_no_job_file(finished_sweep):
-    before = {j: snapshot(finished_sweep / j) for j in "0123"}
-    proc = sweep_cli(finished_sweep, "resume=true")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    output = proc.stdout + proc.stderr
-    assert "resume: all 4 jobs already finished" in output
-    assert "launching" not in output.lower()
-    assert {j: snapshot(finished_sweep / j) for j in "0123"} == before
-    assert (finished_sweep / "progress.log").read_text().count("(done before)") == 4
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_runs_only_the_missing_job_under_its_number(finished_sweep):
-    kept = {j: snapshot(finished_sweep / j) for j in "013"}
-    lost = json.loads((finished_sweep / "2" / "metrics.json").read_text())
-    for path in sorted((finished_sweep / "2").rglob("*"), reverse=True):  # as if killed before job 2 started
-        path.rmdir() if path.is_dir() else path.unlink()
-    proc = sweep_cli(finished_sweep, "resume=true")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    output = proc.stdout + proc.stderr
-    assert "resume: 3 of 4 jobs already finished; launching 1" in output
-    assert {j: snapshot(finished_sweep / j) for j in "013"} == kept
-    redone = json.loads((finished_sweep / "2" / "metrics.json").read_text())
-    assert (redone["model"], redone["lr"]) == ("linear", 0.03)
-    assert redone["weights"] == lost["weights"]
-    progress = (finished_sweep / "progress.log").read_text()
-    assert progress.count("(done before)") == 3 and "model=linear model.lr=0.03: ok" in progress
-
-
-@pytest.mark.slow
-def test_a_parallel_launcher_gets_only_the_span_of_unfinished_jobs(finished_sweep):
-    kept = {j: snapshot(finished_sweep / j) for j in "03"}
-    for job in "12":
-        (finished_sweep / job / "metrics.json").unlink()
-    proc = sweep_cli(finished_sweep, "resume=true", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    output = proc.stdout + proc.stderr
-    assert "resume: 2 of 4 jobs already finished; launching 2" in output
-    assert {j: snapshot(finished_sweep / j) for j in "03"} == kept  # a launched job's .hydra/ would be rewritten
-    launched = [j for j in "0123" if "resume" in (finished_sweep / j / ".hydra" / "overrides.yaml").read_text()]
-    assert launched == ["1", "2"]
-    assert all((finished_sweep / job / "metrics.json").exists() for job in "12")
-    progress = (finished_sweep / "progress.log").read_text().splitlines()
-    assert len(progress) == 4 and sorted(line.split("]")[0].split()[0] for line in progress) == [
-        "[1/4",
-        "[2/4",
-        "[3/4",
-        "[4/4",
-    ]  # every job once
-
-
-@pytest.mark.slow
-def test_a_finished_job_inside_a_launched_span_is_heard_of_once(finished_sweep):
-    for job in "02":
-        (finished_sweep / job / "metrics.json").unlink()
-    proc = sweep_cli(finished_sweep, "resume=true", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    progress = (finished_sweep / "progress.log").read_text().splitlines()
-    assert len(progress) == 4, progress  # job 1 runs inside the span (and returns at once): one line, not two
-
-
-def test_a_preset_whose_params_interpolate_resumes_to_the_same_jobs(tmp_path):
-    (tmp_path / "conf" / "sweep").mkdir(parents=True)
-    (tmp_path / "conf" / "sweep" / "interp.yaml").write_text(
-        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      seed: 10,20\n      data.batch_size: ${seed}\n"
-    )
-    sweep_dir = tmp_path / "sweep"
-    args = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "sweep=interp", f"hydra.sweep.dir={sweep_dir}",
-            "data.num_examples=100", "trainer.max_epochs=1", "~logger"]  # fmt: skip
-    proc = run_cli("--multirun", *args)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    again = run_cli("--multirun", *args, "resume=true")  # the config check plans the jobs the sweeper ran
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert (again.stdout + again.stderr).count("(done before)") == 2
+def test_the_sweepers_use_no_hydra_internals():
+    sources = sorted((REPO / "src" / "hydra_plugins").glob("linreg_*sweeper/*.py"))
+    assert len(sources) >= 4 and not [p.name for p in sources if "hydra._internal" in p.read_text()]
