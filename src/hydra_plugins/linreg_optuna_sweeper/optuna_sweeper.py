@@ -1,17 +1,16 @@
 """`hydra/sweeper=optuna`: Optuna's ask-and-tell API behind Hydra's Sweeper interface, the study in a database.
 
-hydra-optuna-sweeper's config keys and `params` grammar (conf/hydra/sweeper/optuna.yaml), with
-- the study in `sqlite:///<sweep dir>/optuna.db` (study `linreg`) unless `storage`/`study_name` say otherwise;
-- `resume=true`: a killed sweep continues to `n_trials` in all, its unfinished trials run again in their own
-  job dirs (job number = trial number);
-- sweeps sharing a storage and study name fill one study to `n_trials` together, each in its own sweep dir.
-
-Hydra imports every public module under hydra_plugins at each start: Optuna is imported only when this sweeper
-is set up (`_impl`, whose leading underscore keeps Hydra's plugin scan out of it).
+hydra-optuna-sweeper's config keys and `params` grammar (conf/hydra/sweeper/optuna.yaml), with the study in
+`sqlite:///<sweep dir>/optuna.db` unless `storage` says otherwise; `resume=true` continues a killed sweep to
+`n_trials`; sweeps sharing a storage and study name fill one study together. Hydra imports every public module
+under hydra_plugins at each start: Optuna is imported only when this sweeper is set up (`_study`).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
@@ -19,29 +18,32 @@ from omegaconf import DictConfig
 from linreg.config import ConfigError, full_error, refuse
 
 
-def refuse_unless_full_error(err: ConfigError) -> None:
-    """Bad sweeper input: one line and exit code 2, or Hydra's traceback with HYDRA_FULL_ERROR=1."""
-    if full_error():
-        raise err
-    refuse(err)
+@contextmanager
+def refusing() -> Iterator[None]:
+    """Bad sweeper input: one line and exit code 2 (Hydra's traceback with HYDRA_FULL_ERROR=1)."""
+    try:
+        yield
+    except ConfigError as err:
+        if full_error():
+            raise
+        refuse(err)
 
 
 class OptunaSweeper(Sweeper):
     """Optuna sweeper with hydra-optuna-sweeper's config keys; see conf/hydra/sweeper/optuna.yaml."""
 
-    def __init__(self, **config: Any) -> None:
-        from ._impl import OptunaSweeperImpl
-
-        try:
-            self.impl = OptunaSweeperImpl(**config)
-        except ConfigError as err:
-            refuse_unless_full_error(err)
+    def __init__(self, **keys: Any) -> None:
+        self.keys = keys
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        from ._study import StudySweep
+
+        launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        with refusing():
+            self.study = StudySweep(config, launcher, **self.keys)
 
     def sweep(self, arguments: list[str]) -> None:
-        try:
-            self.impl.sweep(arguments)
-        except ConfigError as err:
-            refuse_unless_full_error(err)
+        with refusing():
+            self.study.sweep(arguments)

@@ -1,0 +1,361 @@
+"""The Optuna sweeper's work: the search space, a study in a database, trials asked, launched and told in batches."""
+
+import datetime
+import itertools
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from linreg.config import ConfigError, is_int
+from linreg.record import is_number, write_atomic
+
+log = logging.getLogger(__name__)
+SWEEP_DIR = "sweep_dir"  # user attr: the sweep dir a trial runs in (a resume re-runs its own unfinished ones)
+NOT_RUN = "not_run"  # user attr: why a trial asked in a race between sweeps sharing a study was failed unrun
+ORPHAN = datetime.timedelta(seconds=30)  # a trial still unnamed this long after its ask was left by a killed sweep
+PLAIN = re.compile(r"[A-Za-z_][\w.\-/]*")  # a string Hydra reads back, unquoted, as that same string
+KEYWORDS = {"true", "false", "null", "nan", "inf"}  # unquoted, Hydra reads these as bool, null or float
+Job = tuple[int, list[str]]  # trial number (= job number) and the job's overrides
+
+
+# ---------------------------------------------------------------- the search space
+
+
+def as_override_value(value: Any) -> str:
+    """A sampled value written so that Hydra's parser reads back the same value and type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and not (PLAIN.fullmatch(value) and value.lower() not in KEYWORDS):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
+
+
+@dataclass
+class Space:
+    """Optuna's distributions of the swept keys, the choices that stand for lists or dicts, the fixed overrides."""
+
+    distributions: dict[str, BaseDistribution]
+    texts: dict[str, set[str]]  # key -> Hydra's text of each list or dict choice (Optuna holds only scalars)
+    fixed: list[str]
+
+    def overrides(self, params: dict[str, Any]) -> list[str]:
+        """A trial's job overrides: its sampled params, then the fixed overrides."""
+        raw = self.texts
+        lines = [f"{k}={v if v in raw.get(k, ()) else as_override_value(v)}" for k, v in params.items()]
+        return lines + self.fixed
+
+
+def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
+    """A sweep's distribution (hydra-optuna-sweeper's: a range's stop is Optuna's high), and its list choices."""
+    sweep = o.value()
+    if isinstance(sweep, ChoiceSweep) or (isinstance(sweep, RangeSweep) and sweep.shuffle):
+        values = [(x, Transformer.encode(x)) for x in o.sweep_iterator()]  # a list or dict as Hydra's text of it
+        choices = [v for _, v in values]
+        if not isinstance(sweep, ChoiceSweep):  # in order: a study refuses choices in another order later
+            choices.sort()
+        return CategoricalDistribution(choices), {v for x, v in values if isinstance(x, (list, dict))}
+    if isinstance(sweep, RangeSweep):
+        if any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step)):
+            return FloatDistribution(sweep.start, sweep.stop, step=sweep.step), set()
+        return IntDistribution(int(sweep.start), int(sweep.stop), step=int(sweep.step)), set()
+    if isinstance(sweep, IntervalSweep):
+        log_scale = "log" in sweep.tags
+        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
+            return IntDistribution(sweep.start, sweep.end, log=log_scale), set()
+        return FloatDistribution(sweep.start, sweep.end, log=log_scale), set()
+    raise ConfigError(o.get_key_element(), o.input_line, "a sweep must be choice, range or interval")
+
+
+def parse(line: str, key: str, value: str) -> Override:
+    """One override parsed by Hydra's parser; a syntax error names the key and value."""
+    try:
+        return OverridesParser.create().parse_overrides([line])[0]
+    except Exception as err:  # Hydra's OverrideParseException, or an error building the sweep
+        raise ConfigError(key, value, f"not a Hydra override: {' '.join(str(err).split())}") from None
+
+
+def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
+    """The sweeper's `params`, then the command line's overrides (which win), as a Space."""
+    parsed = [parse(f"{k}={v}", f"hydra.sweeper.params.{k}", v) for k, v in params.items()]
+    parsed += [parse(line, line, line) for line in arguments]
+    space = Space({}, {}, [])
+    fixed: dict[str, str] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        space.distributions.pop(key, None)
+        fixed.pop(key, None)
+        if not o.is_sweep_override():
+            fixed[key] = str(o.input_line)
+            continue
+        try:
+            space.distributions[key], space.texts[key] = distribution(o)
+        except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(key, str(o.input_line).partition("=")[2], str(err)) from None
+    space.fixed = list(fixed.values())
+    return space
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+class SeedPerTrial(BaseSampler):
+    """The configured sampler made anew for each trial, seeded with `seed + trial number`: a resumed sweep or a
+    second sweep on a shared study does not start the seeded stream again (and repeat its points)."""
+
+    def __init__(self, config: dict[str, Any], seed: int) -> None:
+        self.config, self.seed = config, seed
+        self.sampler = make_sampler(config, seed)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.sampler = make_sampler(self.config, self.seed + trial.number)
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, name: str, distribution: BaseDistribution) -> Any:
+        return self.sampler.sample_independent(study, trial, name, distribution)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+
+def make_sampler(config: dict[str, Any], seed: int | None = None) -> BaseSampler:
+    """The sampler `hydra.sweeper.sampler` configures (with this seed, if one)."""
+    target = config.get("_target_")
+    try:
+        sampler = instantiate(config) if seed is None else instantiate(config, seed=seed)
+    except Exception as err:
+        raise ConfigError("hydra.sweeper.sampler", target, f"cannot be made: {' '.join(str(err).split())}") from None
+    if not isinstance(sampler, BaseSampler):
+        raise ConfigError("hydra.sweeper.sampler", target, "must be an optuna.samplers class")
+    return sampler
+
+
+# ---------------------------------------------------------------- trials and jobs
+
+
+def named(trial: FrozenTrial) -> bool:
+    """Whether the trial was handed to a sweep dir (only such a trial is ever launched)."""
+    return SWEEP_DIR in trial.user_attrs
+
+
+def counted(trials: Iterable[FrozenTrial]) -> int:
+    """Trials toward n_trials: all but the failed ones that never ran."""
+    return sum(1 for t in trials if named(t) or t.state != TrialState.FAIL)
+
+
+def outcome(ret: JobReturn, direction: str) -> tuple[float | None, str]:
+    """What to tell Optuna of a job: its number (the worst one if not finite: diverged), or None and why."""
+    try:
+        value = ret.return_value  # raises the job's own exception when it failed
+    except Exception as err:
+        return None, " ".join(f"{type(err).__name__}: {err}".split())
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, f"returned {value!r}, not a number"
+    return (number if math.isfinite(number) else math.inf if direction == "minimize" else -math.inf), ""
+
+
+def shown(url: str) -> str:
+    """A storage URL without its password, for logs and files."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: it is refused when opened
+        return url
+
+
+def need(ok: bool, key: str, value: Any, why: str) -> None:
+    """A ConfigError naming `hydra.sweeper.<key>` unless ok."""
+    if not ok:
+        raise ConfigError(f"hydra.sweeper.{key}", value, why)
+
+
+def plain(value: Any) -> Any:
+    """A config node as plain Python data; anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+class StudySweep:
+    """Asks Optuna for `n_jobs` trials at a time, runs them as Hydra jobs, tells Optuna their values."""
+
+    def __init__(
+        self,
+        config: DictConfig,
+        launcher: Launcher,
+        sampler: Any = None,
+        direction: Any = "minimize",
+        storage: Any = None,
+        study_name: Any = None,
+        n_trials: Any = 20,
+        n_jobs: Any = 1,
+        max_failure_rate: Any = 0.0,
+        params: Any = None,
+        custom_search_space: Any = None,
+    ) -> None:
+        self.config, self.launcher = config, launcher
+        direction = plain(direction)
+        if isinstance(direction, list) and len(direction) == 1:  # hydra-optuna-sweeper takes a list of one too
+            direction = direction[0]
+        self.direction = str(direction).lower()
+        need(self.direction in ("minimize", "maximize"), "direction", direction, "must be minimize or maximize")
+        for key, n in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+            need(is_int(n) and n > 0, key, n, "must be a positive integer")
+        rate = max_failure_rate
+        need(is_number(rate) and 0 <= rate <= 1, "max_failure_rate", rate, "must be a number from 0 to 1")
+        need(storage is None or isinstance(storage, str), "storage", storage, "must be a SQLAlchemy URL or null")
+        name_ok = study_name is None or (isinstance(study_name, str) and study_name != "")
+        need(name_ok, "study_name", study_name, "must be a non-empty string or null")
+        self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, float(max_failure_rate)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        self.storage = storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        self.study_name = study_name or "linreg"
+        self.params = {str(k): str(v) for k, v in (plain(params) or {}).items()}
+        self.sampler_config = plain(sampler) or {"_target_": "optuna.samplers.TPESampler"}
+        need(isinstance(self.sampler_config, dict), "sampler", self.sampler_config, "must be a mapping with a _target_")
+        self.extend = None
+        if custom_search_space is not None:
+            try:
+                self.extend = get_method(str(custom_search_space))  # called with the config and each new trial
+            except Exception:
+                why = "must name a function, pkg.mod.fn"
+                raise ConfigError("hydra.sweeper.custom_search_space", custom_search_space, why) from None
+        self.resume = OmegaConf.select(config, "resume", default=False) is True
+        # Optuna's lines in Hydra's format (and log file); alembic >= 1.18 announces its plugins at INFO.
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+    def open_study(self) -> optuna.Study:
+        """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
+        config = dict(self.sampler_config)
+        seed = config.pop("seed", None)
+        sampler = make_sampler(config) if seed is None else SeedPerTrial(config, seed)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
+        # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
+        engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
+        for attempt in range(5):
+            try:
+                storage = optuna.storages.RDBStorage(self.storage, engine_kwargs=engine)
+                break
+            except Exception as err:
+                # Sweeps started at once on a new database race to make its tables: the loser finds them made.
+                if attempt == 4 or not isinstance(err, (IntegrityError, OperationalError)):
+                    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    need(False, "storage", shown(self.storage), f"cannot be opened: {why}")
+                time.sleep(0.2 * (attempt + 1))
+        study = optuna.create_study(
+            storage=storage, study_name=self.study_name, sampler=sampler, direction=self.direction, load_if_exists=True
+        )
+        if study.direction.name.lower() != self.direction:
+            where = f"study {self.study_name!r} in {shown(self.storage)}"
+            raise ConfigError("hydra.sweeper.direction", self.direction, f"{where} was made to {study.direction.name}")
+        return study
+
+    def settled(self, study: optuna.Study) -> list[FrozenTrial]:
+        """The study's trials, once those a killed sweep left unnamed (asked, never launched) are failed."""
+        trials = study.get_trials(deepcopy=False)
+        now = datetime.datetime.now()  # Optuna stamps trials with this machine's local time
+        dead = [
+            t for t in trials if t.state == TrialState.RUNNING and not named(t) and now - t.datetime_start >= ORPHAN
+        ]
+        for t in dead:
+            log.warning(f"trial {t.number} was left unlaunched by a killed sweep: marked failed, not counted")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        return study.get_trials(deepcopy=False) if dead else trials
+
+    def sweep(self, arguments: list[str]) -> None:
+        """Re-run this dir's trials a kill left running, then ask, run and tell until the study has `n_trials`."""
+        space = search_space(self.params, arguments)
+        study = self.open_study()
+        there = counted(self.settled(study))
+        log.info(f"Optuna study {self.study_name!r} in {shown(self.storage)}: {there} of {self.n_trials} trials there")
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        mine = [t for t in running if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir)]  # one sweep per dir
+        if mine and not self.resume:
+            left = f"trials {', '.join(str(t.number) for t in mine)} of {self.sweep_dir} were left running by a kill"
+            raise ConfigError("resume", False, f"{left}: add resume=true to run them again and go on")
+        stale = [(t.number, space.overrides(t.params)) for t in mine]
+        for start in range(0, len(stale), self.n_jobs):  # in their own dirs, from their checkpoints
+            self.run_batch(study, stale[start : start + self.n_jobs])
+        while jobs := self.ask(study, space):
+            self.run_batch(study, jobs)
+        self.write_results(study)
+
+    def ask(self, study: optuna.Study, space: Space) -> list[Job]:
+        """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
+        jobs: list[Job] = []
+        while len(jobs) < self.n_jobs and counted(self.settled(study)) < self.n_trials:
+            trial = study.ask(space.distributions)
+            if counted(t for t in study.get_trials(deepcopy=False) if t.number < trial.number) >= self.n_trials:
+                trial.set_user_attr(NOT_RUN, f"another sweep filled the study to n_trials={self.n_trials} first")
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            if self.extend is not None:
+                self.extend(self.config, trial)
+            trial.set_user_attr(SWEEP_DIR, str(self.sweep_dir))  # last: a named trial has all its params
+            jobs.append((trial.number, space.overrides(trial.params)))
+        return jobs
+
+    def run_batch(self, study: optuna.Study, jobs: list[Job]) -> None:
+        """Launch a batch (job number = trial number) and tell Optuna each result; too many failures end the sweep."""
+        returns: list[JobReturn] = []
+        for _, run in itertools.groupby(enumerate(jobs), key=lambda p: p[1][0] - p[0]):  # consecutive numbers
+            run_jobs = [job for _, job in run]
+            returns += self.launcher.launch([o for _, o in run_jobs], initial_job_idx=run_jobs[0][0])
+        failures = []
+        for (number, _), ret in zip(jobs, returns):
+            value, why = outcome(ret, self.direction)
+            if value is None:  # no result at all: a failed trial, which counts but teaches the sampler nothing
+                log.warning(f"trial {number} failed: {why}")
+                study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                failures.append((ret, why))
+            else:
+                study.tell(number, value, skip_if_finished=True)
+        if failures and len(failures) / len(jobs) > self.max_failure_rate:
+            log.error(f"{len(failures)} of {len(jobs)} jobs failed, max_failure_rate={self.max_failure_rate}")
+            _ = failures[0][0].return_value  # raises the job's own error, as Hydra's sweepers do
+            raise RuntimeError(f"trial job failed: {failures[0][1]}")
+
+    def write_results(self, study: optuna.Study) -> None:
+        """`optimization_results.yaml` in the sweep dir: the best trial's params and value, and where the study is."""
+        trials = study.get_trials(deepcopy=False)
+        best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
+        results = {
+            "name": "optuna",
+            "study_name": self.study_name,
+            "storage": shown(self.storage),
+            "n_trials": counted(trials),
+            "n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "best_trial": best.number if best else None,
+            "best_params": best.params if best else {},
+            "best_value": best.value if best else None,
+        }
+        log.info(f"Best trial {best.number}: value {best.value} with {best.params}" if best else "no trial completed")
+        write_atomic(self.sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(results).encode())
