@@ -46,7 +46,8 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
                 raise ConfigError(key, str(o.input_line).partition("=")[2], "matches nothing: the grid has no jobs")
         else:
             value = str(o.input_line).partition("=")[2]
-            raise ConfigError(key.lstrip("+~"), value, "a grid takes a,b,c, range() or glob(); interval() needs optuna")
+            why = "a grid takes a,b,c, range() or glob(); interval() needs hydra/sweeper=optuna"
+            raise ConfigError(key.lstrip("+~"), value, why)
     return [list(job) for job in itertools.product(*choices.values())]
 
 
