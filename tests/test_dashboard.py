@@ -283,7 +283,7 @@ def test_tensorboard_server_shows_every_job(sweep_dir, tensorboard_url):
     for r in runs:
         assert {"train/mse", "train/loss", "params/w1", "params/w2", "params/b"} <= scalars[r].keys()
         assert graphs[r]["run_graph"], r
-        assert "fit" in images[r]
+        assert not images.get(r)  # no per-job fit image in a sweep: its plots answer it
 
 
 @pytest.mark.system

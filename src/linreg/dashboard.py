@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 
 # The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
 HP_METRICS = ("hp/train_mse", "hp/ols_gap")
+LAYOUT = {  # TensorBoard's Custom Scalars tab: the curves that answer a run or a sweep, on one page
+    "linreg": {
+        "train/mse (full data, each epoch)": ["Multiline", ["train/mse"]],
+        "train/loss (mini-batch)": ["Multiline", ["train/loss"]],
+        "params (learned weights)": ["Multiline", ["params/.*"]],
+    }
+}
 HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
 LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
@@ -75,11 +82,11 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread.
     Held, the scalars are written in one burst, at their own wall times. After `write_every_s` they are
     saved from the logging call itself, so a long epoch still shows up live. Values are numbers or
-    one-element tensors (no dicts). `fit_figure` asks the Dashboard for the image `fit` in this run.
+    one-element tensors (no dicts). `fit_figure` is read by the run (the Dashboard draws the image `fit`).
     """
 
     def __init__(
-        self, *args: Any, write_every_s: float = 10.0, fit_figure: bool = True, prefix: str = "", **kwargs: Any
+        self, *args: Any, write_every_s: float = 10.0, fit_figure: bool | str = "auto", prefix: str = "", **kwargs: Any
     ) -> None:
         super().__init__(*args, prefix=prefix, **kwargs)
         self.fit_figure = fit_figure
@@ -129,12 +136,13 @@ class Dashboard(L.Callback):
     """Everything the dashboards need beyond the module's own curves, in one callback.
 
     `params/<name>` after each epoch and at train/loss's cadence (the module's `log_every_sgd_steps`); the
-    HParams record (`hparams` with `hp/train_mse`, `hp/ols_gap`); and, when the TensorBoard logger has
-    `fit_figure`, the image `fit` at the end. The graph is Lightning's (the logger's `log_graph`).
+    HParams record (`hparams`, with `hp/train_mse` and `hp/ols_gap` once, at the end: a result, not a curve);
+    a Custom Scalars layout that opens on the curves; and with `fit`, the image `fit` at the end.
+    The graph is Lightning's (the logger's `log_graph`).
     """
 
-    def __init__(self, hparams: dict[str, Any]) -> None:
-        self.hparams = hparams
+    def __init__(self, hparams: dict[str, Any], fit: bool = True) -> None:
+        self.hparams, self.fit = hparams, fit
         self.ols_mse = math.nan
         self.end_summary: Any = None
         self.logged_at = -1  # the step params/* were last written at
@@ -158,11 +166,10 @@ class Dashboard(L.Callback):
             # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
             tb.experiment.file_writer.add_summary(experiment)
             tb.experiment.file_writer.add_summary(session_start)
+            tb.experiment.add_custom_scalars(LAYOUT)
         if log_step(trainer) > 0:  # a resume: its history up to here is in the logs already
             self.logged_at = log_step(trainer)
             return
-        # Start the metrics at the untrained model's values, so even a run that dies leaves a real row.
-        log_scalars(trainer, start, 0)
         self.log_params(trainer, pl_module)  # the starting weights
 
     def on_train_batch_end(
@@ -184,14 +191,13 @@ class Dashboard(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_mse = getattr(pl_module, "epoch_mse", None)
         mse = epoch_mse[-1] if epoch_mse else full_data_mse(trainer, pl_module)
-        # Logged after the start values at a later step: TensorBoard's HParams shows the latest.
-        log_scalars(trainer, self.metrics(mse), max(log_step(trainer), 1))
+        log_scalars(trainer, self.metrics(mse), log_step(trainer))
         tb = tensorboard_logger(trainer)
         if tb is None:
             return
         if self.end_summary is not None:
             tb.experiment.file_writer.add_summary(self.end_summary)  # status: finished
-        if getattr(tb, "fit_figure", False):
+        if self.fit:
             x, y = trainer.datamodule.full_data()
             stride = max(1, len(y) // FIT_POINTS)
             x, y = x[::stride], y[::stride]  # the model runs on the drawn points only: no n-sized output

@@ -144,7 +144,9 @@ def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, ba
         SaveRunConfig(out, resumable(identity(cfg))),
     ]
     if any(v is not None for v in (cfg.get("logger") or {}).values()):
-        callbacks.append(Dashboard(hparams(RunRecord.of(cfg, "running"))))
+        fit = OmegaConf.select(cfg, "logger.tensorboard.fit_figure", default=False)
+        fit = not in_sweep if fit == "auto" else fit is True  # auto: single runs only (a sweep has its plots)
+        callbacks.append(Dashboard(hparams(RunRecord.of(cfg, "running")), fit=fit))
     if progress:
         callbacks.append(EpochLines())
     if bar:  # named: with rich installed Lightning would pick its rich bar

@@ -158,13 +158,15 @@ def main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep: its train MSE (inf without one) for the sweeper."""
     from linreg.callbacks import SweepGone
     from linreg.dashboard import run_label
+    from linreg.results import read_plan
     from linreg.run import run
 
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     out = Path(hc.runtime.output_dir)
     try:
-        record = run(cfg, out, label=run_label(hc.overrides.task), progress=not sweep, in_sweep=sweep)
+        swept = read_plan(Path(hc.sweep.dir))["swept"] if sweep else None  # a sweep's runs are named by what varies
+        record = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SweepGone as err:  # nobody is left to report to: end the worker too (its checkpoint stays for a resume)
         log.warning("job ended: %s", err)
         logging.shutdown()
