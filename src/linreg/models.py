@@ -83,6 +83,10 @@ class RegressionModule(L.LightningModule):
             self.manual_backward(loss)
             opt.step()
 
+    def loss(self, y_hat: Tensor, y: Tensor) -> Tensor:
+        """The mini-batch loss `update` steps on (the vectorized launcher takes it for all members at once)."""
+        raise NotImplementedError
+
     def update(self, x: Tensor, y: Tensor, opt: optim.Optimizer) -> Tensor:
         """One SGD step on one mini-batch; returns its loss."""
         raise NotImplementedError
@@ -154,9 +158,12 @@ class ManualRegression(RegressionModule):
     def configure_optimizers(self) -> optim.Optimizer:
         return HandSGD([self.w], lr=self.hparams.lr)
 
+    def loss(self, y_hat: Tensor, y: Tensor) -> Tensor:
+        return squared_loss(y_hat, y)
+
     def update(self, x: Tensor, y: Tensor, opt: optim.Optimizer) -> Tensor:
         # forward() directly, as the tutorial calls linreg(X, w): no module-call hooks to run per step.
-        loss = squared_loss(self.forward(x), y)
+        loss = self.loss(self.forward(x), y)  # squared_loss(linreg(X, w), y)
         self.backward_and_step(loss, opt)  # opt.step() is sgd(w, lr): w.data -= lr * w.grad, then zero w.grad
         return loss
 
@@ -192,8 +199,11 @@ class LinearRegression(RegressionModule):
     def configure_optimizers(self) -> optim.Optimizer:
         return optim.SGD(self.parameters(), lr=self.hparams.lr)
 
+    def loss(self, y_hat: Tensor, y: Tensor) -> Tensor:
+        return self.criterion(y_hat, y)  # the tutorial's nn.MSELoss()
+
     def update(self, x: Tensor, y: Tensor, opt: optim.Optimizer) -> Tensor:
-        loss = self.criterion(self.forward(x), y)  # the tutorial's net.forward(X)
+        loss = self.loss(self.forward(x), y)  # criterion(net.forward(X), y), as the tutorial computes it
         opt.zero_grad()
         self.backward_and_step(loss, opt)
         return loss

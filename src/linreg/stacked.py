@@ -1,49 +1,50 @@
-"""Many jobs of a sweep as one stacked model: the members' data, batch orders and weights side by side.
+"""Many jobs of a sweep trained as one model: each member is its single run, side by side in one `Trainer.fit`.
 
-Member j of a group is the single run of its own config: its data from `RegressionDataModule` (its seed,
-its generator config), its batch order the permutation of `epoch_seed(seed_j, epoch)`, its update the
-tutorial's (`sgd` for `manual`, `nn.Linear`'s affine map + `optim.SGD` for `linear`), worked out for all
-members at once with batched matmuls. Members never mix: every op is per member along the first dim,
-and a member that diverges is frozen (its gradient zeroed) from the end of that epoch.
+Member j gets its single run's data (`build_datamodule`), initial model (`build_model`: the same seeded
+`nn.Linear`) and batch order (its DataModule's sampler). The members' parameters are stacked with
+`torch.func.stack_module_state`, and every step runs the model's own forward and loss for all of them at
+once, `vmap` over `functional_call` (PyTorch's "model ensembling" tutorial), then the tutorial's `sgd`
+(`HandSGD`) with one learning rate per member. Members never mix: each gets the gradient of its own loss.
+A member that diverges keeps the numbers of the epoch it diverged in, where its single run stops (its
+later steps are computed with the group's and dropped).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn, optim
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
 
-from linreg.config import MODELS, ConfigError, target_class
-from linreg.data import FullBatch, RegressionDataModule, epoch_seed
-from linreg.models import HandSGD
-from linreg.record import RunRecord, job_config, model_name
+from linreg.config import ConfigError
+from linreg.dashboard import hparams, hparams_summaries, param_names
+from linreg.data import EpochBatchSampler
+from linreg.models import HandSGD, RegressionModule, squared_loss
+from linreg.record import RunRecord, identity
+from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
 
-# What may differ between the members of one group: numbers with the same shape in every member.
+# What the members of one group may differ in: numbers of the same shape in every member.
 STACKED_KEYS = ("seed", "model.lr", "model.init", "data.delta", "data.deg", "data.w")
-INDEX_BYTES = 12  # per sample and member: the epoch's permutation (int32) and its flat row indices (int64)
 
-
-def uses_ones_column(cfg: DictConfig) -> bool:
-    """Whether the job's model class takes the tutorial's column of ones (the manual model)."""
-    return target_class("model", cfg.model._target_).uses_ones_column
+Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
 
 
 def group_key(cfg: DictConfig) -> str:
-    """What a job shares with the others of its group: its config less the stackable numbers and loggers."""
-    plain = job_config(cfg)
+    """What a job shares with the rest of its group: its config less loggers and the numbers members differ in."""
+    plain = identity(cfg)
     plain.pop("logger", None)
     for key in STACKED_KEYS:
         group, _, name = key.rpartition(".")
-        holder = plain.get(group, {}) if group else plain
+        holder = plain.get(group) if group else plain
         if isinstance(holder, dict) and name in holder:
             value = holder.pop(name)
             if key == "data.w":
@@ -52,9 +53,8 @@ def group_key(cfg: DictConfig) -> str:
 
 
 def member_bytes(cfg: DictConfig) -> int:
-    """Bytes one member adds to a group: its features and labels (float32), eval output and batch indices."""
-    cols = len(cfg.data.w) + 1  # features (with the ones column) and the label
-    return int(cfg.data.num_examples) * (4 * (cols + 1) + INDEX_BYTES)
+    """Bytes one member adds to its group: its data (float32) twice while stacked, and its epoch's permutation."""
+    return 4 * cfg.data.num_examples * (2 * (len(cfg.data.w) + 1) + 1)
 
 
 def split_groups(members: list[int], size: int, budget: int, max_size: int | None) -> list[list[int]]:
@@ -65,428 +65,192 @@ def split_groups(members: list[int], size: int, budget: int, max_size: int | Non
     return [members[i : i + per] for i in range(0, len(members), per)]
 
 
-# ---------------------------------------------------------------- data
+class StackedBatches:
+    """Each call's mini-batch rows, (members, batch) each: every member's rows drawn by its single run's sampler."""
 
-
-class StackedSampler:
-    """Each member's index slices of its own permutation per epoch, as row numbers of the stacked data."""
-
-    def __init__(self, num_examples: int, size: int, seeds: Sequence[int]) -> None:
-        self.num_examples, self.size, self.seeds = num_examples, size, list(seeds)
-        self.epoch = 0
-        self.device = torch.device("cpu")
+    def __init__(self, samplers: Sequence[EpochBatchSampler], batch_size: int) -> None:
+        self.samplers, self.batch_size = samplers, batch_size
+        self.sampler = self  # Lightning calls `loader.sampler.set_epoch(epoch)` before each epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning's fit loop with the epoch about to run."""
-        self.epoch = epoch
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return -(-self.num_examples // self.size)
+        return len(self.samplers[0])
 
-    def permutations(self) -> Tensor:
-        """(members, n): what EpochBatchSampler draws for each member's seed this epoch."""
-        n = self.num_examples
-        dtype = torch.int32 if n < 2**31 else torch.int64  # as EpochBatchSampler (the same permutation)
-        gens = (torch.Generator().manual_seed(epoch_seed(s, self.epoch)) for s in self.seeds)
-        return torch.stack([torch.randperm(n, generator=g, dtype=dtype) for g in gens])
-
-    def __iter__(self) -> Iterator[Tensor]:
-        n = self.num_examples
-        offsets = torch.arange(len(self.seeds), dtype=torch.int64).unsqueeze(1) * n
-        rows = (self.permutations().to(torch.int64) + offsets).to(self.device)  # member j's rows start at j*n
-        for i in range(0, n, self.size):
-            yield rows[:, i : i + self.size]
-
-
-class StackedLoader:
-    """The mini-batches of one call for every member: one gather of (members, rows, features), split per step."""
-
-    def __init__(self, dm: StackedDataModule, sampler: StackedSampler, batch_size: int) -> None:
-        self.dm, self.sampler, self.batch_size = dm, sampler, batch_size
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
-        x, y = self.dm.x, self.dm.y
-        members, n, k = x.shape
-        flat_x, flat_y = x.view(members * n, k), y.view(members * n, 1)
-        for rows in self.sampler:
-            count = rows.shape[1]
-            idx = rows.reshape(-1)
-            xs = flat_x.index_select(0, idx).view(members, count, k)
-            ys = flat_y.index_select(0, idx).view(members, count, 1)
-            yield list(zip(xs.split(self.batch_size, 1), ys.split(self.batch_size, 1)))
-
-
-@dataclass
-class MemberData:
-    """One member's data as its single run makes it."""
-
-    x: Tensor
-    y: Tensor
-    ols_mse: float
-
-
-def member_data(cfg: DictConfig, ones_column: bool) -> MemberData:
-    """The single run's DataModule data for this config (ConfigError if it overflows float32)."""
-    from linreg.train import check_finite_data
-
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = RegressionDataModule(**data_cfg, seed=cfg.seed, ones_column=ones_column)
-    dm.setup("fit")
-    check_finite_data(dm, cfg)
-    x, y = dm.full_data()
-    return MemberData(x, y, dm.ols_mse())
-
-
-class StackedDataModule(L.LightningDataModule):
-    """Every member's data stacked, (members, n, features) and (members, n, 1), and their batch orders."""
-
-    def __init__(self, x: Tensor, y: Tensor, seeds: Sequence[int], batch_size: int, batches_per_call: int) -> None:
-        super().__init__()
-        self.x, self.y, self.seeds = x, y, list(seeds)
-        self.batch_size, self.batches_per_call = batch_size, batches_per_call
-        self.sampler = StackedSampler(x.shape[1], batch_size * batches_per_call, self.seeds)
-
-    def to_device(self, device: torch.device) -> None:
-        """Move the data once: every gather then happens where the model is."""
-        self.x, self.y = self.x.to(device), self.y.to(device)
-        self.sampler.device = device
-
-    def train_dataloader(self) -> StackedLoader:
-        return StackedLoader(self, self.sampler, self.batch_size)
-
-    def val_dataloader(self) -> FullBatch:
-        return FullBatch(self.x, self.y)
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # made on the model's device already (to_device)
-
-
-# ---------------------------------------------------------------- model
-
-
-@dataclass
-class History:
-    """What the dashboards of a single run would have logged, for all members: (epoch, step, values)."""
-
-    loss: list[tuple[int, int, Tensor]] = field(default_factory=list)
-    params: list[tuple[int, int, Tensor]] = field(default_factory=list)
-    mse: list[tuple[int, int, Tensor]] = field(default_factory=list)
-    start_mse: Tensor | None = None
-
-
-def linear_init(seed: int, in_features: int, bias: bool, init: str) -> nn.Linear:
-    """The single run's nn.Linear: made right after seeding torch with the job's seed (or zeros)."""
-    torch.manual_seed(seed)  # what L.seed_everything(seed) does for torch before the single run builds it
-    linear = nn.Linear(in_features, 1, bias=bias)
-    if init == "zeros":
-        nn.init.zeros_(linear.weight)
-        if bias:
-            nn.init.zeros_(linear.bias)
-    return linear
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        for rows in zip(*self.samplers):
+            yield list(torch.stack(rows).long().split(self.batch_size, 1))
 
 
 class StackedRegression(L.LightningModule):
-    """The manual or linear model of every member at once; each member's update is its single run's."""
+    """The members' models as one: their parameters stacked, the model's forward and loss vmapped over them."""
 
-    def __init__(
-        self,
-        name: str,
-        in_features: int,
-        bias: bool,
-        lrs: Sequence[float],
-        seeds: Sequence[int],
-        inits: Sequence[str],
-        log_every_sgd_steps: int,
-    ) -> None:
+    def __init__(self, models: Sequence[RegressionModule], x: Tensor, y: Tensor) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.name, self.bias, self.every = name, bias, log_every_sgd_steps
-        members = len(lrs)
-        self.register_buffer("lr", torch.tensor(list(lrs), dtype=torch.float32).view(members, 1, 1))
-        if name == "manual":  # torch.zeros(k, 1) per member: the tutorial's w, the intercept in the ones column
-            self.w = nn.Parameter(torch.zeros(members, in_features, 1))
-            self.b = None
-        else:
-            linears = [linear_init(s, in_features, bias, i) for s, i in zip(seeds, inits)]
-            self.w = nn.Parameter(torch.stack([m.weight.detach().T for m in linears]))  # (members, k, 1)
-            self.b = nn.Parameter(torch.stack([m.bias.detach() for m in linears]).view(members, 1, 1)) if bias else None
-        self.active = torch.ones(members, dtype=torch.bool)
-        self.diverged_epoch: list[int | None] = [None] * members
-        self.stop_step: list[int | None] = [None] * members
-        self.history = History()
-        self.logged_at = -1
+        params, _ = stack_module_state(list(models))  # neither model has buffers
+        self.names, self.stacked = list(params), nn.ParameterList(params.values())
+        self.register_buffer("x", x)  # (members, n, features): each member's own data set
+        self.register_buffer("y", y)
+        self.register_buffer("lr", torch.tensor([float(m.hparams.lr) for m in models]))
+        model = models[0]  # runs with each member's parameters in turn (kept out of this module's parameters)
+        self.batch_loss = vmap(lambda p, x, y: model.loss(functional_call(model, p, (x,)), y))
+        self.full_mse = vmap(lambda p, x, y: squared_loss(functional_call(model, p, (x,)), y))  # validation_step's
+        self.every = model.hparams.log_every_sgd_steps
+        self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"train/loss": [], "params": [], "train/mse": []}
+        self.start_mse = torch.full((len(models),), torch.nan)
+        self.diverged: list[int | None] = [None] * len(models)
+        self.logged_at = -1  # the step params were last noted at
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(members, m, k) -> (members, m, 1): `linreg(X, w)`, or nn.Linear's `x @ W.T + b`, per member."""
-        if self.name == "linear" and self.b is not None:
-            return torch.baddbmm(self.b, x, self.w)
-        return torch.bmm(x, self.w)
+    def params(self) -> dict[str, Tensor]:
+        """The stacked parameters by the single model's names (`w`, or `linear.weight` and `linear.bias`)."""
+        return dict(zip(self.names, self.stacked))
 
-    def configure_optimizers(self) -> optim.Optimizer:
-        if self.name == "manual":
-            return HandSGD([self.w], lr=self.lr)  # the tutorial's sgd: w.data -= lr * w.grad, lr per member
-        # optim.SGD has one lr per tensor: each member's gradient is scaled by its lr first (update_linear).
-        return optim.SGD([p for p in (self.w, self.b) if p is not None], lr=1.0)
+    def configure_optimizers(self) -> HandSGD:
+        # The tutorial's sgd, `p.data -= lr * p.grad`, each member's lr broadcast over its rows of p.
+        groups = [{"params": [p], "lr": self.lr.view(-1, *[1] * (p.dim() - 1))} for p in self.stacked]
+        return HandSGD(groups, lr=self.lr)
 
-    def member_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """Each member's mean squared error on its mini-batch: `squared_loss` / `nn.MSELoss()`."""
-        return ((self.forward(x) - y) ** 2).sum(dim=(1, 2)) / y[0].numel()
-
-    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
-        opt = self.optimizers()
-        frozen = not bool(self.active.all())
-        mask = (~self.active).to(self.device).view(-1, 1, 1) if frozen else None
-        for step, (x, y) in enumerate(batch, start=self.trainer.global_step):
-            if self.name == "linear":
-                opt.zero_grad()
-            loss = self.member_loss(x, y)
-            loss.sum().backward()  # members are independent: d(sum)/d(w_j) is d(loss_j)/d(w_j)
-            self.prepare_grads(mask)
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        opt, params = self.optimizers(), self.params()
+        for step, rows in enumerate(batch, start=self.trainer.global_step):
+            rows = rows.unsqueeze(-1)
+            loss = self.batch_loss(params, self.x.take_along_dim(rows, 1), self.y.take_along_dim(rows, 1))
+            self.manual_backward(loss.sum())  # d(sum)/d(member j's parameters) = d(member j's loss)/d(them)
             opt.step()  # through Lightning, so global_step counts SGD steps as in a single run
             if step % self.every == 0:
-                self.history.loss.append((self.current_epoch, step, loss.detach().cpu()))
-
-    def prepare_grads(self, mask: Tensor | None) -> None:
-        """Zero the gradients of frozen members (NaN * 0 is NaN: a fill, not a product); scale linear's by lr."""
-        for p in (self.w, getattr(self, "b", None)):
-            if p is None or p.grad is None:
-                continue
-            if mask is not None:
-                p.grad.masked_fill_(mask, 0.0)
-            if self.name == "linear":
-                p.grad.mul_(self.lr)
+                self.note("train/loss", step, loss)
 
     def weights(self) -> Tensor:
-        """(members, coefficients) in the tutorial's order: feature weights, then intercept."""
-        w = self.w.detach().flatten(1)
-        if self.name == "linear" and self.b is not None:
-            w = torch.cat((w, self.b.detach().flatten(1)), 1)
-        return w
+        """(members, coefficients): each row its model's `weights()` (parameters in order, flattened)."""
+        return torch.cat([p.detach().flatten(1) for p in self.stacked], 1)
 
-    def full_mse(self) -> Tensor:
+    def mse(self) -> Tensor:
         """Each member's MSE on its whole data set now."""
-        dm = self.trainer.datamodule
         with torch.no_grad():
-            return ((self.forward(dm.x) - dm.y) ** 2).sum(dim=(1, 2)) / dm.y[0].numel()
+            return self.full_mse(self.params(), self.x, self.y)
 
-    def record_params(self) -> None:
-        """`params/*` of every member at this step (once per step), as the Dashboard logs them."""
-        step = self.trainer.global_step
-        if step != self.logged_at:
-            self.history.params.append((self.current_epoch, step, self.weights().to("cpu", copy=True)))
-            self.logged_at = step
+    def note(self, tag: str, step: int, values: Tensor) -> None:
+        """Keep what a single run would log now, for every member."""
+        self.curves[tag].append((self.current_epoch, step, values.detach().reshape(len(self.diverged), -1).cpu()))
 
-    def on_fit_start(self) -> None:
-        self.trainer.datamodule.to_device(self.device)
+    def note_params(self) -> None:
+        """`params/*` at this step, once per step, as the Dashboard logs them."""
+        if self.trainer.global_step != self.logged_at:
+            self.logged_at = self.trainer.global_step
+            self.note("params", self.logged_at, self.weights())
 
     def on_train_start(self) -> None:
-        self.history.start_mse = self.full_mse().cpu()
-        self.record_params()
+        self.start_mse = self.mse().cpu()
+        self.note_params()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step // self.every > self.logged_at // self.every:
-            self.record_params()
+        if self.trainer.global_step // self.every > self.logged_at // self.every:  # the Dashboard's cadence
+            self.note_params()
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        mse = self.full_mse().cpu()
-        epoch, step = self.current_epoch, self.trainer.global_step
-        self.history.mse.append((epoch, step, mse))
-        self.record_params()
-        finite = torch.isfinite(mse) & torch.isfinite(self.weights().cpu()).all(dim=1)
-        for j in torch.nonzero(self.active & ~finite).flatten().tolist():
-            # A single run stops here: this member keeps this epoch's numbers and takes no more steps.
-            self.diverged_epoch[j], self.stop_step[j] = epoch, step
-        self.active &= finite
-        if not bool(self.active.any()):
+    def on_train_epoch_end(self) -> None:
+        mse = self.mse()  # a single run's end-of-epoch validation
+        self.note("train/mse", self.trainer.global_step, mse)
+        self.note_params()
+        finite = torch.isfinite(mse) & torch.isfinite(self.weights()).all(1)
+        for j in torch.nonzero(~finite).flatten().tolist():
+            if self.diverged[j] is None:
+                self.diverged[j] = self.current_epoch  # its single run stops here
+        if None not in self.diverged:
             self.trainer.should_stop = True
 
-
-# ---------------------------------------------------------------- results
+    def curves_of(self, j: int) -> Curves:
+        """Member j's curves up to the end of the epoch it stopped in."""
+        last = self.diverged[j] if self.diverged[j] is not None else len(self.curves["train/mse"])
+        return {tag: [(s, v[j].tolist()) for e, s, v in rows if e <= last] for tag, rows in self.curves.items()}
 
 
 @dataclass
-class MemberResult:
-    """One member's run record and the logs its single run would have written."""
+class Member:
+    """One trained member: its run record and what its single run's loggers would have written."""
 
+    cfg: DictConfig
     record: RunRecord
-    history: dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, values)]
+    hparams: dict[str, Any]  # Lightning's hparams of its single run: the model's and the DataModule's arguments
+    curves: Curves
     start_mse: float
 
+    def write(self, out: Path, label: str) -> None:
+        """Its single run's logger runs (train/*, params/*, HParams; no graph or fit image), then metrics.json."""
+        loggers, r = build_loggers(self.cfg, out, label), self.record
+        tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
 
-def member_history(h: History, j: int, last_epoch: int) -> dict[str, list[tuple[int, list[float]]]]:
-    """Member j's (step, values) per series, up to the epoch it stopped in."""
+        def log(metrics: dict[str, float], step: int) -> None:
+            for lg in loggers:
+                lg.log_metrics(metrics, step=step)
 
-    def take(rows: list[tuple[int, int, Tensor]]) -> list[tuple[int, list[float]]]:
-        return [(step, values[j].reshape(-1).tolist()) for epoch, step, values in rows if epoch <= last_epoch]
+        def hp(mse: float) -> dict[str, float]:
+            return {"hp/train_mse": mse, "hp/ols_gap": mse - r.ols_mse}
 
-    return {"train/loss": take(h.loss), "params": take(h.params), "train/mse": take(h.mse)}
+        for lg in loggers:
+            lg.log_hyperparams(self.hparams)
+        if tb is not None:  # into the run's own event file, as the Dashboard writes it
+            experiment, start, end = hparams_summaries(hparams(RunRecord.of(self.cfg, "running")), hp(self.start_mse))
+            tb.experiment.file_writer.add_summary(experiment)
+            tb.experiment.file_writer.add_summary(start)
+        log(hp(self.start_mse), 0)
+        names = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
+        for step, values in self.curves["params"]:
+            log(dict(zip(names, values)), step)
+        for tag in ("train/loss", "train/mse"):
+            for step, (value,) in self.curves[tag]:
+                log({tag: value}, step)
+        log(hp(self.curves["train/mse"][-1][1][0]), max(r.steps, 1))
+        if tb is not None:
+            tb.experiment.file_writer.add_summary(end)
+        for lg in loggers:
+            lg.finalize("success")
+        r.write(out)
 
 
-def member_results(
-    cfgs: Sequence[DictConfig], module: StackedRegression, ols: Sequence[float], steps: int, seconds: float
-) -> list[MemberResult]:
-    """Every member's metrics.json content (the single run's schema) and history."""
-    weights = module.weights().cpu()
-    epochs_run = len(module.history.mse)
-    results = []
+def train_group(cfgs: Sequence[DictConfig]) -> list[Member | ConfigError]:
+    """Train the jobs as one stacked model in one `Trainer.fit`: a Member each, or why its data or model fails."""
+    with torch_threads(cfgs[0].threads):  # the same reductions whichever launcher runs a job
+        built, failed = [], {}
+        for j, cfg in enumerate(cfgs):
+            try:
+                dm = build_datamodule(cfg)
+                model = build_model(cfg, dm)
+            except ConfigError as err:
+                failed[j] = err
+                continue
+            logged = {**model.hparams_initial, **dm.hparams_initial}  # the hparams Lightning logs for its single run
+            built.append((cfg, model, *dm.full_data(), dm.ols_mse(), dm.train_dataloader().sampler, logged))
+        members = iter(fit(built) if built else [])
+        return [failed[j] if j in failed else next(members) for j in range(len(cfgs))]
+
+
+def fit(built: list[tuple[Any, ...]]) -> list[Member]:
+    """One `Trainer.fit` of the members' stacked model; the members' records and curves."""
+    cfgs, models, xs, ys, ols, samplers, logged = zip(*built)
+    built.clear()  # once stacked (and xs, ys deleted), the members' data is held only by the module
+    module = StackedRegression(models, torch.stack(xs), torch.stack(ys))
+    del xs, ys
+    trainer = build_trainer(cfgs[0], None, callbacks=[], loggers=[], bar=False)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=StackedBatches(samplers, cfgs[0].data.batch_size))
+    seconds = (time.perf_counter() - start) / len(cfgs)  # each member's share of the group's fit
+    members = []
     for j, cfg in enumerate(cfgs):
-        diverged = module.diverged_epoch[j]
-        last = diverged if diverged is not None else epochs_run - 1
-        epoch_mse = [float(m[j]) for _, _, m in module.history.mse[: last + 1]]
+        curves, diverged = module.curves_of(j), module.diverged[j]
+        epoch_mse = [v for _, (v,) in curves["train/mse"]]
         record = RunRecord.of(
             cfg,
             "ok" if diverged is None else "diverged",
             epoch_mse=epoch_mse,
-            train_mse=epoch_mse[-1] if epoch_mse else None,
-            weights=weights[j].tolist(),
+            train_mse=epoch_mse[-1],
+            weights=curves["params"][-1][1],
             ols_mse=ols[j],
-            steps=module.stop_step[j] if diverged is not None else steps,
-            fit_seconds=seconds / len(cfgs),  # the member's share of the group's fit
+            steps=curves["train/mse"][-1][0],
+            fit_seconds=seconds,
             diverged_epoch=diverged,
         )
-        start = float(module.history.start_mse[j]) if module.history.start_mse is not None else math.nan
-        results.append(MemberResult(record, member_history(module.history, j, last), start))
-    return results
-
-
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """A bare Trainer for a group: no loggers, checkpoints or bars (each member's logs are written after)."""
-    t = cfg.trainer
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        max_epochs=t.max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        deterministic=t.deterministic,
-    )
-    return trainer
-
-
-def stack_data(
-    cfgs: Sequence[DictConfig], ones_column: bool
-) -> tuple[Tensor, Tensor, list[float], dict[int, Exception]]:
-    """Each member's data made as its single run makes it, copied into one (members, n, k) buffer.
-
-    A member whose data overflows float32 is left out (its ConfigError returned by position).
-    """
-    x = y = None
-    ols: list[float] = []
-    failed: dict[int, Exception] = {}
-    kept = 0
-    for j, cfg in enumerate(cfgs):
-        try:
-            d = member_data(cfg, ones_column)
-        except ConfigError as err:
-            failed[j] = err
-            continue
-        if x is None:  # allocated once the first member's shape is known: at most one member's data extra
-            x = torch.empty(len(cfgs), *d.x.shape)
-            y = torch.empty(len(cfgs), *d.y.shape)
-        x[kept], y[kept] = d.x, d.y
-        ols.append(d.ols_mse)
-        kept += 1
-    if x is None or y is None:
-        return torch.empty(0), torch.empty(0), ols, failed
-    return x[:kept], y[:kept], ols, failed
-
-
-def train_group(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
-    """Train the group's members as one stacked model in one `Trainer.fit`; a result (or error) per member."""
-    from linreg.train import torch_threads
-
-    with torch_threads(cfgs[0].threads):  # the same reductions whichever process runs the group
-        return train_members(cfgs)
-
-
-def train_members(cfgs: Sequence[DictConfig]) -> list[MemberResult | Exception]:
-    """`train_group`'s work, with the group's thread count set."""
-    first = cfgs[0]
-    if first.model._target_ not in MODELS:
-        allowed = f"the vectorized launcher stacks {' and '.join(MODELS)} only"
-        raise ConfigError("model._target_", first.model._target_, allowed)
-    name = model_name(first.model._target_)
-    x, y, ols, failed = stack_data(cfgs, uses_ones_column(first))
-    good = [c for j, c in enumerate(cfgs) if j not in failed]
-    if not good:
-        return [failed[j] for j in range(len(cfgs))]
-    seeds = [int(c.seed) for c in good]
-    dm = StackedDataModule(x, y, seeds, first.data.batch_size, first.data.batches_per_call)
-    module = StackedRegression(
-        name,
-        in_features=x.shape[2],
-        bias=bool(first.data.bias),
-        lrs=[float(c.model.lr) for c in good],
-        seeds=seeds,
-        inits=[str(c.model.get("init", "default")) for c in good],
-        log_every_sgd_steps=first.model.log_every_sgd_steps,
-    )
-    trainer = build_trainer(first)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    seconds = time.perf_counter() - start
-    results = iter(member_results(good, module, ols, trainer.global_step, seconds))
-    return [failed[j] if j in failed else next(results) for j in range(len(cfgs))]
-
-
-# ---------------------------------------------------------------- a member's logs
-
-
-def write_member_logs(cfg: DictConfig, out: Path, label: str, result: MemberResult) -> None:
-    """The member's TensorBoard run (and CSV) with the single run's tags: train/*, params/*, HParams (no graph)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from linreg.dashboard import hparams_summaries, param_names
-    from linreg.train import build_loggers
-
-    loggers = build_loggers(cfg, out, label)
-    if not loggers:
-        return
-    m = result.record
-    ols = m.ols_mse
-    start = {"hp/train_mse": result.start_mse, "hp/ols_gap": result.start_mse - ols}
-    tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
-    end_summary = None
-    n_coef = len(m.weights or m.true_weights)
-    names = param_names(n_coef, bool(cfg.data.bias))
-    in_features = n_coef if uses_ones_column(cfg) or not cfg.data.bias else n_coef - 1
-    for lg in loggers:
-        lg.log_hyperparams(hparams_of(cfg, in_features))
-    if tb is not None:
-        experiment, session_start, end_summary = hparams_summaries(m.hparams(), start)
-        # Into this run's own event file, as the Dashboard writes it (add_hparams would make a run of its own).
-        tb.experiment.file_writer.add_summary(experiment)
-        tb.experiment.file_writer.add_summary(session_start)
-    log_all(loggers, start, 0)
-    h = result.history
-    for step, values in h["params"]:
-        log_all(loggers, dict(zip([f"params/{n}" for n in names], values)), step)
-    for tag in ("train/loss", "train/mse"):
-        for step, values in h[tag]:
-            log_all(loggers, {tag: values[0]}, step)
-    final = m.epoch_mse[-1] if m.epoch_mse and m.epoch_mse[-1] is not None else math.nan
-    log_all(loggers, {"hp/train_mse": final, "hp/ols_gap": final - ols}, max(m.steps, 1))
-    if tb is not None and end_summary is not None:
-        tb.experiment.file_writer.add_summary(end_summary)
-    for lg in loggers:
-        lg.finalize("success")
-
-
-def hparams_of(cfg: DictConfig, in_features: int) -> dict[str, Any]:
-    """What Lightning logs as a single run's hparams: the DataModule's and the module's saved arguments."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
-    return {**data, "seed": cfg.seed, "ones_column": uses_ones_column(cfg), "in_features": in_features, **model}
-
-
-def log_all(loggers: Sequence[Any], metrics: dict[str, float], step: int) -> None:
-    """One `log_metrics` call per logger, as `linreg.models.log_scalars` does for a single run."""
-    for lg in loggers:
-        lg.log_metrics(metrics, step=step)
+        members.append(Member(cfg, record, logged[j], curves, float(module.start_mse[j])))
+    return members
