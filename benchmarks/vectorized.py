@@ -100,8 +100,8 @@ def scaling(num_examples: int, trainer: str = "cpu") -> list[dict[str, Any]]:
         start = time.perf_counter()
         results = train_group(cfgs)
         total = time.perf_counter() - start
-        fit = results[0].metrics["fit_seconds"] * size  # the group's fit (metrics hold a member's share)
-        steps = results[0].metrics["steps"]
+        fit = results[0].record.fit_seconds * size  # the group's fit (metrics hold a member's share)
+        steps = results[0].record.steps
         rows.append(
             {
                 "members": size,
