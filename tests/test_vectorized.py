@@ -89,7 +89,8 @@ def test_every_job_has_its_single_runs_tensorboard_run(runs):
     def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
         ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
         ea.Reload()
-        return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+        series = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+        return {**series, "tensors": ea.Tags()["tensors"]}  # the Custom Scalars layout
 
     for job in ("2", "5"):  # a diverged manual job, a linear one
         [vec] = (runs["vec"][0] / job / "tensorboard").iterdir()
@@ -97,6 +98,7 @@ def test_every_job_has_its_single_runs_tensorboard_run(runs):
         assert vec.name == basic.name  # the same run name in TensorBoard
         got, want = scalars(vec), scalars(basic)
         assert got.keys() == want.keys() >= {"train/loss", "train/mse", "params/w1", "params/b", "hp/train_mse"}
+        assert got.pop("tensors") == want.pop("tensors") == ["custom_scalars__config__"]
         for tag, series in want.items():
             assert [s for s, _ in got[tag]] == [s for s, _ in series], tag
             assert close([v for _, v in got[tag]], [v for _, v in series]), tag

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from linreg.config import ConfigError
-from linreg.dashboard import hparams, hparams_summaries, param_names
+from linreg.dashboard import LAYOUT, hparams, hparams_summaries, param_names
 from linreg.data import EpochBatchSampler
 from linreg.models import HandSGD, RegressionModule, squared_loss
 from linreg.record import RunRecord, identity
@@ -195,14 +195,14 @@ class Member:
             experiment, start, end = hparams_summaries(hparams(RunRecord.of(self.cfg, "running")), hp(self.start_mse))
             tb.experiment.file_writer.add_summary(experiment)
             tb.experiment.file_writer.add_summary(start)
-        log(hp(self.start_mse), 0)
+            tb.experiment.add_custom_scalars(LAYOUT)
         names = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
         for step, values in self.curves["params"]:
             log(dict(zip(names, values)), step)
         for tag in ("train/loss", "train/mse"):
             for step, (value,) in self.curves[tag]:
                 log({tag: value}, step)
-        log(hp(self.curves["train/mse"][-1][1][0]), max(r.steps, 1))
+        log(hp(self.curves["train/mse"][-1][1][0]), r.steps)  # the HParams metrics, once, at the end
         if tb is not None:
             tb.experiment.file_writer.add_summary(end)
         for lg in loggers:

@@ -183,13 +183,15 @@ def member_task(result: Any) -> TaskFunction:
 
     def task(cfg: DictConfig) -> float:
         from linreg.dashboard import run_label
+        from linreg.results import read_plan
 
         hc = HydraConfig.get()
         out = Path(hc.runtime.output_dir)
         try:
             if isinstance(result, Exception):
                 raise result
-            result.write(out, run_label(hc.overrides.task))  # the name its single run's TensorBoard run has
+            # The name its single run's TensorBoard run has (linreg.train.main): the swept keys' values.
+            result.write(out, run_label(hc.overrides.task, read_plan(Path(hc.sweep.dir))["swept"]))
         except Exception as err:
             failed = RunRecord.failed(cfg, err)
             failed.write(out)
