@@ -240,9 +240,10 @@ def planned(config: DictConfig) -> dict[str, Any]:
     """The job count (None when the sweeper cannot tell it ahead), whether it numbers a grid, the swept keys."""
     sweeper = config.hydra.sweeper
     params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
-    if sweeper.get("n_trials") is not None:  # Optuna: a job per trial, numbered by trial
-        return {"jobs": int(sweeper.n_trials), "grid": False, "swept": list(params)}  # type: ignore[arg-type]
     typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: `${...}` is each job's
+    if sweeper.get("n_trials") is not None:  # Optuna: a job per trial, numbered by trial
+        searched = [key_of(o) for o in typed if "(" in o.partition("=")[2]]  # choice(), interval(), range()
+        return {"jobs": int(sweeper.n_trials), "grid": False, "swept": [*params, *searched]}  # type: ignore[arg-type]
     lines = [f"{k}={v}" for k, v in params.items()] + list(typed)  # type: ignore[union-attr, arg-type]
     loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
     try:
