@@ -310,3 +310,10 @@ def test_tensorboard_hparams_table_has_real_metrics_for_every_job(tensorboard_ur
         # deg=2 is the tutorial's lesson: a linear model stays far above zero error.
         assert (values["hp/train_mse"] > 5) == (group["hparams"]["deg"] == 2)
     assert seen == {("manual", 1), ("manual", 2), ("linear", 1), ("linear", 2)}
+
+
+def test_every_epoch_has_a_loss_point_whatever_the_batch_size(make_cfg, tmp_path):
+    # batch 100 of 1000 samples: 10 SGD steps an epoch, fewer than the 50 between samples
+    run(make_cfg("data.batch_size=100", "trainer.max_epochs=3"))
+    (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
+    assert [e.step for e in accumulator(run_dir).Scalars("train/loss")] == [0, 10, 20]

@@ -177,7 +177,7 @@ class Dashboard(L.Callback):
     ) -> None:
         # Every N SGD steps, like train/loss, at the end of the call that reaches each multiple of N: the same
         # steps as train/loss's when no call straddles one (N a multiple of batches_per_call, whole calls an epoch).
-        every = pl_module.hparams.log_every_sgd_steps
+        every = pl_module.every
         if every > 0 and log_step(trainer) // every > self.logged_at // every:  # a multiple of N passed since
             self.log_params(trainer, pl_module)
 

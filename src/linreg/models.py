@@ -40,6 +40,11 @@ def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> Non
         logger.log_metrics(metrics, step=step)
 
 
+def log_interval(every: int, num_examples: int, batch_size: int) -> int:
+    """SGD steps between two `train/loss` points: `every`, or one an epoch when an epoch is shorter."""
+    return max(1, min(every, -(-num_examples // batch_size)))
+
+
 class HandSGD(optim.Optimizer):
     """The tutorial's `sgd` wrapped as an Optimizer only so Lightning counts its steps (global_step)."""
 
@@ -68,9 +73,12 @@ class RegressionModule(L.LightningModule):
         self.epoch_mse: list[float] = []
         self.diverged_epoch: int | None = None
         self.lean_steps = False  # set for each fit: linreg.fastpath.lean_steps
+        self.every = log_every_sgd_steps  # set for each fit: log_interval
 
     def on_train_start(self) -> None:
         self.lean_steps = fastpath.lean_steps(self.trainer)
+        data = self.trainer.datamodule.hparams
+        self.every = log_interval(self.hparams.log_every_sgd_steps, data.num_examples, data.batch_size)
         if self.diverged_epoch is not None:
             self.trainer.should_stop = True  # resumed from a diverged checkpoint: nothing left to train
 
@@ -98,11 +106,10 @@ class RegressionModule(L.LightningModule):
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
         opt = self.optimizers()
         first = self.trainer.global_step
-        every = self.hparams.log_every_sgd_steps
         for step, (x, y) in enumerate(batch, start=first):
             loss = self.update(x, y, opt)
             # Logging costs about as much as a step on this tiny model: sample it, every N SGD steps.
-            if step % every == 0:
+            if step % self.every == 0:
                 self.log_loss(loss, step)
 
     def log_loss(self, loss: Tensor, step: int) -> None:

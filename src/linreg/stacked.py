@@ -28,7 +28,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from linreg.config import ConfigError
 from linreg.dashboard import LAYOUT, hparams, hparams_summaries, param_names
 from linreg.data import EpochBatchSampler
-from linreg.models import HandSGD, RegressionModule, squared_loss
+from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
 from linreg.record import RunRecord, identity
 from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
 
@@ -87,7 +87,7 @@ class StackedBatches:
 class StackedRegression(L.LightningModule):
     """The members' models as one: their parameters stacked, the model's forward and loss vmapped over them."""
 
-    def __init__(self, models: Sequence[RegressionModule], x: Tensor, y: Tensor) -> None:
+    def __init__(self, models: Sequence[RegressionModule], x: Tensor, y: Tensor, batch_size: int) -> None:
         super().__init__()
         self.automatic_optimization = False
         params, _ = stack_module_state(list(models))  # neither model has buffers
@@ -98,7 +98,7 @@ class StackedRegression(L.LightningModule):
         model = models[0]  # runs with each member's parameters in turn (kept out of this module's parameters)
         self.batch_loss = vmap(lambda p, x, y: model.loss(functional_call(model, p, (x,)), y))
         self.full_mse = vmap(lambda p, x, y: squared_loss(functional_call(model, p, (x,)), y))  # validation_step's
-        self.every = model.hparams.log_every_sgd_steps
+        self.every = log_interval(model.hparams.log_every_sgd_steps, x.shape[1], batch_size)
         self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"train/loss": [], "params": [], "train/mse": []}
         self.start_mse = torch.full((len(models),), torch.nan)
         self.diverged: list[int | None] = [None] * len(models)
@@ -231,7 +231,7 @@ def fit(built: list[tuple[Any, ...]]) -> list[Member]:
     """One `Trainer.fit` of the members' stacked model; the members' records and curves."""
     cfgs, models, xs, ys, ols, samplers, logged = zip(*built)
     built.clear()  # once stacked (and xs, ys deleted), the members' data is held only by the module
-    module = StackedRegression(models, torch.stack(xs), torch.stack(ys))
+    module = StackedRegression(models, torch.stack(xs), torch.stack(ys), cfgs[0].data.batch_size)
     del xs, ys
     trainer = build_trainer(cfgs[0], None, callbacks=[], loggers=[], bar=False)
     start = time.perf_counter()
