@@ -1,7 +1,7 @@
 """`make bench` / `python -m benchmarks.overhead`: what the project costs next to the tutorial's plain loops.
 
 Three parts (`--only ratios|grid|scaling`, default all; `--quick` for a smaller run):
-- ratios: `linreg.train.run(cfg)` vs the tutorial's loop on workload W (30,000 samples, 3 epochs, batch 10,
+- ratios: `linreg.run.run(cfg)` vs the tutorial's loop on workload W (30,000 samples, 3 epochs, batch 10,
   lr 0.03: 9,000 SGD steps), default config (TensorBoard on) and the fast setting; alternated in one
   process, so load from other work hits both sides alike; the median of the per-round ratios.
 - grid: the 48-job tutorial sweep (`-m sweep=tutorial`) as one process vs its 48 plain loops as one process.
@@ -72,9 +72,9 @@ def project_cfg(model: str, overrides: list[str], out: Path) -> Any:
 
 def project_run(model: str, overrides: list[str], out: Path) -> dict[str, Any]:
     """`run(cfg)` on the composed config; returns its metrics."""
-    from linreg.train import run
+    from linreg.run import run
 
-    return run(project_cfg(model, overrides, out))
+    return run(project_cfg(model, overrides, out)).as_json()
 
 
 def w_overrides(num_examples: int, epochs: int, batch_size: int, lr: float) -> list[str]:
@@ -111,7 +111,7 @@ def timed(fn: Callable[[], Any]) -> float:
 def ratios(rounds: int, workload: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
     """Project vs plain loop per module and setting, alternated round by round."""
     from benchmarks.tutorial_loops import train
-    from linreg.train import run
+    from linreg.run import run
 
     base = w_overrides(**workload)
     plain_args = {k: workload[k] for k in ("num_examples", "batch_size", "lr", "epochs")}
@@ -219,7 +219,7 @@ def scaling_child(num_examples: int, accelerator: str) -> None:
     import lightning as L
     import torch  # noqa: F401 (imported before the baseline, as every run has it)
 
-    import linreg.train
+    import linreg.run
 
     epochs: list[float] = []
 
@@ -232,8 +232,8 @@ def scaling_child(num_examples: int, accelerator: str) -> None:
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             epochs.append(time.perf_counter() - self.start)
 
-    build_callbacks = linreg.train.build_callbacks
-    linreg.train.build_callbacks = lambda *args: [*build_callbacks(*args), EpochTimer()]
+    run_callbacks = linreg.run.run_callbacks
+    linreg.run.run_callbacks = lambda *args: [*run_callbacks(*args), EpochTimer()]
     base_rss = peak_rss_bytes()
     overrides = [
         f"data.num_examples={num_examples}",

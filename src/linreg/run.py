@@ -215,9 +215,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def run(
-    cfg: DictConfig, out: Path, label: str = "defaults", progress: bool = False, in_sweep: bool = False
+    cfg: DictConfig, out: Path | None = None, label: str = "defaults", progress: bool = False, in_sweep: bool = False
 ) -> RunRecord:
-    """Check `cfg`, then fit (or resume, or keep a finished run) in `out` under its lock; return the record."""
+    """Check `cfg`, then fit (or resume, or keep a finished run) in `out` under its lock; return the record.
+
+    `out` defaults to `hydra.run.dir`: no Hydra state is needed, so scripts and notebooks can call it.
+    """
+    out = Path(cfg.hydra.run.dir) if out is None else out
     check(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with RunDirLock(out):
