@@ -77,3 +77,9 @@ def test_the_command_line_refuses_in_one_message_and_leaves_no_dir(tmp_path, arg
 def test_a_sweep_with_gpu_jobs_on_a_cpu_machine_is_refused_before_it_starts(tmp_path):
     proc = run_cli("--multirun", "trainer.accelerator=cpu,gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 2 and "no GPU here" in proc.stderr and not (tmp_path / "sweep").exists()
+
+
+def test_a_refused_sweep_leaves_no_sweep_dir(tmp_path):
+    proc = run_cli("--multirun", "model.lr=interval(0.1,1)", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2 and "interval() needs hydra/sweeper=optuna" in proc.stderr
+    assert not (tmp_path / "sweep").exists()

@@ -65,7 +65,8 @@ def test_a_config_naming_other_code_is_refused_before_importing_it(trained, tmp_
         ([], "ckpt_path: required"),
         (["ckpt_path=/nonexistent.ckpt"], "no such file"),
         (["data_seed=420"], "is the training seed"),
-        (["num_examples=0"], "data.num_examples=0"),
+        (["num_examples=0"], "error: num_examples=0: must be a positive integer"),
+        (["data_seed=-1"], "error: data_seed=-1: must be from 0"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_dir(trained, tmp_path, args, says):

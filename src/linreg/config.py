@@ -4,10 +4,14 @@ Hydra refuses unknown keys and wrong types while composing, against these schema
 `check` covers what Hydra cannot know (ranges, memory, a GPU, keys added with `+`), one line naming the key.
 """
 
+import contextlib
 import math
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psutil
@@ -15,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the checkout, or its copy in the wheel
+NEW_DIRS: set[Path] = set()  # run and sweep dirs this process set out to make: a refusal removes them again
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_DEG = 20  # higher powers of N(0, 1) features overflow float32 in any sizeable sample
 
@@ -99,13 +105,49 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, why: str) -> None:
         super().__init__(f"{key}{'' if value is None else f'={value!r}'}: {why}")
-        self.key = key
+        self.key, self.value = key, value
 
 
 def refuse(err: Exception) -> NoReturn:
-    """One line on stderr and exit 2 (a SystemExit passes through Hydra's callback guard)."""
+    """One line on stderr and exit 2 (a SystemExit passes through Hydra's callback guard).
+
+    A dir this process made for the refused work goes again (`discard_new_dirs`).
+    """
+    discard_new_dirs()
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def discard_new_dirs() -> None:
+    """Remove the dirs this process made for work it refuses, unless a run has left a result in one."""
+    for made in NEW_DIRS:
+        if made.is_dir() and not any(made.rglob("metrics.json")):
+            shutil.rmtree(made, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def refusing() -> Iterator[None]:
+    """A ConfigError inside becomes `refuse`; Hydra's own errors pass, its dirs removed (it prints them)."""
+    try:
+        yield
+    except ConfigError as err:
+        if full_error():
+            raise
+        refuse(err)
+    except Exception:
+        discard_new_dirs()
+        raise
+
+
+def note_new(path: Path) -> None:
+    """Note a dir about to be made for this process's work (see `refuse`)."""
+    if not path.exists():
+        NEW_DIRS.add(path.absolute())
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `x.y` for `x.y=1`, `+x.y=1`, `++x.y=1` and `~x.y`."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def is_int(v: Any) -> bool:
@@ -166,21 +208,23 @@ def check(cfg: DictConfig) -> None:
 
 def against_schema(plain: dict[str, Any]) -> None:
     """Keys added with `+` (which Hydra lets past its schema) refused by merging onto the schema."""
-    schema = OmegaConf.structured(TrainConfig)
     model = plain.get("model")
     known = MODELS.get(model.get("_target_")) if isinstance(model, dict) else None
-    try:
-        OmegaConf.merge(schema, {k: v for k, v in plain.items() if k not in ("model", "logger")})
-        if known is not None:  # another class's arguments are checked by instantiating it
-            OmegaConf.merge(OmegaConf.structured(known), model)
-    except OmegaConfBaseException as err:
-        key = str(getattr(err, "full_key", "") or "config")
-        if known is not None and key in {f.lstrip("_") for f in model} | {"_target_"}:
-            key = f"model.{key}"
-        raise ConfigError(key, None, str(err).splitlines()[0]) from None
+    if known is None:  # another class's arguments are checked by instantiating it
+        against(TrainConfig, {k: v for k, v in plain.items() if k not in ("model", "logger")})
+    else:
+        against(TrainConfig(model=known()), {k: v for k, v in plain.items() if k != "logger"})
     for group in ("data", "model", "trainer"):
         if not isinstance(plain.get(group), dict):
             raise ConfigError(group, plain.get(group), f"missing: choose an option, e.g. {group}=<name>")
+
+
+def against(schema: Any, plain: Any) -> None:
+    """ConfigError naming the first key of `plain` that `schema` (a dataclass or an instance) does not allow."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
 
 
 def gpu_available() -> bool:

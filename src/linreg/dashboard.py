@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from linreg import fastpath
+from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
 from linreg.record import RunRecord
 
@@ -34,15 +35,14 @@ LAYOUT = {  # TensorBoard's Custom Scalars tab: the curves that answer a run or 
     }
 }
 HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
-LABEL_EXCLUDE = ("resume", "logger")  # overrides that do not change what a run computes
+LABEL_EXCLUDE = (
+    "resume",
+    "logger",
+    "trainer.max_epochs",
+)  # a resume may add epochs: the same run  # overrides that do not change what a run computes
 MAX_LABEL = 120  # longest run label; longer override lists are cut (the HParams table has them all)
 FIT_POINTS = 500  # about this many data points are drawn in the fit image (every k-th)
 FIT_DPI = 80  # the fit image's pixels per inch: 512 x 320, drawn and PNG-encoded every job (benchmarks/README.md)
-
-
-def override_key(override: str) -> str:
-    """The key an override sets: `x.y` for `x.y=1`, `+x.y=1`, `++x.y=1` and `~x.y`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def hparams(r: RunRecord) -> dict[str, Any]:

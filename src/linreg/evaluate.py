@@ -19,9 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import MODELS, ConfigError, check, refuse
+from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, against, check, refuse, refusing
 from linreg.record import finite_or_none, model_name, write_json
-from linreg.train import CONFIG_DIR
 
 
 @dataclass
@@ -79,7 +78,11 @@ def check_inputs(cfg: DictConfig) -> Inputs:
         raise ConfigError("data_seed", seed, "is the training seed: that data is not held out")
     n = run_cfg.data.num_examples if cfg.get("num_examples") is None else cfg.num_examples
     heldout = OmegaConf.merge(run_cfg, {"seed": seed, "data": {"num_examples": n}})
-    check(heldout)  # ranges and memory, as train checks them
+    try:
+        check(heldout)  # ranges and memory, as train checks them
+    except ConfigError as err:  # named as this command line names it
+        key = {"seed": "data_seed", "data.num_examples": "num_examples"}.get(err.key, err.key)
+        raise ConfigError(key, err.value, str(err).partition(": ")[2]) from None
     return Inputs(ckpt.resolve(), run_cfg, seed, n)
 
 
@@ -127,10 +130,9 @@ class CheckInputs(Callback):
     """Refuses bad input in `on_run_start`, before Hydra makes the run dir: a refused command leaves nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        with refusing():
+            against(EvaluateConfig, {k: v for k, v in config.items() if k != "hydra"})  # `+key=...` too
             check_inputs(config)
-        except ConfigError as err:
-            refuse(err)
 
 
 def fmt(value: float | None) -> str:

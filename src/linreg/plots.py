@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator
 
+from linreg.config import override_key
 from linreg.record import is_number
 
 GAP_FLOOR = 1e-9  # gaps below this (float32 training against a float64 floor) are drawn at it: a log axis
@@ -33,7 +34,7 @@ def num(value: Any) -> float | None:
 
 def value_of(row: Row, key: str | None) -> Any:
     """The job's value of a swept key: its override's, else its table column's (lr for model.lr); number or text."""
-    given = {o.partition("=")[0].lstrip("+~"): o.partition("=")[2] for o in row["overrides"]}
+    given = {override_key(o): o.partition("=")[2] for o in row["overrides"]}
     try:
         value = json.loads(given[key]) if key in given else row.get(label(key))
     except ValueError:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,6 @@ from linreg.config import ConfigError
 
 FINISHED = ("ok", "diverged")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
-
-
-NEW_DIRS: set[Path] = set()  # run dirs this process is about to make: only those are removed after a refusal
-
-
-def created_here(out: Path) -> bool:
-    """Whether `out` (or the sweep dir above it) did not exist before this process set out to make it."""
-    return out.absolute() in NEW_DIRS or out.absolute().parent in NEW_DIRS
 
 
 class CorruptRecord(ValueError):
@@ -106,6 +99,11 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, list):
         return [finite_or_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def shown(values: list[float | None] | None, spec: str = ".4f", sep: str = ", ") -> str:
+    """Numbers for a console line, `nan` for a missing one: `2.0006, -0.9999, 1.0007`."""
+    return sep.join("nan" if v is None else format(v, spec) for v in values or [])
 
 
 def model_name(target: Any) -> str | None:
@@ -192,6 +190,8 @@ class RunRecord:
             if metrics.get(key) is not None and not good(metrics[key]):
                 raise CorruptRecord(f"metrics.json: {key} is not {want}")
         record = cls(**{f.name: metrics.get(f.name) for f in dataclasses.fields(cls) if f.name in metrics})
+        if record.status == "diverged" and record.diverged_epoch is None:
+            raise CorruptRecord("metrics.json: a diverged run without diverged_epoch")
         if record.status == "ok":
             if record.train_mse is None or record.ols_mse is None or not record.weights:
                 raise CorruptRecord("metrics.json: an ok run without train_mse, ols_mse or weights")
@@ -234,19 +234,21 @@ def finished(out: Path, cfg: DictConfig | None = None) -> RunRecord | None:
 
 
 class RunDirLock:
-    """An exclusive lock on `<run dir>/.lock` for a run's life: one writer per run dir; the kernel drops it on death."""
+    """An exclusive lock on `<dir>/.lock` for a run's (or sweep's) life: one writer; the kernel drops it on death."""
 
-    def __init__(self, out: Path) -> None:
-        self.path, self.file = out / ".lock", None
+    def __init__(self, out: Path, key: str = "hydra.run.dir", who: str = "another run") -> None:
+        self.path, self.key, self.who, self.file = out / ".lock", key, who, None
 
     def __enter__(self) -> "RunDirLock":
         self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise RunDirBusy("hydra.run.dir", str(self.path.parent), "another run is using it") from None
-        return self
+        for _ in range(20):  # another process's `is_locked` probe holds it for a moment only
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                time.sleep(0.05)
+        self.file.close()
+        raise RunDirBusy(self.key, str(self.path.parent), f"{self.who} is using it")
 
     def __exit__(self, *exc: Any) -> None:
         self.file.close()  # closing drops the lock

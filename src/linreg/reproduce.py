@@ -8,9 +8,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from linreg.record import RunRecord
+from linreg.config import CONFIG_DIR
+from linreg.record import RunRecord, shown
 from linreg.run import run
-from linreg.train import CONFIG_DIR
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,13 @@ def main(overrides: list[str] | None = None) -> int:
             m = run_experiment(fig.experiment, out, overrides or [])
             inside = m.train_mse is not None and fig.band[0] <= m.train_mse <= fig.band[1]
             ok &= inside
-            epochs = "/".join(f"{v:.6f}" for v in m.epoch_mse)
-            weights = "[" + ", ".join(f"{v:.4f}" for v in m.weights) + "]"
+            epochs, weights = shown(m.epoch_mse, ".6f", "/"), f"[{shown(m.weights)}]"
             rows.append(
                 (
                     fig.experiment,
                     m.model,
                     epochs,
-                    f"{m.ols_mse:.6f}",
+                    shown([m.ols_mse], ".6f"),
                     weights,
                     fig.mse,
                     fig.weights,

@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from linreg.config import override_key
 from linreg.record import CorruptRecord, RunRecord, is_number, read_file, read_or_none, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,6 @@ STATUSES = ("ok", "diverged", "failed", "missing", "corrupt")
 VERBS = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}  # no result
 SHOWN = 3  # distinct errors named per kind of failure in the one-line summary (results.md has them all)
 ETA_AFTER = (3, 5.0)  # jobs and seconds before the pace so far says anything about what is left
-
-
-def key_of(override: str) -> str:
-    """The key an override sets: `x.y` for `x.y=1`, `+x.y=1` and `~x.y`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def one_line(text: Any) -> str:
@@ -67,7 +63,7 @@ def overrides_of(job_dir: Path) -> list[str]:
     overrides = read_file(path) if os.path.lexists(path) else []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise CorruptRecord("overrides.yaml: not a list of overrides")
-    return [o for o in overrides if key_of(o) != "resume"]
+    return [o for o in overrides if override_key(o) != "resume"]
 
 
 def record_of(job_dir: Path) -> RunRecord:
@@ -99,7 +95,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     """Override keys whose value differs between jobs (or that some lack), in the jobs' order."""
-    given = [{key_of(o): o for o in r["overrides"]} for r in rows if r["overrides"]]
+    given = [{override_key(o): o for o in r["overrides"]} for r in rows if r["overrides"]]
     keys = dict.fromkeys(k for job in given for k in job)
     return [k for k in keys if len({job.get(k) for job in given}) > 1]
 
@@ -242,12 +238,12 @@ def planned(config: DictConfig) -> dict[str, Any]:
     params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
     typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: `${...}` is each job's
     if sweeper.get("n_trials") is not None:  # Optuna: a job per trial, numbered by trial
-        searched = [key_of(o) for o in typed if "(" in o.partition("=")[2]]  # choice(), interval(), range()
+        searched = [override_key(o) for o in typed if "(" in o.partition("=")[2]]  # choice(), interval(), range()
         return {"jobs": int(sweeper.n_trials), "grid": False, "swept": [*params, *searched]}  # type: ignore[arg-type]
     lines = [f"{k}={v}" for k, v in params.items()] + list(typed)  # type: ignore[union-attr, arg-type]
     loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
     try:
-        final = {key_of(o.get_key_element()): o for o in OverridesParser.create(loader).parse_overrides(lines)}
+        final = {override_key(o.get_key_element()): o for o in OverridesParser.create(loader).parse_overrides(lines)}
         sizes = {k: len(list(o.sweep_string_iterator())) for k, o in final.items() if o.is_sweep_override()}
     except Exception:  # an interval, or a glob without Hydra's loader: progress shows k/?
         return {"jobs": None, "grid": False, "swept": list(params)}
@@ -277,8 +273,8 @@ def duration(seconds: float) -> str:
 
 def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: float | None = None) -> str:
     """The k-th finished job: `[3/48 12s, ~2m05s left] model=linear data.deg=2: ok train_mse=0.000101`."""
-    given = [o for o in ret.overrides or [] if key_of(o) != "resume"]
-    named = [o for o in given if key_of(o) in plan["swept"]] or given or ["defaults"]
+    given = [o for o in ret.overrides or [] if override_key(o) != "resume"]
+    named = [o for o in given if override_key(o) in plan["swept"]] or given or ["defaults"]
     row = job_row(out)
     status = row["status"] + (f" ({row['error']})" if row["error"] and row["status"] != "missing" else "")
     if ret.status == JobStatus.FAILED:  # raised past the task function: Hydra holds the error

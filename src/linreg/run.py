@@ -189,13 +189,10 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
         # Up to the checkpoint; at its step, not the hp/* end values of a run that finished there.
-        kept = [
-            {**row, "step": int(row["step"])}
-            for row in rows
-            if row.get("step", math.inf) < upto_step
-            or (row.get("step") == upto_step and not any(k.startswith("hp/") for k in row))
-        ]
-        logger.experiment.metrics[:0] = kept  # the writer (made now) has removed the file; it writes these first
+        for row in rows:
+            step = row.pop("step", math.inf)
+            if step < upto_step or (step == upto_step and not any(k.startswith("hp/") for k in row)):
+                logger.log_metrics(row, step=int(step))  # the writer (made now) has removed the file: written again
 
 
 @contextlib.contextmanager
@@ -223,6 +220,8 @@ def run(
     """
     out = Path(cfg.hydra.run.dir) if out is None else out
     check(cfg)
+    if out.is_dir():
+        refuse_other_runs(out, cfg)  # before anything is written there; looked at again under the lock
     out.mkdir(parents=True, exist_ok=True)
     with RunDirLock(out):
         if cfg.resume and (done := finished(out, cfg)) is not None:

@@ -6,8 +6,6 @@ hydra-optuna-sweeper's config keys and `params` grammar (conf/hydra/sweeper/optu
 under hydra_plugins at each start: Optuna is imported only when this sweeper is set up (`_study`).
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from hydra.core.plugins import Plugins
@@ -15,18 +13,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from linreg.config import ConfigError, full_error, refuse
-
-
-@contextmanager
-def refusing() -> Iterator[None]:
-    """Bad sweeper input: one line and exit code 2 (Hydra's traceback with HYDRA_FULL_ERROR=1)."""
-    try:
-        yield
-    except ConfigError as err:
-        if full_error():
-            raise
-        refuse(err)
+from linreg.config import refusing
 
 
 class OptunaSweeper(Sweeper):

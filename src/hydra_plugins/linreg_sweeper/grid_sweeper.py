@@ -27,7 +27,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from linreg.config import ConfigError, full_error, refuse
+from linreg.config import ConfigError, refusing
 
 Plain = list[Override]  # a job's plain `key=value` overrides
 KEPT = 32  # composed configs kept: a grid varies its first (group) keys slowest
@@ -159,12 +159,8 @@ class GridSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Run the grid batch by batch; a bad sweep is refused in one line before any job runs."""
         assert self.loader is not None and self.config is not None and self.launcher is not None
-        try:
+        with refusing():
             jobs = self.plan(arguments)
-        except ConfigError as err:
-            if full_error():
-                raise
-            refuse(err)
         size = self.max_batch_size or len(jobs)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,127 @@
+"""The Hydra callback that refuses bad input in one line (exit 2) before a run dir or a sweep dir is touched.
+
+It also makes a sweep the one owner of its sweep dir (a lock for its life, and a record of what it is).
+Kept out of `linreg.train`: under `python -m linreg.train` that module is `__main__`, and Hydra imports a
+callback's module anew.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from linreg.config import ConfigError, check, gpu_available, note_new, override_key, refusing
+from linreg.record import RunDirLock, read_or_none, refuse_other_runs, write_json
+
+
+class CheckConfig(Callback):
+    """Bad input refused in one line (exit 2) before Hydra makes a run dir or a sweep starts its first job."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with refusing():
+            check(config)
+            out = Path(resolved(config, "hydra.run.dir"))
+            if out.is_dir():
+                refuse_other_runs(out, config)  # before Hydra rewrites the .hydra/ of a run it must keep
+        note_new(out)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
+        with refusing():
+            check(OmegaConf.create(without_job_values(OmegaConf.to_container(config, resolve=False))))
+            check_slurm(config)
+            check_swept_devices(config)
+            sweep_dir = Path(resolved(config, "hydra.sweep.dir"))
+            note_new(sweep_dir)
+            own_sweep_dir(config, sweep_dir)
+        # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
+        os.environ["LINREG_SWEEP_PID"] = "" if on_slurm(config) else str(os.getpid())
+
+
+SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's process until it exits
+JOB_DIRS = ("${hydra.job.num}", "${hydra.job.id}", "${hydra.job.override_dirname}")
+
+
+def resolved(config: DictConfig, key: str) -> str:
+    """A Hydra dir setting, resolved; a ConfigError naming it when it cannot be (`hydra.run.dir=${nope}`)."""
+    try:
+        return str(OmegaConf.select(config, key, throw_on_missing=True))
+    except OmegaConfBaseException as err:
+        raise ConfigError(key, None, f"cannot be resolved: {str(err).splitlines()[0]}") from None
+
+
+def sweep_identity(config: DictConfig) -> dict[str, Any]:
+    """What a sweep is: its sweeper, its overrides as typed (less resume), its params, its study."""
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+    typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    return {
+        "sweeper": sweeper.get("_target_"),
+        "overrides": sorted(o for o in typed if override_key(o) != "resume"),
+        "params": sweeper.get("params"),
+        "study": [sweeper.get("study_name"), sweeper.get("storage")],
+    }
+
+
+def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
+    """One owner per sweep dir: a lock for the sweep's life, and the dir records which sweep it holds."""
+    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
+    if not any(part in subdir for part in JOB_DIRS):
+        why = f"must separate the jobs: use one of {', '.join(JOB_DIRS)} in it"
+        raise ConfigError("hydra.sweep.subdir", subdir, why)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
+    wanted, path = sweep_identity(config), sweep_dir / ".sweep.json"
+    saved = read_or_none(path) if os.path.lexists(path) else None
+    has_runs = any((p / "metrics.json").exists() or (p / "checkpoints").exists() for p in sweep_dir.iterdir())
+    if has_runs and not config.get("resume"):
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds a sweep's runs; resume=true continues it")
+    if has_runs and saved != wanted:
+        why = f"holds another sweep ({' '.join((saved or {}).get('overrides') or ['?'])}); use a new dir"
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), why)
+    write_json(path, wanted)
+
+
+def without_job_values(node: Any) -> Any:
+    """The sweep's config less `hydra` and values only a job can resolve (`${hydra:job.num}`): each job checks those."""
+    if isinstance(node, dict):
+        kept = {k: v for k, v in node.items() if k != "hydra" and (isinstance(v, dict) or "${hydra:" not in str(v))}
+        return {k: without_job_values(v) for k, v in kept.items()}
+    return node
+
+
+def check_swept_devices(config: DictConfig) -> None:
+    """A sweep with GPU jobs on a machine without one is refused before its first job (SLURM's nodes may have one)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    typed = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+    for o in OverridesParser.create().parse_overrides(typed):
+        if override_key(o.get_key_element()) in ("trainer", "trainer.accelerator") and not on_slurm(config):
+            values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
+            if set(values) & {"gpu", "cuda"} and not gpu_available():
+                raise ConfigError(o.get_key_element(), ",".join(values), "no GPU here: its GPU jobs cannot run")
+
+
+def on_slurm(config: DictConfig) -> bool:
+    """Whether the sweep's launcher submits its jobs to SLURM."""
+    return "Slurm" in str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+
+
+def check_slurm(config: DictConfig) -> None:
+    """`hydra/launcher=slurm` needs a cluster that answers: one line instead of sbatch's traceback."""
+    if not on_slurm(config):
+        return
+    hint = 'start one: scripts/slurm-local.sh start; eval "$(scripts/slurm-local.sh env)"'
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        raise ConfigError("hydra/launcher", "slurm", f"sbatch/scontrol not on PATH; {hint}")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError("hydra/launcher", "slurm", f"scontrol ping failed: {err}") from None
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        said = (ping.stdout + ping.stderr).strip().splitlines() or [f"exit {ping.returncode}"]
+        raise ConfigError("hydra/launcher", "slurm", f"slurmctld does not answer ({said[0]}); {hint}")
