@@ -8,8 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from linreg import fastpath
-from linreg.dashboard import figure_pixels, fit_figure
-from tests.test_dashboard import fit_data, run
+from tests.test_dashboard import run
 from tests.test_models import fit
 
 SRC = Path(fastpath.__file__).resolve().parent
@@ -102,21 +101,6 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
     assert fast_events.Graph() == public_events.Graph()
     (public_image,), (fast_image,) = public_events.Images("fit"), fast_events.Images("fit")
     assert fast_image.encoded_image_string == public_image.encoded_image_string
-
-
-@pytest.mark.parametrize(
-    ("before", "after"),
-    [((1, 1.0, False), (2, 10.0, False)), ((3, 5.0, False), (4, 1.0, True)), ((4, 1.0, True), (3, 5.0, False))],
-)
-def test_a_reused_figure_draws_the_pixels_of_a_new_one(monkeypatch, before, after):
-    # reused_figure: one figure per set of features for the process, redrawn for every job.
-    fastpath._figures.clear()
-    figure_pixels(fit_figure(*fit_data(*before), mse=0.5))  # an earlier job's picture, other data and limits
-    reused = figure_pixels(fit_figure(*fit_data(*after), mse=2.0))
-    monkeypatch.setenv(fastpath.SWITCH, "0")
-    fresh = figure_pixels(fit_figure(*fit_data(*after), mse=2.0))
-    assert fastpath._figures and (reused == fresh).all()
-    assert (figure_pixels(fit_figure(*fit_data(*before), mse=0.5)) != fresh).any()  # the picture shows the data
 
 
 def test_the_seam_holds_every_private_use_and_at_most_four():

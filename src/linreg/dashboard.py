@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from linreg import fastpath
 from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step, squared_loss
 from linreg.record import RunRecord
@@ -237,47 +236,20 @@ def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:
 
 def fit_figure(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> "Figure":
     """Residuals y − ŷ against each feature: flat noise when the model fits, a curve when it misses a shape."""
-    y_hat = torch.where(torch.isfinite(y_hat), y_hat, torch.nan)  # a diverged fit draws nothing, not an error
-    # NumPy arrays, not tensors: matplotlib's unit checks iterate what they plot, element by element.
-    residual = y - y_hat
-    drawn = bool(torch.isfinite(residual).any())
-    residual, x = residual.numpy(), x.numpy()
-    # Constant columns (the ones column of the manual model) carry no information: skip them.
-    features = tuple(j for j in range(x.shape[1]) if x[:, j].std() > 0)
-    fig = fastpath.reused_figure(("fit", features), lambda: empty_fit_figure(features))
-    ax = fig.axes[0]
-    for j, line in zip(features, ax.lines):  # the feature lines come first, then the zero line
-        line.set_data(x[:, j], residual)
-    ax.set_title(f"residuals of the fit, MSE {mse:.4g}", y=1.0, fontsize=10)  # short: each glyph is redrawn every job
-    ax.relim()
-    if drawn:
-        ax.autoscale_view()
-    else:  # no data limits: fixed ranges, the same on a new figure as on a reused one (autoscaling stays on)
-        ax.set_xlim(-1, 1, auto=None)
-        ax.set_ylim(-1, 1, auto=None)
-    return fig
-
-
-def empty_fit_figure(features: tuple[int, ...]) -> "Figure":
-    """An empty residual plot with one line per feature: one panel, fixed margins, few ticks."""
-    # Imported here, so runs without a dashboard never load matplotlib. A bare Figure (no pyplot) needs
-    # no display, no backend choice and no figure manager: the headless way to draw one image.
+    # A bare Figure (no pyplot): no display, no backend choice; imported here, so runs without it never load it.
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    # Fixed margins (no tight_layout), a title at a fixed height (automatic placement measures every tick
-    # label), few ticks, and marker lines instead of scatter collections: the cheap way to draw it.
-    fig = Figure(figsize=(6.4, 4), dpi=FIT_DPI)
+    residual = (y - torch.where(torch.isfinite(y_hat), y_hat, torch.nan)).numpy()  # a diverged fit draws nothing
+    x = x.numpy()  # NumPy, not tensors: matplotlib's unit checks iterate what they plot, element by element
+    fig = Figure(figsize=(6.4, 4), dpi=FIT_DPI, layout="constrained")
     ax = fig.subplots()
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91)
-    for j in features:
-        ax.plot([], [], ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
+    for j in range(x.shape[1]):
+        if x[:, j].std() > 0:  # the ones column (the manual model's intercept input) carries no information
+            ax.plot(x[:, j], residual, ".", markersize=3, alpha=0.5, label=f"x{j + 1}")
     ax.axhline(0, color="black", linewidth=1)
-    ax.set(xlabel="feature value", ylabel="residual y − ŷ")
-    if 0 < len(features) <= 10:
+    ax.set(xlabel="feature value", ylabel="residual y − ŷ", title=f"residuals of the fit, MSE {mse:.4g}")
+    if 0 < len(ax.lines) - 1 <= 10:
         ax.legend(loc="upper right")
-    ax.xaxis.set_major_locator(MaxNLocator(5))
-    ax.yaxis.set_major_locator(MaxNLocator(5))
     return fig
 
 
@@ -285,7 +257,6 @@ def figure_pixels(fig: "Figure") -> np.ndarray:
     """A figure drawn by matplotlib's Agg canvas, as RGB pixels (height, width, 3) for `add_image`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    # A figure drawn before keeps its canvas: its renderer's text-size cache is reused.
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     canvas.draw()
-    return np.array(canvas.buffer_rgba())[..., :3]  # a copy: a reused figure's next draw overwrites the buffer
+    return np.asarray(canvas.buffer_rgba())[..., :3]

@@ -1,4 +1,4 @@
-"""The fast path: the project's uses of private library APIs and its process-wide caches, behind one switch.
+"""The fast path: the project's only uses of private library APIs, behind one switch.
 
 `LINREG_FASTPATH=0` in the environment turns all of it off, and every run takes the public path with
 the same numbers bit for bit (tests/test_fastpath.py compares the two). A piece is here only while it
@@ -6,11 +6,10 @@ carries a measured gain on a `make bench` target (benchmarks/README.md, "The fas
 
 Private uses (2 of at most 4): `LightningOptimizer._on_before_step` and `LightningOptimizer._on_after_step`,
 the step bookkeeping Lightning's manual-optimization loop installs on each optimizer (the lean step).
-One process-wide cache, of public objects: the matplotlib figures of `reused_figure`.
 """
 
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -47,19 +46,3 @@ def lean_backward_and_step(loss: Tensor, opt: LightningOptimizer, update: Callab
     opt._on_before_step()  # private: the profiler's "optimizer_step" section opens
     update()
     opt._on_after_step()  # private: the step is counted (what `trainer.global_step` reads)
-
-
-_figures: dict[Hashable, Any] = {}  # matplotlib figures by what shapes them, kept for the process
-
-
-def reused_figure(key: Hashable, make: Callable[[], Any]) -> Any:
-    """`make()`'s figure, made once per process for each key and handed out again (to be redrawn) after that.
-
-    Every job of a sweep draws the same empty plot before its data; matplotlib's artists, ticks and text
-    layout cost more than a small job's training. Off the fast path, a new figure every time.
-    """
-    if not enabled():
-        return make()
-    if key not in _figures:
-        _figures[key] = make()
-    return _figures[key]
