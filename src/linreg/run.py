@@ -1,10 +1,8 @@
 """One run: check, lock the run dir, build DataModule, model and Trainer, fit (or resume), write metrics.json.
 
 `train`, `evaluate`, `reproduce` and the stacked launcher all build their Trainer here (`build_trainer`).
-Lightning takes seconds to import: it is imported inside the functions that need it.
+Lightning takes seconds to import: this module is imported only once a run is about to train.
 """
-
-from __future__ import annotations
 
 import contextlib
 import csv
@@ -17,11 +15,20 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from linreg.callbacks import EndWithSweep, EpochLines, SaveRunConfig
 from linreg.config import ConfigError, check
+from linreg.dashboard import Dashboard, hparams
+from linreg.data import RegressionDataModule
+from linreg.models import RegressionModule
 from linreg.record import (
     MAX_BYTES,
     RunDirLock,
@@ -32,12 +39,6 @@ from linreg.record import (
     refuse_other_runs,
     resumable,
 )
-
-if TYPE_CHECKING:
-    import lightning as L
-
-    from linreg.data import RegressionDataModule
-    from linreg.models import RegressionModule
 
 log = logging.getLogger("linreg.train")
 NOISE = (  # third-party warnings with nothing for a user to do (matched by message, nothing else hidden)
@@ -51,8 +52,6 @@ PROGRESS_MIN_STEPS = 20_000  # a single run this long (a few seconds) shows Ligh
 
 def model_class(target: str) -> type[RegressionModule]:
     """The class `model._target_` names, imported: a subclass of `linreg.models.RegressionModule`."""
-    from linreg.models import RegressionModule
-
     module, _, name = target.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -65,8 +64,6 @@ def model_class(target: str) -> type[RegressionModule]:
 
 def build_datamodule(cfg: DictConfig, seed: int | None = None, num_examples: int | None = None) -> RegressionDataModule:
     """The run's data (made now): `cfg.data` under the run's seed, or another seed and size (held-out data)."""
-    from linreg.data import RegressionDataModule
-
     data = OmegaConf.to_container(cfg.data, resolve=True)
     if num_examples is not None:
         data["num_examples"] = num_examples
@@ -81,9 +78,6 @@ def build_datamodule(cfg: DictConfig, seed: int | None = None, num_examples: int
 
 def build_model(cfg: DictConfig, dm: RegressionDataModule) -> RegressionModule:
     """The configured model, its arguments checked by building it, seeded as a single run is (nn.Linear's init)."""
-    import lightning as L
-    from hydra.utils import instantiate
-
     model_class(cfg.model._target_)
     L.seed_everything(cfg.seed, verbose=False)
     try:
@@ -94,9 +88,6 @@ def build_model(cfg: DictConfig, dm: RegressionDataModule) -> RegressionModule:
 
 def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
     """Every logger under `logger` (each a `_target_`), saving into the run dir; none with `~logger`."""
-    from hydra.utils import get_class, instantiate
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     loggers = []
     for key, lcfg in (cfg.get("logger") or {}).items():
         if lcfg is None:  # `logger.csv=null` turns one off
@@ -113,8 +104,6 @@ def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:
     """A Trainer lean enough for a 3-parameter model: no summary, no sanity run; the run's accelerator."""
-    import lightning as L
-
     t = cfg.trainer
     return L.Trainer(
         accelerator=t.accelerator,
@@ -134,11 +123,6 @@ def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], logge
 
 def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, bar: bool) -> list[Any]:
     """Checkpoints (last.ckpt each epoch: what resume continues), the saved config, dashboards, epoch lines."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-
-    from linreg.callbacks import EndWithSweep, EpochLines, SaveRunConfig
-    from linreg.dashboard import Dashboard, hparams
-
     callbacks = [
         ModelCheckpoint(dirpath=out / "checkpoints", filename="last", enable_version_counter=False),
         SaveRunConfig(out, resumable(identity(cfg))),
@@ -159,8 +143,6 @@ def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, ba
 
 def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
     """The checkpoint to continue from and its step (None: from scratch); an unreadable one: a fresh start."""
-    import torch
-
     ckpt = out / "checkpoints" / "last.ckpt"
     if not cfg.resume or not os.path.lexists(ckpt):
         return None, 0
@@ -180,8 +162,6 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
 
 def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
     """A resumed run keeps its CSV rows up to the checkpoint: Lightning's CSVLogger starts metrics.csv anew."""
-    from lightning.pytorch.loggers import CSVLogger
-
     for logger in loggers:
         path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
         if path is None or not path.is_file() or path.stat().st_size > 64 * MAX_BYTES:
@@ -198,8 +178,6 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads at `n` for a run (the same reductions whichever launcher runs it), then restored."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
