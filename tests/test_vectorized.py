@@ -10,7 +10,8 @@ import pytest
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.stacked import group_key, split_groups
+from hydra_plugins.linreg_vectorized.vectorized_launcher import Job, VectorizedLauncher
+from linreg.stacked import group_key, member_bytes
 from tests.conftest import run_cli
 
 # Two groups (manual, linear) of 4: lr 100 diverges in the first of two epochs (frozen there), seeds differ.
@@ -141,6 +142,13 @@ def test_jobs_group_by_shape_and_split_by_budget():
     other = [key(data__batch_size=20), key(data__num_examples=50), key(data__w=[1, 0]), key(trainer__max_epochs=2)]
     other += [key(model___target_="linreg.models.ManualRegression"), key(threads=2)]
     assert len({key(), *other}) == len(other) + 1
-    assert split_groups(list(range(10)), 100, 350, None) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    assert split_groups(list(range(5)), 100, 10**9, 2) == [[0, 1], [2, 3], [4]]
-    assert split_groups([0, 1], 1000, 10, None) == [[0], [1]]  # a member over the budget still trains, alone
+
+    def groups(budget_members: float, max_size: int | None, keys: str) -> list[list[int]]:
+        launcher = VectorizedLauncher(budget_members * member_bytes(base) / 2**30, max_size)
+        return [
+            [job.num for job in g] for g in launcher.groups([Job(j, base, Path(), base, k) for j, k in enumerate(keys)])
+        ]
+
+    assert groups(3.5, None, "aaaaaaaaaa") == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert groups(10**6, 2, "ababa") == [[0, 2], [4], [1, 3]]  # in the order of each key's first job
+    assert groups(0.1, None, "aa") == [[0], [1]]  # a member over the budget still trains, alone

@@ -158,14 +158,10 @@ class Dashboard(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.ols_mse = trainer.datamodule.ols_mse()
-        start = self.metrics(full_data_mse(trainer, pl_module))
+        start = hp_metrics(full_data_mse(trainer, pl_module), self.ols_mse)
         tb = tensorboard_logger(trainer)
         if tb is not None:
-            experiment, session_start, self.end_summary = hparams_summaries(self.hparams, start)
-            # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
-            tb.experiment.file_writer.add_summary(experiment)
-            tb.experiment.file_writer.add_summary(session_start)
-            tb.experiment.add_custom_scalars(LAYOUT)
+            self.end_summary = start_hparams(tb, self.hparams, start)
         if log_step(trainer) > 0:  # a resume: its history up to here is in the logs already
             self.logged_at = log_step(trainer)
             return
@@ -190,7 +186,7 @@ class Dashboard(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_mse = getattr(pl_module, "epoch_mse", None)
         mse = epoch_mse[-1] if epoch_mse else full_data_mse(trainer, pl_module)
-        log_scalars(trainer, self.metrics(mse), log_step(trainer))
+        log_scalars(trainer, hp_metrics(mse, self.ols_mse), log_step(trainer))
         tb = tensorboard_logger(trainer)
         if tb is None:
             return
@@ -205,13 +201,14 @@ class Dashboard(L.Callback):
             pixels = figure_pixels(fit_figure(x, y.reshape(-1), y_hat, mse))
             tb.experiment.add_image("fit", pixels, log_step(trainer), dataformats="HWC")
 
-    def metrics(self, mse: float) -> dict[str, float]:
-        """The HParams metrics for a full-data MSE."""
-        return {"hp/train_mse": mse, "hp/ols_gap": mse - self.ols_mse}
+
+def hp_metrics(mse: float, ols_mse: float) -> dict[str, float]:
+    """The HParams metrics for a full-data MSE."""
+    return {"hp/train_mse": mse, "hp/ols_gap": mse - ols_mse}
 
 
-def hparams_summaries(hparams: dict[str, Any], metrics: dict[str, float]) -> tuple[Any, Any, Any]:
-    """The HParams plugin's experiment, session-start and session-end summaries for one run."""
+def start_hparams(tb: TensorBoardLogger, hparams: dict[str, Any], metrics: dict[str, float]) -> Any:
+    """Write the HParams record's start and the Custom Scalars layout into the run's own event file; its end."""
     from tensorboard.plugins.hparams import plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams as hparams_pb
 
@@ -224,7 +221,11 @@ def hparams_summaries(hparams: dict[str, Any], metrics: dict[str, float]) -> tup
     for info in data.experiment.hparam_infos:
         info.differs = info.name in HEADLINE_HPARAMS
     value.metadata.plugin_data.content = data.SerializeToString()
-    return experiment, session_start, session_end
+    # SummaryWriter.add_hparams would put the record in a run of its own: written to this run's file.
+    tb.experiment.file_writer.add_summary(experiment)
+    tb.experiment.file_writer.add_summary(session_start)
+    tb.experiment.add_custom_scalars(LAYOUT)
+    return session_end  # written by the caller when the run ends (status: finished)
 
 
 def full_data_mse(trainer: L.Trainer, module: L.LightningModule) -> float:

@@ -26,14 +26,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from linreg.config import ConfigError
-from linreg.dashboard import LAYOUT, hparams, hparams_summaries, param_names
+from linreg.dashboard import hp_metrics, hparams, param_names, start_hparams
 from linreg.data import EpochBatchSampler
 from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
 from linreg.record import RunRecord, identity
 from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
-
-# What the members of one group may differ in: numbers of the same shape in every member.
-STACKED_KEYS = ("seed", "model.lr", "model.init", "data.delta", "data.deg", "data.w")
 
 Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
 
@@ -41,28 +38,16 @@ Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value pe
 def group_key(cfg: DictConfig) -> str:
     """What a job shares with the rest of its group: its config less loggers and the numbers members differ in."""
     plain = identity(cfg)
-    plain.pop("logger", None)
-    for key in STACKED_KEYS:
+    plain["data"]["w"] = len(plain["data"]["w"])  # a weight vector of another length is another shape
+    for key in ("logger", "seed", "model.lr", "model.init", "data.delta", "data.deg"):  # members' own numbers
         group, _, name = key.rpartition(".")
-        holder = plain.get(group) if group else plain
-        if isinstance(holder, dict) and name in holder:
-            value = holder.pop(name)
-            if key == "data.w":
-                holder["w_len"] = len(value)  # a weight vector of another length is another shape
+        (plain[group] if group else plain).pop(name, None)
     return json.dumps(plain, sort_keys=True, default=str)
 
 
 def member_bytes(cfg: DictConfig) -> int:
     """Bytes one member adds to its group: its data (float32) twice while stacked, and its epoch's permutation."""
     return 4 * cfg.data.num_examples * (2 * (len(cfg.data.w) + 1) + 1)
-
-
-def split_groups(members: list[int], size: int, budget: int, max_size: int | None) -> list[list[int]]:
-    """Consecutive chunks of `members`, each within `budget` bytes (at least one member) and `max_size`."""
-    per = max(1, budget // max(size, 1))
-    if max_size is not None:
-        per = min(per, max_size)
-    return [members[i : i + per] for i in range(0, len(members), per)]
 
 
 class StackedBatches:
@@ -99,7 +84,7 @@ class StackedRegression(L.LightningModule):
         self.batch_loss = vmap(lambda p, x, y: model.loss(functional_call(model, p, (x,)), y))
         self.full_mse = vmap(lambda p, x, y: squared_loss(functional_call(model, p, (x,)), y))  # validation_step's
         self.every = log_interval(model.hparams.log_every_sgd_steps, x.shape[1], batch_size)
-        self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"train/loss": [], "params": [], "train/mse": []}
+        self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"params": [], "train/loss": [], "train/mse": []}
         self.start_mse = torch.full((len(models),), torch.nan)
         self.diverged: list[int | None] = [None] * len(models)
         self.logged_at = -1  # the step params were last noted at
@@ -181,31 +166,18 @@ class Member:
         """Its single run's logger runs (train/*, params/*, HParams; no graph or fit image), then metrics.json."""
         loggers, r = build_loggers(self.cfg, out, label), self.record
         tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
-
-        def log(metrics: dict[str, float], step: int) -> None:
-            for lg in loggers:
-                lg.log_metrics(metrics, step=step)
-
-        def hp(mse: float) -> dict[str, float]:
-            return {"hp/train_mse": mse, "hp/ols_gap": mse - r.ols_mse}
-
         for lg in loggers:
             lg.log_hyperparams(self.hparams)
-        if tb is not None:  # into the run's own event file, as the Dashboard writes it
-            experiment, start, end = hparams_summaries(hparams(RunRecord.of(self.cfg, "running")), hp(self.start_mse))
-            tb.experiment.file_writer.add_summary(experiment)
-            tb.experiment.file_writer.add_summary(start)
-            tb.experiment.add_custom_scalars(LAYOUT)
-        names = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
-        for step, values in self.curves["params"]:
-            log(dict(zip(names, values)), step)
-        for tag in ("train/loss", "train/mse"):
-            for step, (value,) in self.curves[tag]:
-                log({tag: value}, step)
-        log(hp(self.curves["train/mse"][-1][1][0]), r.steps)  # the HParams metrics, once, at the end
-        if tb is not None:
-            tb.experiment.file_writer.add_summary(end)
+        if tb is not None:  # as the Dashboard writes them
+            end = start_hparams(tb, hparams(RunRecord.of(self.cfg, "running")), hp_metrics(self.start_mse, r.ols_mse))
+        params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
+        rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
+        rows.append((r.steps, hp_metrics(self.curves["train/mse"][-1][1][0], r.ols_mse)))  # once, at the end
         for lg in loggers:
+            for step, metrics in rows:
+                lg.log_metrics(metrics, step=step)
+            if lg is tb:
+                tb.experiment.file_writer.add_summary(end)
             lg.finalize("success")
         r.write(out)
 

@@ -1,12 +1,10 @@
 """`hydra/launcher=vectorized`: the jobs of a sweep that differ only in numbers train as one stacked model.
 
-Every job is composed and checked first. Jobs that stack (same `linreg.stacked.group_key`) train in groups,
-split by a memory budget and `max_group_size`, each group in one `Trainer.fit` (`linreg.stacked.train_group`)
-while it holds its members' run-dir locks; then Hydra's `run_job` sets each member up as the basic launcher
-does (job dir, `.hydra/*.yaml`, job log, callbacks) around a task that writes its logs and metrics.json.
-A job that does not stack (a value a run refuses, one finished before with resume=true, a model class of
-one's own) runs as the basic launcher runs it; a job whose dir holds another run is a row, with nothing
-written into that dir. torch and Lightning are imported in `launch`: Hydra imports plugins at start-up.
+Jobs that stack (same `linreg.stacked.group_key`) train in groups split by a memory budget and `max_group_size`,
+each in one `Trainer.fit` under its members' run-dir locks; then Hydra's `run_job` sets each member up as the
+basic launcher does, around a task that writes its logs and metrics.json. Any other job (a value a run refuses,
+one finished before with resume=true, a model class of one's own) runs as the basic launcher runs it; a job whose
+dir holds another run is a row, with nothing written there. torch and Lightning are imported in `launch`.
 """
 
 import logging
@@ -26,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import MODELS, ConfigError, check
-from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs
+from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, identity, refuse_other_runs
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("linreg.train")  # a job's own lines, as `linreg.train.main` writes them
@@ -91,16 +89,12 @@ class VectorizedLauncher(Launcher):
         with open_dict(config):
             config.hydra.job.id, config.hydra.job.num = num, num
         job = Job(num, config, Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute())
-        previous = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(config)  # for the job's own `${hydra:...}` values
+        HydraConfig.instance().set_config(config)  # for its `${hydra:...}` values (`run_job` sets it again later)
         try:
             check(config)
-            own = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-            cfg = OmegaConf.create(OmegaConf.to_container(own, resolve=True))
+            cfg = OmegaConf.create({**identity(config), "resume": config.resume})  # plain data, to train outside Hydra
         except (ConfigError, OmegaConfBaseException):
             return job  # its single run records why
-        finally:
-            HydraConfig.instance().cfg = previous
         if cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
             return job  # a model class of one's own trains alone; a finished job is kept by its single run
         try:
@@ -112,36 +106,33 @@ class VectorizedLauncher(Launcher):
         return job
 
     def groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs with the same key, in the order of each key's first job, split to fit the budget."""
-        from linreg.stacked import member_bytes, split_groups
+        """Jobs with the same key, in the order of each key's first job, in chunks within the budget and sizes."""
+        from linreg.stacked import member_bytes
 
-        by_key: dict[Any, list[int]] = {}
-        for i, job in enumerate(jobs):
-            by_key.setdefault(job.key, []).append(i)
-        max_size = self.max_group_size
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY:  # a member holds its run dir's lock (an open file) while its group trains
-            max_size = min(max_size or soft, max(1, soft - FILES_KEPT_FREE))
+        by_key: dict[Any, list[Job]] = {}
+        for job in jobs:
+            by_key.setdefault(job.key, []).append(job)
+        # A member holds its run dir's lock, an open file, while its group trains (a limit of -1: none).
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        most = min(self.max_group_size or math.inf, math.inf if files < 0 else files - FILES_KEPT_FREE)
         groups = []
         for members in by_key.values():
-            first = jobs[members[0]].cfg
-            budget = self.budget(str(first.trainer.accelerator))
-            groups += [
-                [jobs[i] for i in chunk] for chunk in split_groups(members, member_bytes(first), budget, max_size)
-            ]
+            cfg = members[0].cfg
+            size = max(1, int(min(self.budget(cfg) // member_bytes(cfg), most)))  # one member over budget: alone
+            groups += [members[i : i + size] for i in range(0, len(members), size)]
         return groups
 
-    def budget(self, accelerator: str) -> int:
+    def budget(self, cfg: DictConfig) -> float:
         """Bytes one group's data may take: the setting, or a share of the free host (and GPU) memory."""
         if self.memory_budget_gb is not None:
-            return int(float(self.memory_budget_gb) * 2**30)
+            return float(self.memory_budget_gb) * 2**30
         import psutil
         import torch
 
-        budget = psutil.virtual_memory().available // BUDGET_SHARE
-        if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-            budget = min(budget, torch.cuda.mem_get_info()[0] // BUDGET_SHARE)
-        return int(budget)
+        free = [psutil.virtual_memory().available]
+        if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            free.append(torch.cuda.mem_get_info()[0])
+        return min(free) / BUDGET_SHARE
 
     def lock(self, job: Job, locks: ExitStack, returns: dict[int, JobReturn]) -> bool:
         """Take the member's run-dir lock for its group's life; a dir another run took since is a refused row."""
@@ -165,17 +156,13 @@ class VectorizedLauncher(Launcher):
         config, callbacks = job.config, self.hydra_context.callbacks
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = str(job.out)  # where its row is looked for (and has no metrics.json)
-        previous = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(config)
-        try:
-            callbacks.on_job_start(config=config, task_function=self.task_function)
-            job_log.error("job refused: %s", err)
-            ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task), status=JobStatus.COMPLETED)
-            ret.return_value = math.inf
-            callbacks.on_job_end(config=config, job_return=ret)
-            return ret
-        finally:
-            HydraConfig.instance().cfg = previous
+        HydraConfig.instance().set_config(config)  # as `run_job` leaves it
+        callbacks.on_job_start(config=config, task_function=self.task_function)
+        job_log.error("job refused: %s", err)
+        ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task), status=JobStatus.COMPLETED)
+        ret.return_value = math.inf
+        callbacks.on_job_end(config=config, job_return=ret)
+        return ret
 
 
 def member_task(result: Any) -> TaskFunction:
