@@ -1,10 +1,11 @@
-# `make run` reproduces the tutorial, `make test` runs the suite; both create .venv on first use.
+# `make run` reproduces the tutorial, `make test` runs the fast suite (minutes), `make test-all` the system
+# tests it leaves out (SLURM, wheel install, long sweeps, servers); all create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench tensorboard optuna-dashboard clean
+.PHONY: run test test-all lint bench tensorboard optuna-dashboard clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +18,14 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(PY) -m linreg.reproduce
 
+# PYTEST_ARGS: more pytest arguments, e.g. make test PYTEST_ARGS="-x tests/test_sweep.py".
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not system" $(PYTEST_ARGS)
+
+# The SLURM tests skip (saying why) unless a cluster answers: see .ci/run, scripts/slurm-local.sh.
+test-all: $(STAMP)
+	$(PY) -m pytest -m system $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -1,4 +1,5 @@
-"""The launchers through the CLI: the same bits whichever runs a job, and workers that end with their sweep."""
+"""The launchers through the CLI: a sweep's console, the same bits whichever runs a job, and workers that end with
+their sweep. `make test` runs one quick sweep per launcher kind (basic, joblib); the rest are `system` tests."""
 
 import json
 import os
@@ -8,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import REPO, run_cli
-
-pytestmark = pytest.mark.slow
+from tests.conftest import REPO, Ran, run_cli
 
 LAUNCHERS = {
     "basic": [],
@@ -21,6 +21,7 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("model", ["manual", "linear"])
 def test_every_launcher_gives_the_same_bits(tmp_path, model):
     # 60,000 samples: big enough that torch splits its reductions across threads unless the run fixes them.
@@ -46,6 +47,19 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in state
 
 
+def lock_holders(sweep_pid: int, locks: list[Path]) -> dict[Path, int]:
+    """{run-dir lock: pid} for the sweep's descendants that hold a job's `.lock` open (the processes running jobs)."""
+    found = {}
+    for proc in psutil.Process(sweep_pid).children(recursive=True):
+        try:
+            opened = {Path(f.path) for f in proc.open_files()}
+        except psutil.Error:  # gone, or a zombie: not running a job
+            continue
+        found |= {lock: proc.pid for lock in locks if lock in opened}
+    return found
+
+
+@pytest.mark.system
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
     sweep = tmp_path / "sweep"
@@ -56,13 +70,15 @@ def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
     locks = [sweep / j / ".lock" for j in ("0", "1")]
     try:
         deadline = time.monotonic() + 180
-        while not all(p.exists() and p.read_text().strip() for p in locks):
+        while len(holders := lock_holders(sweeper.pid, locks)) < len(locks):
             assert time.monotonic() < deadline and sweeper.poll() is None, "the jobs never started"
-            time.sleep(0.01)  # kill at once: a job may not have built its Trainer yet, and must still end
-        workers = [int(p.read_text()) for p in locks]
-        assert sweeper.pid not in workers  # jobs run in joblib's worker processes
+            time.sleep(0.02)  # kill at once: a job may not have built its Trainer yet, and must still end
+        workers = sorted(holders.values())
+        assert sweeper.pid not in workers  # jobs run in the launcher's worker processes
+        others = [p.pid for p in psutil.Process(sweeper.pid).children(recursive=True)]
     finally:
-        os.kill(sweeper.pid, signal.SIGKILL)  # the sweep's own process only: its workers are orphaned
+        if sweeper.poll() is None:
+            os.kill(sweeper.pid, signal.SIGKILL)  # the sweep's own process only: its workers are orphaned
         sweeper.wait()
     deadline = time.monotonic() + 180  # a loaded machine: a worker notices at its next training call
     while any(alive(pid) for pid in workers):
@@ -70,13 +86,27 @@ def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
         time.sleep(0.2)
     assert not any((sweep / j / "metrics.json").exists() for j in ("0", "1"))
     assert all("job ended: the sweep's process" in (sweep / j / "train.log").read_text() for j in ("0", "1"))
+    # Nothing else the sweep started stays behind either (joblib's idle workers, its resource tracker).
+    while any(alive(pid) for pid in others):
+        assert time.monotonic() < deadline, [Path(f"/proc/{p}/cmdline").read_text()[:300] for p in others if alive(p)]
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def joblib_sweep(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    """The smoke sweep (4 jobs) with joblib's 2 workers: the one parallel sweep of `make test`."""
+    sweep = tmp_path_factory.mktemp("joblib") / "sweep"
+    proc = run_cli("--multirun", "sweep=smoke", *LAUNCHERS["joblib"], f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Ran(sweep, proc)
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
-def test_a_sweeps_console_is_a_line_a_job_between_a_header_and_a_footer(tmp_path, launcher):
-    sweep = tmp_path / "sweep"
-    proc = run_cli("--multirun", "sweep=smoke", *LAUNCHERS[launcher], f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_a_sweeps_console_is_a_line_a_job_between_a_header_and_a_footer(
+    request: pytest.FixtureRequest, launcher: str
+) -> None:
+    ran = request.getfixturevalue("smoke_sweep" if launcher == "basic" else "joblib_sweep")
+    sweep, proc = ran.dir, ran.proc
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) == 6, lines
     assert lines[0].endswith(f"sweep: 4 jobs -> {sweep}") and lines[-1].endswith(
@@ -84,3 +114,17 @@ def test_a_sweeps_console_is_a_line_a_job_between_a_header_and_a_footer(tmp_path
     )
     assert all("ok train_mse=" in line for line in lines[1:-1])
     assert len(set(lines)) == len(lines)  # every line once
+
+
+def test_joblib_jobs_get_distinct_dirs_and_tensorboard_runs(joblib_sweep: Ran) -> None:
+    """Jobs that run at once in 2 workers: each writes its own dir and its own TensorBoard run."""
+    sweep = joblib_sweep.dir
+    records = [json.loads((sweep / j / "metrics.json").read_text()) for j in "0123"]
+    assert [(r["model"], r["lr"], r["status"]) for r in records] == [
+        ("manual", 0.03, "ok"),
+        ("manual", 0.1, "ok"),
+        ("linear", 0.03, "ok"),
+        ("linear", 0.1, "ok"),
+    ]
+    events = [sorted((sweep / j / "tensorboard").rglob("events.out.tfevents.*")) for j in "0123"]
+    assert all(len(e) == 1 for e in events)  # one run each: no job wrote into another's TensorBoard dir

@@ -1,7 +1,8 @@
-"""The submitit_slurm launcher against a real SLURM cluster (`scripts/slurm-local.sh start`); skipped without one.
+"""The submitit_slurm launcher against a real SLURM cluster, and `scripts/slurm-local.sh`'s own checks.
 
-Also `scripts/slurm-local.sh` as root: planted state dirs and pid files are refused or ignored (needs root, no
-cluster), and a running cluster takes connections from loopback only.
+The cluster tests are `system` tests (`make test-all`, after `scripts/slurm-local.sh start` and
+`eval "$(scripts/slurm-local.sh env)"`, as .ci/run does); each skips, saying why, without a cluster that answers.
+The script's refusals of planted state dirs and pid files need root but no SLURM: they run in `make test`.
 """
 
 import csv
@@ -66,6 +67,7 @@ def job_states(job_id: str, env: dict[str, str]) -> dict[str, tuple[str, str]]:
     return {task: (state, node) for task, state, node in rows}
 
 
+@pytest.mark.system
 @pytest.mark.timeout(400)
 def test_grid_runs_as_slurm_array(slurm: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2-job grid through `hydra/launcher=slurm`: one array job, every task COMPLETED, every job's metrics ok."""
@@ -121,6 +123,7 @@ def test_grid_runs_as_slurm_array(slurm: dict[str, str], tmp_path: Path, monkeyp
         assert float(r["train_mse"]) == pytest.approx(by_model[r["model"]]["train_mse"], rel=1e-6)
 
 
+@pytest.mark.system
 @pytest.mark.timeout(180)
 def test_hard_dead_job_is_reported(slurm: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A job killed without a result file ends submitit's wait with an error (via the sacct stand-in), not a hang."""
@@ -140,10 +143,22 @@ def test_hard_dead_job_is_reported(slurm: dict[str, str], tmp_path: Path, monkey
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="slurm-local.sh start/stop run as root only")
 
 
-def slurm_local(command: str, state_dir: Path) -> subprocess.CompletedProcess:
+def slurm_local(command: str, state_dir: Path, path: str | None = None) -> subprocess.CompletedProcess:
     """`scripts/slurm-local.sh COMMAND` on its own state dir (never the one a running cluster uses)."""
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(state_dir)}
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state_dir), "PATH": path or os.environ["PATH"]}
     return subprocess.run([str(SLURM_LOCAL), command], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture
+def stub_slurm(tmp_path: Path) -> str:
+    """A PATH whose `slurmctld` is a stub that only fails loudly: `start` gets past its "is SLURM installed"
+    check without SLURM, and the test fails if the script runs a daemon at all."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "slurmctld"
+    stub.write_text("#!/bin/sh\necho 'stub slurmctld: the script ran a daemon' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
 def processes_naming(path: Path) -> list[str]:
@@ -194,11 +209,11 @@ def plant(kind: str, tmp_path: Path) -> tuple[Path, Path]:
         ("stop", "world-writable", "lets other users write"),
     ],
 )
-def test_planted_state_dir_is_refused(command: str, kind: str, reason: str, tmp_path: Path) -> None:
+def test_planted_state_dir_is_refused(command: str, kind: str, reason: str, tmp_path: Path, stub_slurm: str) -> None:
     """A state dir that is a symlink, someone else's, writable by others or not the script's: one line, exit 1."""
     state, victim = plant(kind, tmp_path)
     before = {p.name: p.read_bytes() for p in state.iterdir()} if kind == "foreign" else None
-    proc = slurm_local(command, state)
+    proc = slurm_local(command, state, path=stub_slurm)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and proc.stdout == "", proc.stdout + proc.stderr
@@ -231,6 +246,7 @@ def test_planted_pid_file_is_not_killed(tmp_path: Path) -> None:
         bystander.wait()
 
 
+@pytest.mark.system
 @needs_root
 def test_pid_file_of_another_cluster_is_not_killed(slurm: dict[str, str], tmp_path: Path) -> None:
     """A pid file naming the running cluster's own slurmctld, planted in another state dir, kills nothing."""
@@ -283,6 +299,7 @@ def loopback_only(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return (mapped or addr).is_loopback
 
 
+@pytest.mark.system
 def test_daemons_take_loopback_connections_only(slurm: dict[str, str]) -> None:
     """slurmctld's and slurmd's ports: bound to loopback addresses, or dropped by iptables on other interfaces."""
     ctld_port = int(conf_value("SlurmctldPort") or 6817)
@@ -302,6 +319,7 @@ def test_daemons_take_loopback_connections_only(slurm: dict[str, str]) -> None:
         assert rule in rules.splitlines(), f"port {port} listens on {[str(a) for a in addrs]} with no rule {rule!r}"
 
 
+@pytest.mark.system
 def test_state_dir_is_private(slurm: dict[str, str]) -> None:
     """The running cluster's state dir (slurm-local.sh's) is root's 0711, its munge dir munge's, no symlinks."""
     state = Path(os.environ["SLURM_CONF"]).parent

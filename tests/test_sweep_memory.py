@@ -7,14 +7,14 @@ from benchmarks.sweep_memory import run_sweep
 MIB = 1024  # rss.tsv holds KiB
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_basic_launcher_stays_flat_over_300_jobs(tmp_path):
     rss = run_sweep(tmp_path / "sweep", 300)
     assert len(rss) == 300
     assert rss[-1] - rss[49] < 20 * MIB, f"launcher RSS after job 50: {rss[49]} KiB, after job 300: {rss[-1]} KiB"
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_joblib_parent_stays_flat_over_200_jobs(tmp_path):
     rss = run_sweep(tmp_path / "sweep", 200, launcher="joblib", n_jobs=2)
     assert len(rss) == 200
