@@ -8,6 +8,7 @@ import io
 import json
 import math
 import statistics
+import sys
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,10 +27,7 @@ Row = dict[str, Any]
 
 def num(value: Any) -> float | None:
     """A finite number as a float, else None (text, bools, NaN, an integer past float's range)."""
-    try:
-        return float(value) if is_number(value) else None
-    except OverflowError:
-        return None
+    return float(value) if is_number(value) and abs(value) <= sys.float_info.max else None
 
 
 def value_of(row: Row, key: str | None) -> Any:
@@ -64,11 +62,10 @@ def layout(rows: list[Row], swept: list[str]) -> tuple[str, str | None, list[str
     return x, line, [k for k in rest if k != line]
 
 
-def figure(
-    rows: list[Row], x: str, panels: int, ylabel: str, sharey: bool
-) -> tuple[Figure, list[Any], dict[Any, float], bool]:
-    """`panels` panels in rows of 4 sharing axes, x log for a wide numeric range, the swept values as its ticks;
-    and the x positions (the number itself, or its rank when any value is text) and whether x is log."""
+def figure(rows: list[Row], x: str, panels: int, ylabel: str, sharey: bool) -> tuple[Figure, list[Any], Any]:
+    """`panels` panels in rows of 4 sharing axes, x log for a wide numeric range, the swept values as its ticks; and
+    `at(i, n)`: the x positions of the i-th of n series (the number, or its rank when any value is text), side by side
+    on a log axis rather than on top of each other."""
     values = distinct(rows, x)
     numeric = all(num(v) is not None for v in values)
     pos = {v: num(v) if numeric else float(i) for i, v in enumerate(values)}
@@ -88,7 +85,7 @@ def figure(
     if len(pos) <= MAX_TICKS:
         axes[0].set_xticks(list(pos.values()), [str(v) for v in pos])  # type: ignore[arg-type]
         axes[0].xaxis.set_minor_locator(NullLocator())
-    return fig, axes[:panels], pos, log_x  # type: ignore[return-value]
+    return fig, axes[:panels], lambda i, n: {v: p * 1.1 ** (i - (n - 1) / 2) if log_x else p for v, p in pos.items()}
 
 
 def png(fig: Figure) -> bytes:
@@ -108,13 +105,11 @@ def mse_figure(rows: list[Row], swept: list[str]) -> Figure:
         groups.setdefault(tuple(value_of(r, k) for k in panel_keys), []).append(r)
     shown = list(groups.items())[:MAX_PANELS] or [((), [])]
     lines = distinct(placed, line) or [None]
-    fig, axes, pos, log_x = figure(placed, x, len(shown), "train MSE − floor", True)
+    fig, axes, at = figure(placed, x, len(shown), "train MSE − floor", True)
     ys = []
     for ax, (combo, panel) in zip(axes, shown):
         for i, value in enumerate(lines):
-            shift = 1.1 ** (i - (len(lines) - 1) / 2) if log_x else 1  # lines side by side, not on top
-            mine = [r for r in panel if value_of(r, line) == value]
-            ys += draw_jobs(ax, mine, {v: p * shift for v, p in pos.items()}, x, f"C{i % 10}")
+            ys += draw_jobs(ax, [r for r in panel if value_of(r, line) == value], at(i, len(lines)), x, f"C{i % 10}")
         floors = [f for r in panel if (f := num(r["ols_mse"])) is not None]
         floor = statistics.median(floors) if floors else None
         if floor:
@@ -165,16 +160,14 @@ def weights_figure(rows: list[Row], swept: list[str]) -> Figure:
     x = layout(rows, swept)[0]
     ok = [r for r in rows if r["status"] == "ok" and value_of(r, x) is not None and isinstance(r["weights"], list)]
     count = min(max((len(r["weights"]) for r in ok), default=1), MAX_PANELS)
-    names = [f"w{j + 1}" for j in range(count - 1)] + [
-        "b" if ok and all(r["bias"] is not False for r in ok) else f"w{count}"
-    ]
+    names = [f"w{j + 1}" for j in range(count)]
+    names[-1] = "b" if ok and all(r["bias"] is not False for r in ok) else names[-1]
     settings = list(dict.fromkeys(f"deg={r['deg']}, delta={r['delta']}" for r in ok))
-    fig, axes, pos, log_x = figure(ok, x, count, "learned coefficient", False)
+    fig, axes, at = figure(ok, x, count, "learned coefficient", False)
     for j, ax in enumerate(axes):
         for i, setting in enumerate(settings):
             mine = [r for r in ok if f"deg={r['deg']}, delta={r['delta']}" == setting and j < len(r["weights"])]
-            shift = 1.1 ** (i - (len(settings) - 1) / 2) if log_x else 1  # side by side, not on top
-            pts = [(pos[value_of(r, x)] * shift, w) for r in mine if (w := num(r["weights"][j])) is not None]
+            pts = [(at(i, len(settings))[value_of(r, x)], w) for r in mine if (w := num(r["weights"][j])) is not None]
             ax.plot([p for p, _ in pts], [w for _, w in pts], "o", color=f"C{i % 10}", ms=4, alpha=0.7)
         for truth in {num(t[j]) for r in ok if isinstance(t := r["true_weights"], list) and j < len(t)} - {None}:
             ax.axhline(truth, color="k", ls="--", lw=1)

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,6 @@ MD_COLUMNS = "job model deg delta lr batch_size status train_mse ols_mse gap wei
 PLAN, PROGRESS, PLOTS = ".sweep-plan.json", "progress.log", ("mse.png", "weights.png")
 STATUSES = ("ok", "diverged", "failed", "missing", "corrupt")
 VERBS = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}  # no result
-SHOWN = 3  # distinct errors named per kind of failure in the one-line summary (results.md has them all)
-ETA_AFTER = (3, 5.0)  # jobs and seconds before the pace so far says anything about what is left
 
 
 def one_line(text: Any) -> str:
@@ -57,34 +54,23 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def overrides_of(job_dir: Path) -> list[str]:
-    """The job's overrides as Hydra saved them, less `resume` (how it ran, not what it computed)."""
-    path = job_dir / ".hydra" / "overrides.yaml"
-    overrides = read_file(path) if os.path.lexists(path) else []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise CorruptRecord("overrides.yaml: not a list of overrides")
-    return [o for o in overrides if override_key(o) != "resume"]
-
-
-def record_of(job_dir: Path) -> RunRecord:
-    """The job's record; without a metrics.json, a `missing` one with what its saved config decides."""
-    try:
-        return RunRecord.read(job_dir)
-    except FileNotFoundError:
-        pass
-    path = job_dir / ".hydra" / "config.yaml"
-    config = read_file(path) if os.path.lexists(path) else {}
-    if not isinstance(config, dict):
-        raise CorruptRecord("config.yaml: not a mapping")
-    return RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
-
-
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """A job dir as a row: its record's fields, the gap to the floor, where it came from; `corrupt` if untrusted."""
+    """A job dir as a row: its record's fields, the gap to the floor, its overrides less `resume` (how it ran, not
+    what it computed); `missing` with what its saved config decides without a metrics.json; `corrupt` if untrusted."""
     row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": str(job_dir.resolve())}
+    hydra = job_dir / ".hydra"
     try:
-        row["overrides"] = overrides_of(job_dir)
-        record = record_of(job_dir)
+        overrides = read_file(hydra / "overrides.yaml") if os.path.lexists(hydra / "overrides.yaml") else []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise CorruptRecord("overrides.yaml: not a list of overrides")
+        row["overrides"] = [o for o in overrides if override_key(o) != "resume"]
+        if os.path.lexists(job_dir / "metrics.json"):
+            record = RunRecord.read(job_dir)
+        else:
+            config = read_file(hydra / "config.yaml") if os.path.lexists(hydra / "config.yaml") else {}
+            if not isinstance(config, dict):
+                raise CorruptRecord("config.yaml: not a mapping")
+            record = RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
     except (CorruptRecord, OverflowError) as err:  # OverflowError: an integer past float's range as a number
         return row | {"status": "corrupt", "error": one_line(err)}
     fields, data = record.as_json(), record.data or {}
@@ -100,42 +86,32 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({job.get(k) for job in given}) > 1]
 
 
-def jobs_label(rows: list[dict[str, Any]], limit: int | None = None) -> str:
-    """`#3`, or `jobs 0-15, 17` (at most `limit` pieces)."""
-    numbers = sorted(int(r["job"]) for r in rows if r["job"].isdigit())
-    spans = [[n for _, n in g] for _, g in itertools.groupby(enumerate(numbers), lambda t: t[1] - t[0])]
-    pieces = [f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in spans]
-    pieces += [r["job"] for r in rows if not r["job"].isdigit()]
-    if limit and len(pieces) > limit:
-        pieces = [*pieces[:limit], f"… ({len(rows)} in all)"]
-    return f"#{rows[0]['job']}" if len(rows) == 1 else "jobs " + ", ".join(pieces)
-
-
-def by_error(rows: list[dict[str, Any]], status: str) -> dict[str, list[dict[str, Any]]]:
-    """The jobs of one status grouped by their error, in the order of their first job."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r["status"] == status:
-            groups.setdefault(r["error"] or "no error recorded", []).append(r)
+def failures(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """The jobs without a result by status (in VERBS' order) and error: `{("failed", "boom"): ["3", "7"]}`."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in sorted((r for r in rows if r["status"] in VERBS), key=lambda r: list(VERBS).index(r["status"])):
+        groups.setdefault((r["status"], r["error"] or "no error recorded"), []).append(r["job"])
     return groups
 
 
-def failure_line(rows: list[dict[str, Any]]) -> str | None:
-    """`2 of 48 jobs failed: <error> (jobs 3, 7)`: each kind of failure, its first few errors with their jobs."""
-    clauses = []
-    for status, verb in VERBS.items():
-        if groups := by_error(rows, status):
-            named = [f"{e if len(e) <= 120 else e[:119] + '…'} ({jobs_label(g, 6)})" for e, g in groups.items()]
-            named = named[:SHOWN] + ([f"{len(named) - SHOWN} more errors in results.md"] if len(named) > SHOWN else [])
-            total = f"{len(rows)} job{'s' * (len(rows) != 1)}"
-            clauses.append(f"{sum(map(len, groups.values()))} of {total} {verb}: {'; '.join(named)}")
-    return "; ".join(clauses) or None
+def jobs_label(names: list[str], limit: int = 0) -> str:
+    """`#3`, or `jobs 0-15, 17` (runs of numbers as spans; at most `limit` pieces)."""
+    numbers = [int(j) for j in names if j.isdigit()]
+    spans = [[n for _, n in g] for _, g in itertools.groupby(enumerate(numbers), lambda t: t[1] - t[0])]
+    pieces = [f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in spans] + [j for j in names if not j.isdigit()]
+    pieces = pieces[:limit] + [f"… ({len(names)} in all)"] if 0 < limit < len(pieces) else pieces
+    return f"#{names[0]}" if len(names) == 1 else "jobs " + ", ".join(pieces)
+
+
+def n_jobs(n: int | None) -> str:
+    """`1 job`, `48 jobs`."""
+    return f"{'an unknown number of' if n is None else n} job{'s' * (n != 1)}"
 
 
 def counts(rows: list[dict[str, Any]]) -> str:
     """`48 jobs: 46 ok, 2 failed`."""
     found = [f"{n} {s}" for s in STATUSES if (n := sum(r["status"] == s for r in rows))]
-    return f"{len(rows)} job{'s' * (len(rows) != 1)}: {', '.join(found)}"
+    return f"{n_jobs(len(rows))}: {', '.join(found)}"
 
 
 def cell(value: Any) -> str:
@@ -148,14 +124,12 @@ def cell(value: Any) -> str:
 def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     """The counts, each failure once with its jobs, the table and the plots."""
     lines = [f"# Sweep {sweep_dir.name}", "", f"{counts(rows)}.", ""]
-    failures = [f"- **{s}** {jobs_label(g)}: {cell(e)}" for s in VERBS for e, g in by_error(rows, s).items()]
-    lines += [*failures, ""] if failures else []
+    failed = [f"- **{s}** {jobs_label(js)}: {cell(e)}" for (s, e), js in failures(rows).items()]
+    lines += [*failed, ""] if failed else []
     lines += ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for r in rows:
-        cells = {k: cell(r[k]) for k in MD_COLUMNS} | (
-            {} if r["status"] in STATUSES[:2] else {"status": f"**{r['status']}**"}
-        )
-        lines.append("| " + " | ".join(cells.values()) + " |")
+        status = f"**{r['status']}**" if r["status"] in VERBS else r["status"]
+        lines.append("| " + " | ".join(cell(r[k]) if k != "status" else status for k in MD_COLUMNS) + " |")
     return "\n".join([*lines, "", *(f"![{name}]({name})" for name in PLOTS)]) + "\n"
 
 
@@ -170,25 +144,6 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_all(sweep_dir: Path, files: dict[str, Callable[[], bytes]]) -> list[str]:
-    """Make and write each file, one failing not stopping the rest; what failed, a clause per reason."""
-    failed: dict[tuple[str, str], list[str]] = {}
-    for name, make in files.items():
-        try:
-            write_atomic(sweep_dir / name, make())
-            continue
-        except OSError as err:  # a full disk, a read-only dir, a directory in the file's place
-            why = ("cannot write", err.strerror or one_line(err))
-        except Exception as err:  # a plot that cannot be drawn must cost neither the table nor the exit status
-            why = ("could not make", one_line(f"{type(err).__name__}: {err}"))
-        failed.setdefault(why, []).append(name)
-        with contextlib.suppress(OSError):
-            (sweep_dir / name).unlink(missing_ok=True)  # an older file would pass for this sweep's
-    return [
-        f"{verb} {', '.join([str(sweep_dir / names[0]), *names[1:]])}: {why}" for (verb, why), names in failed.items()
-    ]
-
-
 def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     """Write results.csv, results.md and the plots; the summary line, and the error line (None if all is well)."""
     from linreg.plots import mse_figure, png, weights_figure
@@ -197,15 +152,27 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     rows = [job_row(d) for d in job_dirs(sweep_dir, plan["jobs"] if plan["grid"] else None)]  # Optuna's: by trial
     if not rows:
         return "0 jobs", f"error: sweep {sweep_dir}: no job dirs: no job left a result"
-    swept = plan["swept"] or swept_keys(rows)
-    problems = write_all(sweep_dir, {  # in this order: the table first, so that a plot failing cannot cost it
+    swept, clauses = plan["swept"] or swept_keys(rows), []
+    for name, make in {  # in this order: the table first, so that a plot failing cannot cost it
         "results.csv": lambda: to_csv(rows).encode(),
         "results.md": lambda: to_markdown(sweep_dir, rows).encode(),
         "mse.png": lambda: png(mse_figure(rows, swept)),
         "weights.png": lambda: png(weights_figure(rows, swept)),
-    })  # fmt: skip
+    }.items():
+        try:
+            write_atomic(sweep_dir / name, make())
+        except Exception as err:  # a full disk, a read-only dir; a plot that cannot be drawn must not cost the rest
+            verb = "cannot write" if isinstance(err, OSError) else "could not make"
+            why = (isinstance(err, OSError) and err.strerror) or one_line(f"{type(err).__name__}: {err}")
+            clauses.append(f"{verb} {sweep_dir / name}: {why}")
+            with contextlib.suppress(OSError):
+                (sweep_dir / name).unlink(missing_ok=True)  # an older file would pass for this sweep's
+    named = [  # each error once, the first few: results.md lists them all
+        f"{len(js)} of {n_jobs(len(rows))} {VERBS[s]}: {e if len(e) <= 120 else e[:119] + '…'} ({jobs_label(js, 6)})"
+        for (s, e), js in failures(rows).items()
+    ]
+    clauses += named[:3] + [f"{len(named) - 3} more errors in results.md"] * (len(named) > 3)
     where = f" -> {sweep_dir / 'results.md'}" if (sweep_dir / "results.md").is_file() else ""
-    clauses = [*problems, *filter(None, [failure_line(rows)])]
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
@@ -215,11 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. outputs/multirun/<time>")
     d = parser.parse_args(argv).sweep_dir
     try:
-        marked = (d / PLAN).is_file() or (d / "multirun.yaml").is_file()  # a dir of single runs has neither
         why = "no such directory" if not d.exists() else "not a directory" if not d.is_dir() else None
-        why = why or (
-            None if marked and job_dirs(d) else "not a sweep dir (no job dirs with a sweep plan or multirun.yaml)"
-        )
+        if not why and not (((d / PLAN).is_file() or (d / "multirun.yaml").is_file()) and job_dirs(d)):
+            why = "not a sweep dir (no job dirs with a sweep plan or multirun.yaml)"  # e.g. a dir of single runs
     except OSError as err:
         why = f"cannot read: {err.strerror}"
     if why:
@@ -289,20 +254,10 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     if plan["started"] is not None:
         elapsed = (time.time() if now is None else now) - plan["started"]
         clock = f" {duration(elapsed)}"
-        if total and k < total and k >= ETA_AFTER[0] and elapsed >= ETA_AFTER[1]:
+        if total and 3 <= k < total and elapsed >= 5:  # before that the pace so far says nothing of what is left
             clock += f", ~{duration(elapsed / k * (total - k))} left"
     mse = f"{row['train_mse']:.6g}" if is_number(row["train_mse"]) else "n/a"
     return f"[{k}/{total or '?'}{clock}] {' '.join(named)}: {status} train_mse={mse}{' (done before)' * resumed}"
-
-
-def append_progress(path: Path, make_line: Callable[[int], str]) -> str:
-    """Append the line `make_line(k)` makes for this job's finishing rank k, under an exclusive lock."""
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to the one file; closing unlocks
-        f.seek(0)
-        line = make_line(sum(1 for _ in f) + 1)
-        f.write(line + "\n")
-    return line
 
 
 class SweepResults(Callback):
@@ -315,8 +270,7 @@ class SweepResults(Callback):
         plan = planned(config) | {"started": time.time()}
         write_json(sweep_dir / PLAN, plan)
         write_atomic(sweep_dir / PROGRESS, b"")  # a resumed sweep counts from 1 again
-        n = plan["jobs"]
-        log.info(f"sweep: {'an unknown number of' if n is None else n} job{'s' * (n != 1)} -> {sweep_dir}")
+        log.info(f"sweep: {n_jobs(plan['jobs'])} -> {sweep_dir}")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """One progress line, in the sweep's console and its progress.log."""
@@ -324,7 +278,12 @@ class SweepResults(Callback):
             return
         sweep_dir, out = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
         plan = read_plan(sweep_dir)
-        log.info(append_progress(sweep_dir / PROGRESS, lambda k: progress_line(k, plan, out, job_return)))
+        with open(sweep_dir / PROGRESS, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to the one file; closing unlocks
+            f.seek(0)
+            line = progress_line(sum(1 for _ in f) + 1, plan, out, job_return)  # its finishing rank
+            f.write(line + "\n")
+        log.info(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the table and plots; exit 1 with one line when jobs failed or a file could not be written."""
