@@ -73,3 +73,22 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_atomic(target, b"new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("a: &a [1, 2]\nb: [*a, *a]\n")
+    with pytest.raises(CorruptRecord, match="aliases"):
+        read_file(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_planted_lock_file_neither_blocks_nor_leads_elsewhere(tmp_path, kind):
+    from linreg.record import RunDirBusy, RunDirLock, is_locked
+
+    victim = tmp_path / "victim"
+    os.mkfifo(tmp_path / ".lock") if kind == "fifo" else (tmp_path / ".lock").symlink_to(victim)
+    assert not is_locked(tmp_path)
+    if kind == "link":
+        with pytest.raises(RunDirBusy):
+            RunDirLock(tmp_path).__enter__()
+        assert not victim.exists()

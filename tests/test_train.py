@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from linreg.config import ConfigError
 from linreg.record import RunDirBusy, RunRecord
 from linreg.run import run
 from tests.conftest import run_cli
@@ -147,7 +148,38 @@ def test_one_sweep_owns_its_dir(tmp_path):
     for again, says in [
         (sweep_cli(sweep), "holds a sweep's runs; resume=true continues it"),
         (sweep_cli(sweep, "resume=true", lrs="model.lr=0.01,0.3"), "holds another sweep"),
-        (sweep_cli(sweep, "resume=true", "hydra.sweep.subdir=same"), "hydra.sweep.subdir='same': must separate"),
+        (sweep_cli(sweep, "resume=true", "hydra.sweep.subdir=same"), "hydra.sweep.subdir='same': must give each job"),
     ]:
         assert again.returncode == 2 and says in again.stderr, again.stderr
     assert snapshot(tmp_path / "sweep") == before
+
+
+@pytest.mark.parametrize(
+    "subdir", ["${hydra.job.num}/../same", "x/${hydra.job.num}", "${hydra.job.override_dirname}", "same"]
+)
+def test_jobs_that_would_share_a_dir_are_refused(make_cfg, subdir, tmp_path):
+    from linreg.checks import separate_job_dirs
+
+    extra = ["hydra.job.config.override_dirname.exclude_keys=[model.lr]"] if "override" in subdir else []
+    with pytest.raises(ConfigError, match="must give each job a dir of its own"):
+        separate_job_dirs(make_cfg(f"hydra.sweep.subdir={subdir}", *extra))
+
+
+def test_a_sweep_preset_without_multirun_is_refused(make_cfg):
+    from linreg.checks import CheckConfig
+
+    with pytest.raises(SystemExit):
+        CheckConfig().on_run_start(make_cfg("sweep=tutorial"))
+
+
+def test_resume_trusts_the_config_saved_with_the_weights(make_cfg):
+    cfg = make_cfg(*SMALL)
+    out = Path(cfg.hydra.run.dir)
+    train(cfg)
+    (out / "metrics.json").unlink()
+    (out / "checkpoints" / "config.json").write_text("{")  # torn, or forged to another config: not trusted
+    with pytest.raises(RunDirBusy, match="checkpoint of another config"):
+        train(make_cfg(*SMALL, "model.lr=0.5", "resume=true", run_dir=out))
+    os.remove(out / "checkpoints" / "last.ckpt")
+    os.mkfifo(out / "checkpoints" / "last.ckpt")  # would block torch.load
+    assert train(make_cfg(*SMALL, "resume=true", run_dir=out)).status == "ok"

@@ -6,6 +6,7 @@ callback's module anew.
 """
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import ConfigError, check, gpu_available, note_new, override_key, refusing
+from linreg.config import ConfigError, TrainConfig, check, gpu_available, note_new, override_key, refusing
 from linreg.record import RunDirLock, read_or_none, refuse_other_runs, write_json
 
 
@@ -25,20 +26,19 @@ class CheckConfig(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with refusing():
             check(config)
-            out = Path(resolved(config, "hydra.run.dir"))
-            if out.is_dir():
-                refuse_other_runs(out, config)  # before Hydra rewrites the .hydra/ of a run it must keep
-        note_new(out)
+            if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
+                raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
+            out = makeable(config, "hydra.run.dir")
+            refuse_other_runs(out, config)  # before Hydra rewrites the .hydra/ of a run it must keep
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
         with refusing():
-            check(OmegaConf.create(without_job_values(OmegaConf.to_container(config, resolve=False))))
+            plain = without_job_values(OmegaConf.to_container(config, resolve=False))
+            check(OmegaConf.create({k: getattr(TrainConfig, k) for k in ("seed", "resume", "threads")} | plain))
             check_slurm(config)
             check_swept_devices(config)
-            sweep_dir = Path(resolved(config, "hydra.sweep.dir"))
-            note_new(sweep_dir)
-            own_sweep_dir(config, sweep_dir)
+            own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if on_slurm(config) else str(os.getpid())
 
@@ -55,6 +55,33 @@ def resolved(config: DictConfig, key: str) -> str:
         raise ConfigError(key, None, f"cannot be resolved: {str(err).splitlines()[0]}") from None
 
 
+def makeable(config: DictConfig, key: str) -> Path:
+    """The run or sweep dir, made now (and noted: a refusal removes it again); one line when it cannot be."""
+    path = Path(resolved(config, key)).absolute()
+    note_new(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise ConfigError(key, str(path), f"cannot be made or written: {err.strerror}") from None
+    return path
+
+
+def separate_job_dirs(config: DictConfig) -> None:
+    """`hydra.sweep.subdir` must give every job a dir of its own, one level below the sweep dir."""
+    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
+    dirname = OmegaConf.to_container(config.hydra.job.config.override_dirname, resolve=False)
+    hidden = [k for k in dirname.get("exclude_keys") or [] if k != "resume"] if "override_dirname" in subdir else []
+    names = []
+    for job in ("0", "1"):  # two jobs' names, whatever else the setting holds
+        name = re.sub(r"\$\{hydra\.job\.(num|id|override_dirname)\}", job, subdir)
+        names.append(os.path.normpath(re.sub(r"\$\{[^}]*\}", "x", name)))
+    if names[0] == names[1] or any(os.sep in n or n.startswith("..") for n in names) or hidden:
+        why = f"must give each job a dir of its own, one level down: {', '.join(JOB_DIRS)} (exclude_keys: [resume])"
+        raise ConfigError("hydra.sweep.subdir", subdir, why)
+
+
 def sweep_identity(config: DictConfig) -> dict[str, Any]:
     """What a sweep is: its sweeper, its overrides as typed (less resume), its params, its study."""
     sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
@@ -69,11 +96,7 @@ def sweep_identity(config: DictConfig) -> dict[str, Any]:
 
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     """One owner per sweep dir: a lock for the sweep's life, and the dir records which sweep it holds."""
-    subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
-    if not any(part in subdir for part in JOB_DIRS):
-        why = f"must separate the jobs: use one of {', '.join(JOB_DIRS)} in it"
-        raise ConfigError("hydra.sweep.subdir", subdir, why)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    separate_job_dirs(config)
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     wanted, path = sweep_identity(config), sweep_dir / ".sweep.json"
     saved = read_or_none(path) if os.path.lexists(path) else None

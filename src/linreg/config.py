@@ -104,7 +104,8 @@ class ConfigError(ValueError):
     """A value the run cannot use: `key=value: why`."""
 
     def __init__(self, key: str, value: Any, why: str) -> None:
-        super().__init__(f"{key}{'' if value is None else f'={value!r}'}: {why}")
+        shown = "" if value is None else f"={value!r}"[:200]
+        super().__init__(" ".join(f"{key}{shown}: {why}".split()))  # one line, whatever a library said
         self.key, self.value = key, value
 
 
@@ -217,6 +218,9 @@ def against_schema(plain: dict[str, Any]) -> None:
     for group in ("data", "model", "trainer"):
         if not isinstance(plain.get(group), dict):
             raise ConfigError(group, plain.get(group), f"missing: choose an option, e.g. {group}=<name>")
+    for key in ("seed", "resume", "threads"):
+        if key not in plain:  # `~seed`: the schema's default would hide it, but the run reads the config
+            raise ConfigError(key, None, "missing: conf/train.yaml sets it; give a value instead of removing it")
 
 
 def against(schema: Any, plain: Any) -> None:

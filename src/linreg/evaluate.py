@@ -8,6 +8,7 @@ or one an installed package registers (entry point group `linreg.models`), never
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -49,6 +50,12 @@ def run_config(ckpt: Path) -> DictConfig:
     saved = state.get("linreg_config") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
         raise ConfigError("ckpt_path", str(ckpt), "holds no linreg run config: not a checkpoint of linreg.train")
+    try:
+        text = json.dumps(saved)  # plain data as linreg.train saves it: no interpolation, no deep nesting
+    except (TypeError, ValueError, RecursionError):
+        text = "${"
+    if "${" in text:
+        raise ConfigError("ckpt_path", str(ckpt), "its saved config is not plain data as linreg.train writes it")
     target = (saved.get("model") or {}).get("_target_") if isinstance(saved.get("model"), dict) else None
     if target not in allowed_models():
         why = "names a model class that is neither linreg's nor registered (entry points `linreg.models`)"

@@ -44,6 +44,15 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
+class NoAliases(yaml.SafeLoader):
+    """YAML without aliases: Hydra writes none, and a few bytes of them expand past any size limit."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not allowed")
+        return super().compose_node(parent, index)
+
+
 def read_file(path: Path) -> Any:
     """A JSON or YAML file's content: a regular file, not a link, at most MAX_BYTES. CorruptRecord otherwise."""
     try:
@@ -60,7 +69,7 @@ def read_file(path: Path) -> Any:
     finally:
         os.close(fd)
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=NoAliases)
     except (ValueError, yaml.YAMLError, RecursionError) as err:  # RecursionError: nested past Python's stack
         raise CorruptRecord(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:100]}") from None
 
@@ -240,7 +249,11 @@ class RunDirLock:
         self.path, self.key, self.who, self.file = out / ".lock", key, who, None
 
     def __enter__(self) -> "RunDirLock":
-        self.file = open(self.path, "a+")
+        try:  # never through a link, never waiting on a FIFO
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as err:
+            raise RunDirBusy(self.key, str(self.path.parent), f"its .lock cannot be opened ({err.strerror})") from None
+        self.file = os.fdopen(fd, "r+")
         for _ in range(20):  # another process's `is_locked` probe holds it for a moment only
             try:
                 fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -257,12 +270,15 @@ class RunDirLock:
 def is_locked(out: Path) -> bool:
     """Whether another process holds `out`'s run-dir lock."""
     try:
-        with open(out / ".lock") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        fd = os.open(out / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
     return False
 
 

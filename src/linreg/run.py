@@ -10,6 +10,7 @@ import importlib
 import logging
 import math
 import os
+import stat
 import sys
 import time
 import warnings
@@ -31,11 +32,11 @@ from linreg.data import RegressionDataModule
 from linreg.models import RegressionModule
 from linreg.record import (
     MAX_BYTES,
+    RunDirBusy,
     RunDirLock,
     RunRecord,
     finished,
     identity,
-    read_or_none,
     refuse_other_runs,
     resumable,
 )
@@ -147,15 +148,19 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
     if not cfg.resume or not os.path.lexists(ckpt):
         return None, 0
     try:
+        if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load; a link leads elsewhere
+            raise OSError("not a regular file")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        ok = isinstance(state, dict) and "state_dict" in state and read_or_none(ckpt.parent / "config.json")
+        ok = isinstance(state, dict) and "state_dict" in state and "linreg_config" in state
     except Exception as err:  # truncated, empty, random bytes, a directory, pickled code
-        ok, why = False, type(err).__name__
+        ok, why = False, f"{type(err).__name__}: {err}"
     else:
-        why = "not a Lightning checkpoint with its config.json"
+        why = "not a Lightning checkpoint of linreg.train"
     if not ok:
         log.warning("resume: %s cannot be read (%s); training from scratch", ckpt, why)
         return None, 0
+    if state["linreg_config"] != resumable(identity(cfg)):  # the config saved with the weights decides
+        raise RunDirBusy("hydra.run.dir", str(out), "holds a checkpoint of another config; use another dir")
     log.info("resume: continuing %s from epoch %d", out, int(state.get("epoch", 0)) + 2)
     return ckpt, int(state.get("global_step", 0))
 
