@@ -57,7 +57,7 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
 def job_row(job_dir: Path) -> dict[str, Any]:
     """A job dir as a row: its record's fields, the gap to the floor, its overrides less `resume` (how it ran, not
     what it computed); `missing` with what its saved config decides without a metrics.json; `corrupt` if untrusted."""
-    row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": str(job_dir.resolve())}
+    row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": os.path.abspath(job_dir)}
     hydra = job_dir / ".hydra"
     try:
         overrides = read_file(hydra / "overrides.yaml") if os.path.lexists(hydra / "overrides.yaml") else []

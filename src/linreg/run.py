@@ -47,6 +47,7 @@ NOISE = (  # third-party warnings with nothing for a user to do (matched by mess
     r"The `srun` command is available on your system but is not used",
     r".*LeafSpec.* is deprecated",
     r"`torch.jit.trace(_method)?` is deprecated",  # TensorBoard's add_graph on newer torch
+    r"Experiment logs directory .* exists and is not empty",  # a resume: keep_csv_history writes the rows again
 )
 PROGRESS_MIN_STEPS = 20_000  # a single run this long (a few seconds) shows Lightning's progress bar on a terminal
 
