@@ -218,7 +218,7 @@ def test_a_return_lets_go_of_its_configs_after_the_callbacks_heard_them():
     ret.status, ret.return_value = JobStatus.COMPLETED, 0.5
     callbacks.on_job_start(config=None, task_function=None)
     callbacks.on_job_end(config=None, job_return=ret)
-    assert callbacks.callbacks.heard == [(True, True)] and callbacks.callbacks.started == 1
+    assert callbacks.inner.heard == [(True, True)] and callbacks.inner.started == 1
     assert ret.cfg is None and ret.hydra_cfg is None and ret.return_value == 0.5
 
 

@@ -36,9 +36,6 @@ KEYWORDS = {"true", "false", "null", "nan", "inf"}  # unquoted, Hydra reads thes
 Job = tuple[int, list[str]]  # trial number (= job number) and the job's overrides
 
 
-# ---------------------------------------------------------------- the search space
-
-
 def as_override_value(value: Any) -> str:
     """A sampled value written so that Hydra's parser reads back the same value and type."""
     if value is None:
@@ -117,34 +114,6 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
     return space
 
 
-# ---------------------------------------------------------------- the sampler
-
-
-class SeedPerTrial(BaseSampler):
-    """The configured sampler made anew for each trial, seeded with `seed + trial number`: a resumed sweep or a
-    second sweep on a shared study does not start the seeded stream again (and repeat its points)."""
-
-    def __init__(self, config: dict[str, Any], seed: int) -> None:
-        self.config, self.seed = config, seed
-        self.sampler = make_sampler(config, seed)
-
-    def before_trial(self, study: Any, trial: Any) -> None:
-        self.sampler = make_sampler(self.config, self.seed + trial.number)
-        self.sampler.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
-        return self.sampler.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self.sampler.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: Any, trial: Any, name: str, distribution: BaseDistribution) -> Any:
-        return self.sampler.sample_independent(study, trial, name, distribution)
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
-        self.sampler.after_trial(study, trial, state, values)
-
-
 def make_sampler(config: dict[str, Any], seed: int | None = None) -> BaseSampler:
     """The sampler `hydra.sweeper.sampler` configures (with this seed, if one)."""
     target = config.get("_target_")
@@ -157,17 +126,19 @@ def make_sampler(config: dict[str, Any], seed: int | None = None) -> BaseSampler
     return sampler
 
 
-# ---------------------------------------------------------------- trials and jobs
-
-
-def named(trial: FrozenTrial) -> bool:
-    """Whether the trial was handed to a sweep dir (only such a trial is ever launched)."""
-    return SWEEP_DIR in trial.user_attrs
-
-
 def counted(trials: Iterable[FrozenTrial]) -> int:
-    """Trials toward n_trials: all but the failed ones that never ran."""
-    return sum(1 for t in trials if named(t) or t.state != TrialState.FAIL)
+    """Trials toward n_trials: all but the failed ones never handed to a sweep dir (only those are launched)."""
+    return sum(SWEEP_DIR in t.user_attrs or t.state != TrialState.FAIL for t in trials)
+
+
+def settled(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials, once those a killed sweep left unnamed (asked, never launched) are failed."""
+    now = datetime.datetime.now()  # Optuna stamps trials with this machine's local time
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if SWEEP_DIR not in t.user_attrs and now - t.datetime_start >= ORPHAN:
+            log.warning(f"trial {t.number} was left unlaunched by a killed sweep: marked failed, not counted")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    return study.get_trials(deepcopy=False)
 
 
 def outcome(ret: JobReturn, direction: str) -> tuple[float | None, str]:
@@ -239,13 +210,12 @@ class StudySweep:
         self.params = {str(k): str(v) for k, v in (plain(params) or {}).items()}
         self.sampler_config = plain(sampler) or {"_target_": "optuna.samplers.TPESampler"}
         need(isinstance(self.sampler_config, dict), "sampler", self.sampler_config, "must be a mapping with a _target_")
-        self.extend = None
-        if custom_search_space is not None:
-            try:
-                self.extend = get_method(str(custom_search_space))  # called with the config and each new trial
-            except Exception:
-                why = "must name a function, pkg.mod.fn"
-                raise ConfigError("hydra.sweeper.custom_search_space", custom_search_space, why) from None
+        self.seed = self.sampler_config.pop("seed", None)
+        try:  # a function called with the config and each new trial
+            self.extend = None if custom_search_space is None else get_method(str(custom_search_space))
+        except Exception:
+            why = "must name a function, pkg.mod.fn"
+            raise ConfigError("hydra.sweeper.custom_search_space", custom_search_space, why) from None
         self.resume = OmegaConf.select(config, "resume", default=False) is True
         # Optuna's lines in Hydra's format (and log file); alembic >= 1.18 announces its plugins at INFO.
         optuna.logging.disable_default_handler()
@@ -254,21 +224,18 @@ class StudySweep:
 
     def open_study(self) -> optuna.Study:
         """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
-        config = dict(self.sampler_config)
-        seed = config.pop("seed", None)
-        sampler = make_sampler(config) if seed is None else SeedPerTrial(config, seed)
+        sampler = make_sampler(self.sampler_config, self.seed)  # made here: a bad one is refused before any trial
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
         # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
         engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
-        for attempt in range(5):
+        for attempt in range(5):  # sweeps started at once on a new database race to make its tables
             try:
                 storage = optuna.storages.RDBStorage(self.storage, engine_kwargs=engine)
                 break
-            except Exception as err:
-                # Sweeps started at once on a new database race to make its tables: the loser finds them made.
-                if attempt == 4 or not isinstance(err, (IntegrityError, OperationalError)):
-                    why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                    need(False, "storage", shown(self.storage), f"cannot be opened: {why}")
+            except Exception as err:  # a bad URL at once; a race's loser again, to find the tables made
+                why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                race = attempt < 4 and isinstance(err, (IntegrityError, OperationalError))
+                need(race, "storage", shown(self.storage), f"cannot be opened: {why}")
                 time.sleep(0.2 * (attempt + 1))
         study = optuna.create_study(
             storage=storage, study_name=self.study_name, sampler=sampler, direction=self.direction, load_if_exists=True
@@ -278,23 +245,11 @@ class StudySweep:
             raise ConfigError("hydra.sweeper.direction", self.direction, f"{where} was made to {study.direction.name}")
         return study
 
-    def settled(self, study: optuna.Study) -> list[FrozenTrial]:
-        """The study's trials, once those a killed sweep left unnamed (asked, never launched) are failed."""
-        trials = study.get_trials(deepcopy=False)
-        now = datetime.datetime.now()  # Optuna stamps trials with this machine's local time
-        dead = [
-            t for t in trials if t.state == TrialState.RUNNING and not named(t) and now - t.datetime_start >= ORPHAN
-        ]
-        for t in dead:
-            log.warning(f"trial {t.number} was left unlaunched by a killed sweep: marked failed, not counted")
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        return study.get_trials(deepcopy=False) if dead else trials
-
     def sweep(self, arguments: list[str]) -> None:
         """Re-run this dir's trials a kill left running, then ask, run and tell until the study has `n_trials`."""
         space = search_space(self.params, arguments)
         study = self.open_study()
-        there = counted(self.settled(study))
+        there = counted(settled(study))
         log.info(f"Optuna study {self.study_name!r} in {shown(self.storage)}: {there} of {self.n_trials} trials there")
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         mine = [t for t in running if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir)]  # one sweep per dir
@@ -311,7 +266,9 @@ class StudySweep:
     def ask(self, study: optuna.Study, space: Space) -> list[Job]:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
         jobs: list[Job] = []
-        while len(jobs) < self.n_jobs and counted(self.settled(study)) < self.n_trials:
+        while len(jobs) < self.n_jobs and counted(trials := settled(study)) < self.n_trials:
+            if self.seed is not None:  # seed + trial number: a resumed or shared study does not repeat its points
+                study.sampler = make_sampler(self.sampler_config, self.seed + len(trials))
             trial = study.ask(space.distributions)
             if counted(t for t in study.get_trials(deepcopy=False) if t.number < trial.number) >= self.n_trials:
                 trial.set_user_attr(NOT_RUN, f"another sweep filled the study to n_trials={self.n_trials} first")

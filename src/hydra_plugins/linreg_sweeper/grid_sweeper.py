@@ -22,12 +22,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
-from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from linreg.config import ConfigError, refusing
+from linreg.config import ConfigError, is_int, override_key, refusing
 
 Plain = list[Override]  # a job's plain `key=value` overrides
 KEPT = 32  # composed configs kept: a grid varies its first (group) keys slowest
@@ -37,17 +36,16 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
     """Every job's overrides, in the order of Hydra's basic sweeper (a later value of a key takes its place)."""
     choices: dict[str, list[str]] = {}
     for o in overrides:
-        key = o.get_key_element()
+        key, typed = o.get_key_element(), str(o.input_line).partition("=")[2]
         if not o.is_sweep_override():
             choices[key] = [f"{key}={o.get_value_element_as_str()}"]
         elif o.is_discrete_sweep():
             choices[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
             if not choices[key]:
-                raise ConfigError(key, str(o.input_line).partition("=")[2], "matches nothing: the grid has no jobs")
+                raise ConfigError(key, typed, "matches nothing: the grid has no jobs")
         else:
-            value = str(o.input_line).partition("=")[2]
             why = "a grid takes a,b,c, range() or glob(); interval() needs hydra/sweeper=optuna"
-            raise ConfigError(key.lstrip("+~"), value, why)
+            raise ConfigError(override_key(key), typed, why)
     return [list(job) for job in itertools.product(*choices.values())]
 
 
@@ -56,11 +54,23 @@ def is_plain(o: Override) -> bool:
     return not (o.is_hydra_override() or o.package is not None or o.is_delete() or o.is_add() or o.is_force_add())
 
 
-class CachedConfigLoader(ConfigLoader):
+class Proxy:
+    """Stands in for Hydra's `inner` object: what a subclass does not define is the inner object's."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # unpickling (joblib, submitit) looks attributes up before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class CachedConfigLoader(Proxy):
     """Hydra's config loader whose `load_sweep_config` composes once per choice of config groups."""
 
     def __init__(self, loader: ConfigLoader) -> None:
-        self.loader = loader
+        super().__init__(loader)
         self.composed: OrderedDict[tuple[str, ...], DictConfig] = OrderedDict()
         self.groups: dict[str, bool] = {}  # override key -> whether it names a config group
 
@@ -69,7 +79,7 @@ class CachedConfigLoader(ConfigLoader):
         if key not in self.groups:
             parent, _, name = key.rpartition("/")
             typed: Any = OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False)  # as typed
-            options = self.loader.get_group_options(parent, ObjectType.GROUP, master.hydra.job.config_name, typed)
+            options = self.inner.get_group_options(parent, ObjectType.GROUP, master.hydra.job.config_name, typed)
             self.groups[key] = name in options
         return self.groups[key]
 
@@ -82,7 +92,7 @@ class CachedConfigLoader(ConfigLoader):
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         parsed, lines, plain = self.split(master_config, sweep_overrides)
         if lines not in self.composed:
-            self.composed[lines] = self.loader.load_sweep_config(master_config, list(lines))
+            self.composed[lines] = self.inner.load_sweep_config(master_config, list(lines))
             if len(self.composed) > KEPT:
                 self.composed.popitem(last=False)
         self.composed.move_to_end(lines)
@@ -92,7 +102,7 @@ class CachedConfigLoader(ConfigLoader):
             for o in plain:
                 OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
         except Exception:
-            return self.loader.load_sweep_config(master_config, sweep_overrides)  # Hydra's own error (or result)
+            return self.inner.load_sweep_config(master_config, sweep_overrides)  # Hydra's own error (or result)
         task = [o for o in parsed if not o.is_hydra_override()]
         options = cfg.hydra.job.config.override_dirname  # as Hydra 1.3 records them
         dirname = sorted(str(o.input_line) for o in task if o.key_or_group not in options.exclude_keys)
@@ -101,40 +111,13 @@ class CachedConfigLoader(ConfigLoader):
             cfg.hydra.job.override_dirname = re.sub("=", options.kv_sep, options.item_sep.join(dirname))
         return cfg
 
-    # Everything else is Hydra's own.
-    def load_configuration(self, *args: Any, **kwargs: Any) -> DictConfig:
-        return self.loader.load_configuration(*args, **kwargs)
 
-    def get_search_path(self) -> Any:
-        return self.loader.get_search_path()
-
-    def get_sources(self) -> Any:
-        return self.loader.get_sources()
-
-    def list_groups(self, parent_name: str) -> list[str]:
-        return self.loader.list_groups(parent_name)
-
-    def get_group_options(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.loader.get_group_options(*args, **kwargs)
-
-    def compute_defaults_list(self, *args: Any, **kwargs: Any) -> Any:
-        return self.loader.compute_defaults_list(*args, **kwargs)
-
-
-class LightReturns:
+class LightReturns(Proxy):
     """Hydra's callbacks, after whose `on_job_end` a job's return lets go of its two configs (~140 KiB a job,
     which the launcher and sweeper would otherwise keep for the whole sweep)."""
 
-    def __init__(self, callbacks: Any) -> None:
-        self.callbacks = callbacks
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "callbacks":  # unpickling (joblib, submitit) looks attributes up before __dict__ is filled
-            raise AttributeError(name)
-        return getattr(self.callbacks, name)
-
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        self.callbacks.on_job_end(config=config, job_return=job_return, **kwargs)
+        self.inner.on_job_end(config=config, job_return=job_return, **kwargs)
         job_return.cfg = job_return.hydra_cfg = None
 
 
@@ -144,9 +127,6 @@ class GridSweeper(Sweeper):
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.params = dict(params or {})
-        self.loader: CachedConfigLoader | None = None
-        self.config: DictConfig | None = None
-        self.launcher: Launcher | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.loader = CachedConfigLoader(hydra_context.config_loader)
@@ -158,7 +138,6 @@ class GridSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Run the grid batch by batch; a bad sweep is refused in one line before any job runs."""
-        assert self.loader is not None and self.config is not None and self.launcher is not None
         with refusing():
             jobs = self.plan(arguments)
         size = self.max_batch_size or len(jobs)
@@ -175,8 +154,7 @@ class GridSweeper(Sweeper):
 
     def plan(self, arguments: list[str]) -> list[list[str]]:
         """Every job's overrides, once one job per kind has composed: if these compose, every job does."""
-        assert self.loader is not None and self.config is not None
-        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
+        if self.max_batch_size is not None and not (is_int(self.max_batch_size) and self.max_batch_size > 0):
             raise ConfigError("hydra.sweeper.max_batch_size", self.max_batch_size, "must be a positive integer or null")
         lines = [f"{key}={value}" for key, value in self.params.items()] + list(arguments)
         overrides = OverridesParser.create(config_loader=self.loader).parse_overrides(lines)  # glob() lists groups
