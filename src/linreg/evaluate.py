@@ -61,7 +61,8 @@ def run_config(ckpt: Path) -> DictConfig:
         why = "names a model class that is neither linreg's nor registered (entry points `linreg.models`)"
         raise ConfigError("ckpt_path", str(ckpt), f"{why}: {target!r}")
     trainer = saved.get("trainer") if isinstance(saved.get("trainer"), dict) else {}
-    cfg = OmegaConf.create({**saved, "trainer": {**trainer, "accelerator": "cpu", "devices": 1, "max_epochs": 1}})
+    trainer = {**trainer, "accelerator": "cpu", "devices": 1, "max_epochs": 1}  # evaluated on the CPU
+    cfg = OmegaConf.create({**saved, "trainer": trainer, "resume": False})
     try:
         check(cfg)
     except ConfigError as err:
