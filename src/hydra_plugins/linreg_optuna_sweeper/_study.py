@@ -274,8 +274,13 @@ class StudySweep:
                 trial.set_user_attr(NOT_RUN, f"another sweep filled the study to n_trials={self.n_trials} first")
                 study.tell(trial, state=TrialState.FAIL)
                 break
-            if self.extend is not None:
-                self.extend(self.config, trial)
+            try:
+                if self.extend is not None:
+                    self.extend(self.config, trial)
+            except Exception as err:  # the user's function: its error in one line, and no trial left RUNNING
+                study.tell(trial, state=TrialState.FAIL)
+                why = f"raised {type(err).__name__}: {err}"
+                raise ConfigError("hydra.sweeper.custom_search_space", self.extend.__qualname__, why) from None
             trial.set_user_attr(SWEEP_DIR, str(self.sweep_dir))  # last: a named trial has all its params
             jobs.append((trial.number, space.overrides(trial.params)))
         return jobs
