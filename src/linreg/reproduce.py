@@ -38,42 +38,26 @@ def run_experiment(name: str, out: Path, overrides: list[str]) -> RunRecord:
     return run(cfg, out / name, label=name)
 
 
+HEADER = ("experiment", "model", "MSE per epoch", "OLS floor", "weights", "tutorial MSE", "tutorial weights", "in band")
+
+
 def main(overrides: list[str] | None = None) -> int:
     """Run every experiment, print one table, return 1 if any result leaves the tutorial's band."""
     # The table is the output: no Lightning banners, tips or "fit stopped" lines above it.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     out = Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-    rows, ok = [], True
+    rows, ok = [HEADER], True
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for fig in TUTORIAL:
             m = run_experiment(fig.experiment, out, overrides or [])
             inside = m.train_mse is not None and fig.band[0] <= m.train_mse <= fig.band[1]
             ok &= inside
-            epochs, weights = shown(m.epoch_mse, ".6f", "/"), f"[{shown(m.weights)}]"
+            epochs, floor, weights = shown(m.epoch_mse, ".6f", "/"), shown([m.ols_mse], ".6f"), f"[{shown(m.weights)}]"
             rows.append(
-                (
-                    fig.experiment,
-                    m.model,
-                    epochs,
-                    shown([m.ols_mse], ".6f"),
-                    weights,
-                    fig.mse,
-                    fig.weights,
-                    "yes" if inside else "NO",
-                )
+                (fig.experiment, m.model, epochs, floor, weights, fig.mse, fig.weights, "yes" if inside else "NO")
             )
-    header = (
-        "experiment",
-        "model",
-        "MSE per epoch",
-        "OLS floor",
-        "weights",
-        "tutorial MSE",
-        "tutorial weights",
-        "in band",
-    )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, tuple("-" * w for w in widths), *rows]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(HEADER))]
+    for r in [rows[0], tuple("-" * w for w in widths), *rows[1:]]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     tensorboard = Path(sys.executable).parent / "tensorboard"  # the venv's, which a shell may not have on PATH
     if tensorboard.is_relative_to(Path.cwd()):
