@@ -125,7 +125,7 @@ class RegressionDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.features: Tensor | None = None
         self.labels: Tensor | None = None
-        self.ols_cache: float | None = None  # cached: the data never changes after setup
+        self.ols_cache: float | None = None
 
     @property
     def in_features(self) -> int:
@@ -150,15 +150,8 @@ class RegressionDataModule(L.LightningDataModule):
         x, y = self.full_data()
         return bool(torch.isfinite(x).all() and torch.isfinite(y).all())
 
-    def design_matrix(self) -> Tensor:
-        """Features with the intercept column, whichever view is served (for least squares)."""
-        assert self.features is not None, "call setup() first"
-        if self.hparams.bias and not self.hparams.ones_column:
-            return torch.cat((self.features, torch.ones(len(self.features), 1)), 1)
-        return self.features
-
     def ols_mse(self) -> float:
-        """Closed-form least-squares MSE on this data: the floor any linear model can reach."""
+        """Closed-form least-squares MSE on this data: the floor any linear model can reach (computed once)."""
         if self.ols_cache is None:
             self.ols_cache = self.least_squares_mse()
         return self.ols_cache
