@@ -93,9 +93,8 @@ def test_jobs_failing_alike_are_one_group_and_distinct_errors_are_capped(tmp_pat
     plan(d, 48, ["model.lr"])
     assert main([str(d)]) == 1
     assert capsys.readouterr().err == (
-        f"error: sweep {d}: 16 of 48 jobs failed: data.batch_size=0: must be a positive integer (jobs 0-15); "
-        "5 of 48 jobs failed: error 1 (jobs 16, 21, 26, 31, 36); 5 of 48 jobs failed: error 2 (jobs 17, 22, 27, 32,"
-        " 37); 3 more errors in results.md\n"
+        f"error: sweep {d}: 40 of 48 jobs failed: data.batch_size=0: must be a positive integer (jobs 0-15); "
+        "error 1 (jobs 16, 21, 26, 31, 36); error 2 (jobs 17, 22, 27, 32, 37); 3 more in results.md\n"
     )
     assert (d / "results.md").read_text().count("- **failed** jobs") == 6  # the file has every error
 

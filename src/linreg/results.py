@@ -167,11 +167,16 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
             clauses.append(f"{verb} {sweep_dir / name}: {why}")
             with contextlib.suppress(OSError):
                 (sweep_dir / name).unlink(missing_ok=True)  # an older file would pass for this sweep's
-    named = [  # each error once, the first few: results.md lists them all
-        f"{len(js)} of {n_jobs(len(rows))} {VERBS[s]}: {e if len(e) <= 120 else e[:119] + '…'} ({jobs_label(js, 6)})"
-        for (s, e), js in failures(rows).items()
-    ]
-    clauses += named[:3] + [f"{len(named) - 3} more errors in results.md"] * (len(named) > 3)
+    by_status: dict[str, tuple[int, list[str]]] = {}  # `2 of 4 jobs failed: A (#1); B (#2)`, a clause a status
+    for (status, error), jobs in failures(rows).items():
+        n, named = by_status.get(status, (0, []))
+        by_status[status] = (
+            n + len(jobs),
+            [*named, f"{error if len(error) <= 120 else error[:119] + '…'} ({jobs_label(jobs, 6)})"],
+        )
+    for status, (n, named) in by_status.items():  # each error once, the first few: results.md lists them all
+        more = [f"{len(named) - 3} more in results.md"] * (len(named) > 3)
+        clauses.append(f"{n} of {n_jobs(len(rows))} {VERBS[status]}: {'; '.join(named[:3] + more)}")
     where = f" -> {sweep_dir / 'results.md'}" if (sweep_dir / "results.md").is_file() else ""
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
