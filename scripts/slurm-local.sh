@@ -90,6 +90,8 @@ check_dir() {
 	if [[ -e $DIR || -L $DIR ]]; then
 		why=$(unsafe_reason "$DIR")
 		[[ -z $why ]] || die "refusing state dir $DIR: $why"
+		# Before anything in it is read, stopped or removed: a dir this script did not make is never touched.
+		[[ -e $MARK || -z "$(ls -A -- "$DIR")" ]] || die "refusing state dir $DIR: not empty and not made by $0 (no $MARK)"
 	fi
 	return 0
 }
@@ -98,8 +100,7 @@ check_dir() {
 # planted in between.
 make_dir() {
 	if [[ -e $DIR ]]; then
-		[[ -e $MARK || -z "$(ls -A -- "$DIR")" ]] || die "refusing state dir $DIR: not empty and not made by $0 (no $MARK)"
-		rm -rf -- "$DIR"
+		rm -rf -- "$DIR" # check_dir has refused one this script did not make
 	fi
 	mkdir -m 0711 -- "$DIR" || die "refusing state dir $DIR: could not create it fresh"
 	: >"$MARK"
