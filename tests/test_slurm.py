@@ -232,6 +232,7 @@ def test_planted_pid_file_is_not_killed(tmp_path: Path) -> None:
     """stop leaves alone a process that a planted pid file names (not this dir's daemon), and says so."""
     state = tmp_path / "state"
     (state / "run").mkdir(parents=True)
+    (state / ".slurm-local").touch()  # a dir the script made (a foreign one is refused before anything is read)
     bystander = subprocess.Popen(["sleep", "100"])
     try:
         for name in ("slurmd", "slurmctld", "munged"):
@@ -254,6 +255,7 @@ def test_pid_file_of_another_cluster_is_not_killed(slurm: dict[str, str], tmp_pa
     pid = int((run_dir / "slurmctld.pid").read_text())
     state = tmp_path / "state"
     (state / "run").mkdir(parents=True)
+    (state / ".slurm-local").touch()  # made by the script, as a copied or stale state dir would be
     (state / "run" / "slurmctld.pid").write_text(f"{pid}\n")
     proc = slurm_local("stop", state)
     assert proc.returncode == 0, proc.stderr
