@@ -254,3 +254,14 @@ def test_the_table_is_the_jobs_records_and_the_cli_rebuilds_it(smoke):
     proc = run_cli("-m", "linreg.results", str(sweep))
     assert proc.returncode == 0 and proc.stdout == f"4 jobs: 4 ok -> {sweep / 'results.md'}\n", proc.stderr
     assert (sweep / "results.csv").read_text() == table
+
+
+def test_a_progress_line_shows_sampled_numbers_at_6_digits(tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from linreg.results import progress_line
+
+    job(tmp_path, 0, ["model.lr=0.012345678901234567"], {})
+    ret = JobReturn(overrides=["model.lr=0.012345678901234567"], status=JobStatus.COMPLETED, _return_value=0.1)
+    line = progress_line(1, {"swept": ["model.lr"], "started": None, "jobs": 4}, tmp_path / "0", ret)
+    assert line.startswith("[1/4] model.lr=0.0123457: ")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -245,6 +246,7 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     """The k-th finished job: `[3/48 12s, ~2m05s left] model=linear data.deg=2: ok train_mse=0.000101`."""
     given = [o for o in ret.overrides or [] if override_key(o) != "resume"]
     named = [o for o in given if override_key(o) in plan["swept"]] or given or ["defaults"]
+    named = [re.sub(r"=(-?\d+\.\d{7,}(e-?\d+)?)$", lambda m: f"={float(m[1]):.6g}", o) for o in named]  # Optuna's lr
     row = job_row(out)
     status = row["status"] + (f" ({row['error']})" if row["error"] and row["status"] != "missing" else "")
     if ret.status == JobStatus.FAILED:  # raised past the task function: Hydra holds the error
