@@ -114,6 +114,31 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
     return space
 
 
+class SeedPerTrial(BaseSampler):
+    """The configured sampler made anew for each trial, seeded with `seed + trial number`: a resumed sweep or a
+    second sweep on a shared study, even one asking at the same moment, does not repeat a point."""
+
+    def __init__(self, config: dict[str, Any], seed: int) -> None:
+        self.config, self.seed = config, seed
+        self.sampler = make_sampler(config, seed)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.sampler = make_sampler(self.config, self.seed + trial.number)
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Any, trial: Any, name: str, distribution: BaseDistribution) -> Any:
+        return self.sampler.sample_independent(study, trial, name, distribution)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+
 def make_sampler(config: dict[str, Any], seed: int | None = None) -> BaseSampler:
     """The sampler `hydra.sweeper.sampler` configures (with this seed, if one)."""
     target = config.get("_target_")
@@ -225,6 +250,7 @@ class StudySweep:
     def open_study(self) -> optuna.Study:
         """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
         sampler = make_sampler(self.sampler_config, self.seed)  # made here: a bad one is refused before any trial
+        sampler = sampler if self.seed is None else SeedPerTrial(self.sampler_config, self.seed)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
         # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
         engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
@@ -266,9 +292,7 @@ class StudySweep:
     def ask(self, study: optuna.Study, space: Space) -> list[Job]:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
         jobs: list[Job] = []
-        while len(jobs) < self.n_jobs and counted(trials := settled(study)) < self.n_trials:
-            if self.seed is not None:  # seed + trial number: a resumed or shared study does not repeat its points
-                study.sampler = make_sampler(self.sampler_config, self.seed + len(trials))
+        while len(jobs) < self.n_jobs and counted(settled(study)) < self.n_trials:
             trial = study.ask(space.distributions)
             if counted(t for t in study.get_trials(deepcopy=False) if t.number < trial.number) >= self.n_trials:
                 trial.set_user_attr(NOT_RUN, f"another sweep filled the study to n_trials={self.n_trials} first")
