@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from linreg.checks import makeable
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, against, check, refuse, refusing
 from linreg.record import finite_or_none, model_name, write_json
 
@@ -141,6 +143,7 @@ class CheckInputs(Callback):
         with refusing():
             against(EvaluateConfig, {k: v for k, v in config.items() if k != "hydra"})  # `+key=...` too
             check_inputs(config)
+            makeable(config, "hydra.run.dir")
 
 
 def fmt(value: float | None) -> str:
@@ -156,6 +159,9 @@ def main(cfg: DictConfig) -> float:
         result = evaluate(check_inputs(cfg), out)
     except ConfigError as err:  # a sweep's job (no on_run_start there), or a file changed since the check
         refuse(err)
+    except OSError as err:  # a full disk, a read-only dir
+        print(f"error: cannot write {err.filename or out}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(1)
     print(
         f"eval: {result['model']} heldout_mse={fmt(result['heldout_mse'])} train_mse={fmt(result['train_mse'])}"
         f" -> {out / 'eval.json'}"

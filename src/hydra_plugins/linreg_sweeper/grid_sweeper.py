@@ -27,6 +27,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from linreg.config import ConfigError, is_int, override_key, refusing
+from linreg.record import write_atomic
 
 Plain = list[Override]  # a job's plain `key=value` overrides
 KEPT = 32  # composed configs kept: a grid varies its first (group) keys slowest
@@ -143,7 +144,10 @@ class GridSweeper(Sweeper):
         size = self.max_batch_size or len(jobs)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        try:  # atomically, as every file the project writes
+            write_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config).encode())
+        except OSError as err:
+            raise SystemExit(f"error: cannot write {sweep_dir / 'multirun.yaml'}: {err.strerror or err}") from None
         returns = []
         for first in range(0, len(jobs), size):
             results = self.launcher.launch(jobs[first : first + size], initial_job_idx=first)
