@@ -418,3 +418,19 @@ def test_make_optuna_dashboard_serves_the_sweeps_study(cli_sweep):
         server.wait(timeout=30)
     assert [t["values"] for t in detail["trials"]] == [[t.value] for t in trials_of(db_url(cli_sweep))]
     assert {p["name"] for p in detail["trials"][0]["params"]} == {"model.lr", "data.batch_size", "data.w"}
+
+
+def test_a_database_that_fails_mid_sweep_leaves_no_trial_running(tmp_path):
+    calls = []
+
+    def outcome(lr):  # the second batch's tell meets a database that no longer answers (a lock, a full disk)
+        calls.append(lr)
+        if len(calls) == 3:
+            raise optuna.exceptions.StorageInternalError("database is locked")
+        return JobStatus.COMPLETED, lr / 10
+
+    sweep = study_sweep(tmp_path / "s", ScriptedLauncher(outcome))
+    with pytest.raises(SystemExit, match="the study's database failed \\(database is locked\\); resume=true"):
+        sweep.sweep([])
+    states = [t.state.name for t in trials_of(f"sqlite:///{tmp_path / 's' / 'optuna.db'}", "linreg")]
+    assert states.count("COMPLETE") == 2 and "RUNNING" not in states

@@ -1,5 +1,6 @@
 """The Optuna sweeper's work: the search space, a study in a database, trials asked, launched and told in batches."""
 
+import contextlib
 import datetime
 import itertools
 import logging
@@ -283,11 +284,28 @@ class StudySweep:
             left = f"trials {', '.join(str(t.number) for t in mine)} of {self.sweep_dir} were left running by a kill"
             raise ConfigError("resume", False, f"{left}: add resume=true to run them again and go on")
         stale = [(t.number, space.overrides(t.params)) for t in mine]
-        for start in range(0, len(stale), self.n_jobs):  # in their own dirs, from their checkpoints
-            self.run_batch(study, stale[start : start + self.n_jobs])
-        while jobs := self.ask(study, space):
-            self.run_batch(study, jobs)
+        try:
+            for start in range(0, len(stale), self.n_jobs):  # in their own dirs, from their checkpoints
+                self.run_batch(study, stale[start : start + self.n_jobs])
+            while jobs := self.ask(study, space):
+                self.run_batch(study, jobs)
+        except optuna.exceptions.StorageInternalError as err:  # past SQLite's 120 s wait, or a full disk
+            raise SystemExit(self.storage_failed(study, err)) from None
         self.write_results(study)
+
+    def storage_failed(self, study: optuna.Study, err: Exception) -> str:
+        """After the database failed: this sweep's running trials failed (if it answers), the table, one line."""
+        from linreg.results import summarize
+
+        with contextlib.suppress(Exception):
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir):
+                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        with contextlib.suppress(Exception):
+            log.info(f"sweep: {summarize(self.sweep_dir)[0]}")
+        why = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
+        where = f"hydra.sweeper.storage={shown(self.storage)}"
+        return f"error: {where}: the study's database failed ({why}); resume=true goes on"
 
     def ask(self, study: optuna.Study, space: Space) -> list[Job]:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
