@@ -180,27 +180,37 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
-def check(cfg: DictConfig) -> None:
-    """ConfigError for the first value the schema lets through but a run cannot use."""
+def plain(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
+    """The config as plain data, resolved, less the `skip` keys (Hydra's own by default)."""
     try:
-        plain = {
+        return {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in cfg.items()
-            if k != "hydra"
+            if k not in skip
         }
     except OmegaConfBaseException as err:
-        raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
-    against_schema(plain)
+        raise omegaconf_error(err) from None
+
+
+def omegaconf_error(err: OmegaConfBaseException) -> "ConfigError":
+    """OmegaConf's error as one line naming its key."""
+    return ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0])
+
+
+def check(cfg: DictConfig) -> None:
+    """ConfigError for the first value the schema lets through but a run cannot use."""
+    plain_cfg = plain(cfg)
+    against_schema(plain_cfg)
     for key, (ok, why) in RANGES.items():
         group, _, name = key.rpartition(".")
-        holder = plain.get(group) if group else plain
+        holder = plain_cfg.get(group) if group else plain_cfg
         if isinstance(holder, dict) and name in holder and not ok(holder[name]):
             raise ConfigError(key, holder[name], why)
-    data = plain["data"]
+    data = plain_cfg["data"]
     if data["bias"] and len(data["w"]) < 2:
         raise ConfigError("data.w", data["w"], "needs a feature weight and the intercept when data.bias=true")
-    if plain["trainer"]["accelerator"] in ("gpu", "cuda") and not gpu_available():
-        raise ConfigError("trainer.accelerator", plain["trainer"]["accelerator"], "no GPU here; use trainer=cpu")
+    if plain_cfg["trainer"]["accelerator"] in ("gpu", "cuda") and not gpu_available():
+        raise ConfigError("trainer.accelerator", plain_cfg["trainer"]["accelerator"], "no GPU here; use trainer=cpu")
     needed = 3 * 4 * data["num_examples"] * (len(data["w"]) + 2)  # float32 features and labels, ~3 copies at peak
     if needed > (free := psutil.virtual_memory().available):
         why = f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
@@ -228,7 +238,7 @@ def against(schema: Any, plain: Any) -> None:
     try:
         OmegaConf.merge(OmegaConf.structured(schema), plain)
     except OmegaConfBaseException as err:
-        raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
+        raise omegaconf_error(err) from None
 
 
 def gpu_available() -> bool:

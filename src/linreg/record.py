@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from linreg.config import ConfigError
+from linreg.config import ConfigError, is_int, plain
 
 FINISHED = ("ok", "diverged")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
@@ -84,12 +84,7 @@ def read_or_none(path: Path) -> Any:
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """What a run computes: its config less `hydra` and `resume` (how it is run), resolved."""
-    skip = ("hydra", "resume")
-    return {
-        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-        for k, v in cfg.items()
-        if k not in skip
-    }
+    return plain(cfg, ("hydra", "resume"))
 
 
 def resumable(config: Any) -> Any:
@@ -130,7 +125,7 @@ def is_number(v: Any) -> bool:
 
 KINDS = {  # metrics.json's typed fields: (test, what it must be); None is always allowed here
     "number": (is_number, "a finite number"),
-    "integer": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "integer": (is_int, "an integer"),
     "numbers": (lambda v: isinstance(v, list) and all(x is None or is_number(x) for x in v), "a list of numbers"),
     "text": (lambda v: isinstance(v, str), "a string"),
     "object": (lambda v: isinstance(v, dict), "an object"),

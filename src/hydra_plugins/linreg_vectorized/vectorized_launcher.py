@@ -23,8 +23,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import MODELS, ConfigError, check
-from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, identity, refuse_other_runs
+from linreg.config import MODELS, ConfigError, check, plain
+from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("linreg.train")  # a job's own lines, as `linreg.train.main` writes them
@@ -92,7 +92,7 @@ class VectorizedLauncher(Launcher):
         HydraConfig.instance().set_config(config)  # for its `${hydra:...}` values (`run_job` sets it again later)
         try:
             check(config)
-            cfg = OmegaConf.create({**identity(config), "resume": config.resume})  # plain data, to train outside Hydra
+            cfg = OmegaConf.create(plain(config))  # plain data, to train outside Hydra
         except (ConfigError, OmegaConfBaseException):
             return job  # its single run records why
         if cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
