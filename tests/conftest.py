@@ -92,3 +92,24 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return cfg
 
     return _make
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Callable[[str], Path]:
+    """A tmpfs of the given size (e.g. `2300k`) under tmp_path, unmounted after; skips unless it can be mounted."""
+    mounted: list[Path] = []
+
+    def _mount(size: str) -> Path:
+        disk = tmp_path / f"disk{len(mounted)}"
+        disk.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small disk needs root")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield _mount
+    for disk in mounted:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

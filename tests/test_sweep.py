@@ -210,3 +210,15 @@ def test_resume_with_a_changed_grid_is_refused_before_any_file_changes(grid, aga
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"error: hydra.sweep.dir='{sweep}': holds another sweep ("), lines
     assert snapshot(sweep) == before  # .hydra/, metrics.json, multirun.yaml, progress, the table: as they were
+
+
+@pytest.mark.system  # ~15 s: eight jobs on a disk that fills
+def test_a_sweep_that_fills_its_disk_ends_with_the_table_and_one_line(small_disk):
+    sweep = small_disk("2300k") / "sweep"  # room for a few jobs and the table (linreg.record.ROOM)
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, "model.lr=range(0.01,0.09,0.01)")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith(f"error: sweep {sweep}: "), proc.stderr[-2000:]
+    rows = read_csv(sweep)
+    statuses = {r["status"] for r in rows}
+    assert len(rows) == 8 and statuses == {"ok", "failed"}, statuses
+    assert all("KiB free there" in r["error"] for r in rows if r["status"] == "failed")

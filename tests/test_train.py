@@ -59,6 +59,15 @@ def test_data_that_overflows_is_refused_and_leaves_no_dir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    disk = small_disk("1m")  # less than a run starts with (linreg.record.ROOM)
+    proc = run_cli(*SMALL, f"hydra.run.dir={disk}/run")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    why = "1024 KiB free there; a run needs 2 MiB (disk full?)"
+    assert proc.stderr.splitlines() == [f"error: hydra.run.dir='{disk}/run': {why}"]
+    assert list(disk.iterdir()) == []
+
+
 def test_the_cli_prints_the_result_and_the_run_dir(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("model=linear", *SMALL, f"hydra.run.dir={out}")
@@ -93,12 +102,26 @@ def csv_rows(out: Path) -> list[tuple[int, str]]:
         ]
 
 
+def append_csv_row(out: Path, row: dict[str, float]) -> None:
+    """Add a row to the CSV logger's metrics.csv, as a run killed after a flush leaves it."""
+    import csv
+
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows, fields = list(reader), reader.fieldnames
+    with open(out / "csv" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows([*rows, row])
+
+
 def test_resume_continues_to_the_same_numbers(make_cfg, tmp_path):
     whole_cfg = make_cfg("data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv")
     whole, whole_dir = train(whole_cfg), Path(whole_cfg.hydra.run.dir)
     cut = make_cfg("data.num_examples=200", "trainer.max_epochs=1", "logger=tensorboard_csv")
     train(cut)
     out = Path(cut.hydra.run.dir)
+    append_csv_row(out, {"step": 20, "train/loss": 0.5})  # epoch 2's first point, flushed before a kill -9
     resumed = train(
         make_cfg("data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out)
     )

@@ -5,10 +5,12 @@ Kept out of `linreg.train`: under `python -m linreg.train` that module is `__mai
 callback's module anew.
 """
 
+import logging
 import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +19,48 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import ConfigError, TrainConfig, check, gpu_available, note_new, override_key, refusing
-from linreg.record import RunDirLock, read_or_none, refuse_other_runs, write_json
+from linreg.record import RunDirLock, read_or_none, refuse_other_runs, room, write_json
+
+
+def one_report_per_write_error() -> None:
+    """A failed write (a full disk) is reported once, by the run that made it: no traceback from a log file's
+    handler or from TensorBoard's writer thread (which hands the same error to the run at its next flush)."""
+    logging.raiseExceptions = False  # the documented switch: a log line that cannot be written is dropped
+    if not getattr(threading.excepthook, "linreg", False):
+        default = threading.excepthook
+
+        def hook(args: threading.ExceptHookArgs) -> None:
+            if not issubclass(args.exc_type, OSError):
+                default(args)
+
+        hook.linreg = True  # type: ignore[attr-defined]
+        threading.excepthook = hook
 
 
 class CheckConfig(Callback):
     """Bad input refused in one line (exit 2) before Hydra makes a run dir or a sweep starts its first job."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        one_report_per_write_error()
         with refusing():
             check(config)
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
                 raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
             out = makeable(config, "hydra.run.dir")
+            room(out, "hydra.run.dir")
             refuse_other_runs(out, config)  # before Hydra rewrites the .hydra/ of a run it must keep
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
+        one_report_per_write_error()
         with refusing():
             plain = without_job_values(OmegaConf.to_container(config, resolve=False))
             check(OmegaConf.create({k: getattr(TrainConfig, k) for k in ("seed", "resume", "threads")} | plain))
             check_slurm(config)
             check_swept_devices(config)
-            own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
+            sweep_dir = makeable(config, "hydra.sweep.dir")
+            room(sweep_dir, "hydra.sweep.dir")
+            own_sweep_dir(config, sweep_dir)
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if on_slurm(config) else str(os.getpid())
 

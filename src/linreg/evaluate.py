@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from linreg.checks import makeable
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, against, check, refuse, refusing
-from linreg.record import finite_or_none, model_name, write_json
+from linreg.record import finite_or_none, model_name, room, write_json
 
 
 @dataclass
@@ -143,7 +143,7 @@ class CheckInputs(Callback):
         with refusing():
             against(EvaluateConfig, {k: v for k, v in config.items() if k != "hydra"})  # `+key=...` too
             check_inputs(config)
-            makeable(config, "hydra.run.dir")
+            room(makeable(config, "hydra.run.dir"), "hydra.run.dir")
 
 
 def fmt(value: float | None) -> str:

@@ -5,6 +5,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import stat
 import time
 from dataclasses import dataclass, field
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, is_int, plain
 
 FINISHED = ("ok", "diverged")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
+ROOM = 2 << 20  # free bytes a run (or a sweep's next job) starts with: its files, and a sweep's table after it
 
 
 class CorruptRecord(ValueError):
@@ -42,6 +45,21 @@ def write_atomic(path: Path, data: bytes) -> None:
 def write_json(path: Path, data: Any) -> None:
     """`write_atomic` for a JSON document."""
     write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def room(path: Path, key: str) -> None:
+    """ConfigError naming `key` when `path`'s filesystem has less than ROOM free: nothing is started half-way."""
+    free = shutil.disk_usage(path).free
+    if free < ROOM:
+        raise ConfigError(key, str(path), f"{free >> 10} KiB free there; a run needs {ROOM >> 20} MiB (disk full?)")
+
+
+def write_job_files(out: Path, cfg: DictConfig) -> None:
+    """Hydra's record of a job in `.hydra/` (config, hydra, overrides), written atomically (`output_subdir: null`)."""
+    hydra = HydraConfig.instance().cfg
+    (out / ".hydra").mkdir(exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra), ("overrides.yaml", hydra.hydra.overrides.task)):
+        write_atomic(out / ".hydra" / name, OmegaConf.to_yaml(node).encode())
 
 
 class NoAliases(yaml.SafeLoader):

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import override_key
+from linreg.config import ConfigError, override_key, refuse
 from linreg.record import CorruptRecord, RunRecord, is_number, read_file, read_or_none, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,14 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
+def stopped(sweep_dir: Path, err: OSError) -> str:
+    """The line a sweep ends with when a write under it failed (a full disk): after the table of what finished."""
+    with contextlib.suppress(Exception):
+        log.info(f"sweep: {summarize(sweep_dir)[0]}")
+    where = err.filename or sweep_dir
+    return f"error: sweep {sweep_dir}: stopped: cannot write {where}: {err.strerror or err}; resume=true goes on"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m linreg.results DIR`: rebuild a sweep's table and plots; 1 when jobs failed, 2 for no sweep dir."""
     parser = argparse.ArgumentParser(prog="python -m linreg.results", description=main.__doc__)
@@ -264,7 +272,7 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
         if total and 3 <= k < total and elapsed >= 5:  # before that the pace so far says nothing of what is left
             clock += f", ~{duration(elapsed / k * (total - k))} left"
     mse = f"{row['train_mse']:.6g}" if is_number(row["train_mse"]) else "n/a"
-    return f"[{k}/{total or '?'}{clock}] {' '.join(named)}: {status} train_mse={mse}{' (done before)' * resumed}"
+    return f"[{k or '?'}/{total or '?'}{clock}] {' '.join(named)}: {status} train_mse={mse}{' (done before)' * resumed}"
 
 
 class SweepResults(Callback):
@@ -273,10 +281,12 @@ class SweepResults(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Record the plan for the jobs, which may run in other processes."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         plan = planned(config) | {"started": time.time()}
-        write_json(sweep_dir / PLAN, plan)
-        write_atomic(sweep_dir / PROGRESS, b"")  # a resumed sweep counts from 1 again
+        try:
+            write_json(sweep_dir / PLAN, plan)
+            write_atomic(sweep_dir / PROGRESS, b"")  # a resumed sweep counts from 1 again
+        except OSError as err:  # Hydra would make it a warning and run the sweep without its progress file
+            refuse(ConfigError("hydra.sweep.dir", str(sweep_dir), f"cannot write {err.filename}: {err.strerror}"))
         log.info(f"sweep: {n_jobs(plan['jobs'])} -> {sweep_dir}")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -284,12 +294,15 @@ class SweepResults(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir, out = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
-        plan = read_plan(sweep_dir)
-        with open(sweep_dir / PROGRESS, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to the one file; closing unlocks
-            f.seek(0)
-            line = progress_line(sum(1 for _ in f) + 1, plan, out, job_return)  # its finishing rank
-            f.write(line + "\n")
+        plan, line = read_plan(sweep_dir), None
+        try:
+            with open(sweep_dir / PROGRESS, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to one file; closing unlocks
+                f.seek(0)
+                line = progress_line(sum(1 for _ in f) + 1, plan, out, job_return)  # its finishing rank
+                f.write(line + "\n")
+        except OSError:  # a full disk: the console still has the line (the sweep's end says what was not written)
+            line = line or progress_line(0, plan, out, job_return)
         log.info(line)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

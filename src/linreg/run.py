@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -39,6 +40,8 @@ from linreg.record import (
     identity,
     refuse_other_runs,
     resumable,
+    room,
+    write_job_files,
 )
 
 log = logging.getLogger("linreg.train")
@@ -174,10 +177,13 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
             continue
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        # Up to the checkpoint; at its step, not the hp/* end values of a run that finished there.
+        # Up to the checkpoint; at its step only what its epoch's end logged (train/mse, params/*): not the
+        # next epoch's first train/loss (logged again when it runs), nor the hp/* of a run that finished there.
         for row in rows:
             step = row.pop("step", math.inf)
-            if step < upto_step or (step == upto_step and not any(k.startswith("hp/") for k in row)):
+            if step == upto_step:
+                row = {k: v for k, v in row.items() if k != "train/loss" and not k.startswith("hp/")}
+            if row and step <= upto_step:
                 logger.log_metrics(row, step=int(step))  # the writer (made now) has removed the file: written again
 
 
@@ -207,11 +213,15 @@ def run(
     if out.is_dir():
         refuse_other_runs(out, cfg)  # before anything is written there; looked at again under the lock
     out.mkdir(parents=True, exist_ok=True)
+    room(out, "hydra.sweep.dir" if in_sweep else "hydra.run.dir")
     with RunDirLock(out):
         if cfg.resume and (done := finished(out, cfg)) is not None:
             log.info("resume: %s already finished with this config; nothing to train", out)
             return done
         refuse_other_runs(out, cfg, lock_held=True)
+        job_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if HydraConfig.initialized() else None
+        if job_dir == str(out):  # a Hydra job's run
+            write_job_files(out, cfg)
         with torch_threads(cfg.threads):
             return fit(cfg, out, label, progress, in_sweep)
 

@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from linreg.config import CONFIG_DIR, ConfigError, full_error, refuse
-from linreg.record import RunDirBusy, RunRecord, shown
+from linreg.record import RunDirBusy, RunRecord, shown, write_job_files
 
 log = logging.getLogger("linreg.train")
 
@@ -30,10 +30,12 @@ def result_line(r: RunRecord) -> str:
 def main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep: its train MSE (inf without one) for the sweeper."""
     from linreg.callbacks import SweepGone
+    from linreg.checks import one_report_per_write_error
     from linreg.dashboard import run_label
     from linreg.results import read_plan
     from linreg.run import run
 
+    one_report_per_write_error()  # in a sweep's worker process too
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     out = Path(hc.runtime.output_dir)
@@ -57,6 +59,7 @@ def main(cfg: DictConfig) -> float:
             sys.exit(1)
         failed = RunRecord.failed(cfg, err)
         try:
+            write_job_files(out, cfg)
             failed.write(out)
         except OSError as write_err:
             log.error("could not record the failure in %s: %s", out, write_err)

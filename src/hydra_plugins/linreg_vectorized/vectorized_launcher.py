@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import MODELS, ConfigError, check, plain
-from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs
+from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs, write_job_files
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("linreg.train")  # a job's own lines, as `linreg.train.main` writes them
@@ -175,6 +175,7 @@ def member_task(result: Any) -> TaskFunction:
         hc = HydraConfig.get()
         out = Path(hc.runtime.output_dir)
         try:
+            write_job_files(out, cfg)  # .hydra/, as `linreg.run` writes it for a single run
             if isinstance(result, Exception):
                 raise result
             # The name its single run's TensorBoard run has (linreg.train.main): the swept keys' values.
