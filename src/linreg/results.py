@@ -186,8 +186,8 @@ def stopped(sweep_dir: Path, err: OSError) -> str:
     """The line a sweep ends with when a write under it failed (a full disk): after the table of what finished."""
     with contextlib.suppress(Exception):
         log.info(f"sweep: {summarize(sweep_dir)[0]}")
-    where = err.filename or sweep_dir
-    return f"error: sweep {sweep_dir}: stopped: cannot write {where}: {err.strerror or err}; resume=true goes on"
+    why = f"cannot write {err.filename or sweep_dir}: {err.strerror or err}"
+    return f"error: sweep {sweep_dir}: stopped: {why}; once it can, resume=true goes on"
 
 
 def main(argv: list[str] | None = None) -> int:
