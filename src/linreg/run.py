@@ -174,10 +174,10 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
             continue
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        # Up to the checkpoint; at its step, not the hp/* end values of a run that finished there.
+        # Up to the checkpoint; at its step, not the train_end/* values of a run that finished there.
         for row in rows:
             step = row.pop("step", math.inf)
-            if step < upto_step or (step == upto_step and not any(k.startswith("hp/") for k in row)):
+            if step < upto_step or (step == upto_step and not any(k.startswith("train_end/") for k in row)):
                 logger.log_metrics(row, step=int(step))  # the writer (made now) has removed the file: written again
 
 
