@@ -304,6 +304,10 @@ class SweepResults(Callback):
             summary, error = summarize(sweep_dir)
         except Exception as err:  # Hydra would make it a warning and exit 0: the sweep would look fine
             raise SystemExit(f"error: sweep {sweep_dir}: no results table: {type(err).__name__}: {err}") from err
+        if "submitit" in str(config.hydra.launcher.get("_target_")):  # its jobs' consoles are files in .submitit/
+            with contextlib.suppress(OSError):
+                for line in (sweep_dir / PROGRESS).read_text().splitlines():
+                    log.info(line)
         log.info(f"sweep: {summary}")
         if error:
             raise SystemExit(error)  # Hydra lets a SystemExit through: exit 1 with this line
