@@ -304,7 +304,7 @@ class SweepResults(Callback):
             summary, error = summarize(sweep_dir)
         except Exception as err:  # Hydra would make it a warning and exit 0: the sweep would look fine
             raise SystemExit(f"error: sweep {sweep_dir}: no results table: {type(err).__name__}: {err}") from err
-        if "submitit" in str(config.hydra.launcher.get("_target_")):  # its jobs' consoles are files in .submitit/
+        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_")):  # jobs print to .submitit/
             with contextlib.suppress(OSError):
                 for line in (sweep_dir / PROGRESS).read_text().splitlines():
                     log.info(line)
