@@ -68,7 +68,9 @@ def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model, batches_per
     ea = accumulator(run_dir)
     tags = ea.Tags()
     assert {"train/mse", "train/loss", "params/w1", "params/w2", "params/b", *HP_METRICS} <= set(tags["scalars"])
-    assert tags["images"] == ["fit"] and tags["graph"]
+    assert tags["images"] == ["train_end/fit"] and tags["graph"]
+    # Time Series sorts tag groups by name and opens the first two: the curves, not the end results or the image.
+    assert sorted({t.split("/")[0] for t in tags["scalars"] + tags["images"]}) == ["params", "train", "train_end"]
 
     def values(tag: str) -> list[float]:
         return [e.value for e in ea.Scalars(tag)]
@@ -86,8 +88,9 @@ def test_event_file_holds_every_dashboard(make_cfg, tmp_path, model, batches_per
     assert ends == pytest.approx(metrics["weights"])
 
     # HParams: real final values (not a -1 placeholder) and the same keys as every other job.
-    assert values("hp/train_mse")[-1] == pytest.approx(metrics["train_mse"])
-    assert values("hp/ols_gap")[-1] == pytest.approx(metrics["train_mse"] - metrics["ols_mse"], abs=1e-9)
+    assert steps("train_end/mse") == steps("train_end/ols_gap") == [300]  # once, at the end: a result, not a curve
+    assert values("train_end/mse") == pytest.approx([metrics["train_mse"]])
+    assert values("train_end/ols_gap") == pytest.approx([metrics["train_mse"] - metrics["ols_mse"]], abs=1e-9)
     assert "hp_metric" not in tags["scalars"]
     hparams = session_hparams(ea)
     assert set(hparams) == HPARAM_KEYS
@@ -106,7 +109,7 @@ def test_wide_weights_get_a_curve_each_and_csv_logs_them_too(make_cfg, tmp_path)
 def test_deg2_fit_figure_is_an_image(make_cfg, tmp_path):
     run(make_cfg("experiment=deg2", "data.num_examples=200", "trainer.max_epochs=1"))
     (run_dir,) = event_dirs(tmp_path / "run" / "tensorboard")
-    (image,) = accumulator(run_dir).Images("fit")
+    (image,) = accumulator(run_dir).Images("train_end/fit")
     assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > image.height > 100
 
 
@@ -306,9 +309,9 @@ def test_tensorboard_hparams_table_has_real_metrics_for_every_job(tensorboard_ur
         seen.add((group["hparams"]["model"], group["hparams"]["deg"]))
         values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert set(values) == set(HP_METRICS) and all(math.isfinite(v) for v in values.values())
-        assert 0 <= values["hp/ols_gap"] < values["hp/train_mse"]
+        assert 0 <= values["train_end/ols_gap"] < values["train_end/mse"]
         # deg=2 is the tutorial's lesson: a linear model stays far above zero error.
-        assert (values["hp/train_mse"] > 5) == (group["hparams"]["deg"] == 2)
+        assert (values["train_end/mse"] > 5) == (group["hparams"]["deg"] == 2)
     assert seen == {("manual", 1), ("manual", 2), ("linear", 1), ("linear", 2)}
 
 

@@ -99,7 +99,7 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
     public_events, fast_events = events(tmp_path / "public"), events(tmp_path / "fast")
     assert scalars(fast_events) == scalars(public_events)  # every curve, at the same steps
     assert fast_events.Graph() == public_events.Graph()
-    (public_image,), (fast_image,) = public_events.Images("fit"), fast_events.Images("fit")
+    (public_image,), (fast_image,) = public_events.Images("train_end/fit"), fast_events.Images("train_end/fit")
     assert fast_image.encoded_image_string == public_image.encoded_image_string
 
 

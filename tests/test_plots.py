@@ -77,6 +77,9 @@ def test_seeds_are_dots_around_one_median_not_lines_or_panels():
     (dots,) = [line for line in ax.lines if line.get_marker() == "o"]
     (median,) = [line for line in ax.lines if line.get_linestyle() == "-"]
     assert len(dots.get_xdata()) == 10 and list(median.get_ydata()) == [3e-3, 3e-3]
+    (ax,) = panels(fig := mse_figure(rows, ["seed"]))  # seeds alone: dots, no line from one draw to the next
+    assert not [line for line in ax.lines if line.get_linestyle() == "-"]
+    assert "jobs=None" not in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 def test_panels_are_capped_and_the_title_says_so():
@@ -102,12 +105,39 @@ def test_weights_are_a_panel_per_coefficient_a_colour_per_data_setting_ok_jobs_o
         "deg=1, delta=0.01",
         "deg=2, delta=0.01",
         "true value",
+        "best job (smallest gap)",
     ]
 
 
+def optuna(trials: int = 12) -> list[dict]:
+    """An Optuna search's rows: lr sampled on a log scale, 4 batch sizes, one panel; job 5's gap the smallest."""
+    return [
+        row(i, gap=1e-3 if i == 5 else 0.1 + i / 100, model__lr=0.3 * 0.7**i, data__batch_size=[10, 20, 50, 100][i % 4])
+        for i in range(trials)
+    ]
+
+
+def test_the_best_job_is_starred_on_both_plots():
+    rows, swept = optuna(), ["model.lr", "data.batch_size"]
+    (ax,) = panels(mse_figure(rows, swept))
+    (star,) = [line for line in ax.lines if line.get_marker() == "*"]
+    assert list(star.get_ydata()) == [1e-3] and star.get_xdata()[0] == pytest.approx(0.3 * 0.7**5, rel=0.2)
+    for ax in panels(weights_figure(rows, swept)):  # at the best job's coefficients: w1 2.001, w2 -1, b 1
+        (star,) = [line for line in ax.lines if line.get_marker() == "*"]
+        assert star.get_ydata()[0] == {"w1": 2.001, "w2": -1.0, "b": 1.0}[ax.get_title()]
+
+
+SWEEP_ROWS = {  # the tutorial grid, an Optuna search, a 300-job seed sweep
+    "tutorial": (grid(TUTORIAL), list(TUTORIAL)),
+    "optuna": (optuna(), ["model.lr", "data.batch_size"]),
+    "seeds": ([row(i, gap=1 + i / 1000, seed=i) for i in range(300)], ["seed"]),
+}
+
+
 @pytest.mark.parametrize("figure", [mse_figure, weights_figure])
-def test_titles_legends_and_labels_stay_inside_the_figure(figure):
-    fig = figure(grid(TUTORIAL), list(TUTORIAL))
+@pytest.mark.parametrize("sweep", SWEEP_ROWS)
+def test_titles_legends_and_labels_stay_inside_the_figure(figure, sweep):
+    fig = figure(*SWEEP_ROWS[sweep])
     FigureCanvasAgg(fig).draw()
     drawn, page = fig.get_tightbbox(), fig.bbox_inches  # everything drawn, in inches, against the page
     assert page.x0 <= drawn.x0 and drawn.x1 <= page.x1 and page.y0 <= drawn.y0 and drawn.y1 <= page.y1

@@ -98,7 +98,7 @@ def test_every_job_has_its_single_runs_tensorboard_run(runs):
         [basic] = (runs["basic"][0] / job / "tensorboard").iterdir()
         assert vec.name == basic.name  # the same run name in TensorBoard
         got, want = scalars(vec), scalars(basic)
-        assert got.keys() == want.keys() >= {"train/loss", "train/mse", "params/w1", "params/b", "hp/train_mse"}
+        assert got.keys() == want.keys() >= {"train/loss", "train/mse", "params/w1", "params/b", "train_end/mse"}
         assert got.pop("tensors") == want.pop("tensors") == ["custom_scalars__config__"]
         for tag, series in want.items():
             assert [s for s, _ in got[tag]] == [s for s, _ in series], tag

@@ -1,8 +1,8 @@
 """TensorBoard dashboards: parameter trajectories, the HParams record and a picture of the fit.
 
 Tags written here (a contract for dashboards and scripts; `train/loss` and `train/mse` come from the module):
-`params/<name>` (w1, w2, ..., b), `hp/train_mse`, `hp/ols_gap` and the image `fit` (the graph is Lightning's).
-Every scalar is written at the run's SGD step count (`global_step`), so all curves share one axis.
+`params/<name>` (w1, w2, ..., b), `train_end/mse`, `train_end/ols_gap` and the image `train_end/fit` (the graph
+is Lightning's). Every scalar is written at the run's SGD step count (`global_step`), so all curves share one axis.
 """
 
 import math
@@ -24,8 +24,9 @@ from linreg.record import RunRecord
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table.
-HP_METRICS = ("hp/train_mse", "hp/ols_gap")
+# The HParams columns: every job logs exactly these keys, so TensorBoard lines the runs up in one table. Time Series
+# sorts its groups by name and opens the first two (params, train): the end results come after them.
+HP_METRICS = ("train_end/mse", "train_end/ols_gap")
 LAYOUT = {  # TensorBoard's Custom Scalars tab: the curves that answer a run or a sweep, on one page
     "linreg": {
         "train/mse (full data, each epoch)": ["Multiline", ["train/mse"]],
@@ -135,8 +136,8 @@ class Dashboard(L.Callback):
     """Everything the dashboards need beyond the module's own curves, in one callback.
 
     `params/<name>` after each epoch and at train/loss's cadence (the module's `log_every_sgd_steps`); the
-    HParams record (`hparams`, with `hp/train_mse` and `hp/ols_gap` once, at the end: a result, not a curve);
-    a Custom Scalars layout that opens on the curves; and with `fit`, the image `fit` at the end.
+    HParams record (`hparams`, with `HP_METRICS` once, at the end: a result, not a curve); a Custom Scalars
+    layout that opens on the curves; and with `fit`, the image `train_end/fit` at the end.
     The graph is Lightning's (the logger's `log_graph`).
     """
 
@@ -199,12 +200,12 @@ class Dashboard(L.Callback):
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
             pixels = figure_pixels(fit_figure(x, y.reshape(-1), y_hat, mse))
-            tb.experiment.add_image("fit", pixels, log_step(trainer), dataformats="HWC")
+            tb.experiment.add_image("train_end/fit", pixels, log_step(trainer), dataformats="HWC")
 
 
 def hp_metrics(mse: float, ols_mse: float) -> dict[str, float]:
     """The HParams metrics for a full-data MSE."""
-    return {"hp/train_mse": mse, "hp/ols_gap": mse - ols_mse}
+    return dict(zip(HP_METRICS, (mse, mse - ols_mse)))
 
 
 def start_hparams(tb: TensorBoardLogger, hparams: dict[str, Any], metrics: dict[str, float]) -> Any:

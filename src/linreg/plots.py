@@ -2,6 +2,7 @@
 
 mse.png: the gap against lr (or the first numeric swept key), a line per value of the next swept key, a panel per
 combination of the rest; jobs without a result are marked along the top. weights.png: a panel per coefficient.
+Both star the best job (the smallest gap) of each panel or data setting: an Optuna search's best trial.
 """
 
 import io
@@ -46,6 +47,12 @@ def distinct(rows: list[Row], key: str | None) -> list[Any]:
     return sorted((v for v in seen if num(v) is not None), key=num) + [v for v in seen if num(v) is None]  # type: ignore
 
 
+def best(rows: list[Row]) -> Row | None:
+    """The ok job with the smallest gap to its floor (the first of equals), if any."""
+    ok = [r for r in rows if r["status"] == "ok" and num(r["gap"]) is not None]
+    return min(ok, key=lambda r: r["gap"], default=None)
+
+
 def label(key: str | None) -> str:
     """A key's short name: `lr` for model.lr."""
     return key.rpartition(".")[2] if key else "jobs"
@@ -82,6 +89,7 @@ def figure(rows: list[Row], x: str, panels: int, ylabel: str, sharey: bool) -> t
             ax.tick_params(labelbottom=True)
     if log_x:
         axes[0].set_xscale("log")
+        axes[0].xaxis.set_major_formatter("{x:g}")  # 0.01, not 10^-2
     if len(pos) <= MAX_TICKS:
         axes[0].set_xticks(list(pos.values()), [str(v) for v in pos])  # type: ignore[arg-type]
         axes[0].xaxis.set_minor_locator(NullLocator())
@@ -110,6 +118,9 @@ def mse_figure(rows: list[Row], swept: list[str]) -> Figure:
     for ax, (combo, panel) in zip(axes, shown):
         for i, value in enumerate(lines):
             ys += draw_jobs(ax, [r for r in panel if value_of(r, line) == value], at(i, len(lines)), x, f"C{i % 10}")
+        if top := best(panel):
+            pos = at(lines.index(value_of(top, line)), len(lines))[value_of(top, x)]
+            ax.plot(pos, max(top["gap"], GAP_FLOOR), "*", color="k", mfc="none", ms=12)
         floors = [f for r in panel if (f := num(r["ols_mse"])) is not None]
         floor = statistics.median(floors) if floors else None
         if floor:
@@ -123,7 +134,8 @@ def mse_figure(rows: list[Row], swept: list[str]) -> Figure:
         axes[0].yaxis.set_major_formatter("{x:g}")
         axes[0].set_ylim(min(ys) / 3, max(ys) * 30)
     handles = [Line2D([], [], color=f"C{i % 10}", marker="o", label=f"{label(line)}={v}") for i, v in enumerate(lines)]
-    handles = handles[:10] + [
+    handles = handles[:10] * (line is not None) + [
+        Line2D([], [], color="k", marker="*", mfc="none", ls="", ms=10, label="best job (smallest gap)"),
         Line2D([], [], color="grey", ls="--", label="1% of the floor (below: at the floor)"),
         Line2D([], [], color="k", marker="x", ls="", label="diverged"),
         Line2D([], [], color="k", marker="s", mfc="none", ls="", label="failed / missing / corrupt"),
@@ -150,7 +162,8 @@ def draw_jobs(ax: Any, rows: list[Row], pos: dict[Any, float], x: str, colour: s
         ax.plot(xs, [0.95] * len(xs), marker, color=colour, mfc="none", ls="", transform=ax.get_xaxis_transform())
     xs = sorted(points)
     ax.plot([p for p in xs for _ in points[p]], [g for p in xs for g in points[p]], "o", color=colour, ms=3, alpha=0.7)
-    ax.plot(xs, [statistics.median(points[p]) for p in xs], "-", color=colour, lw=1.5)
+    if x != "seed":  # seeds are draws of one setting: no trend to follow from one to the next
+        ax.plot(xs, [statistics.median(points[p]) for p in xs], "-", color=colour, lw=1.5)
     return [g for gs in points.values() for g in gs]
 
 
@@ -169,11 +182,14 @@ def weights_figure(rows: list[Row], swept: list[str]) -> Figure:
             mine = [r for r in ok if f"deg={r['deg']}, delta={r['delta']}" == setting and j < len(r["weights"])]
             pts = [(at(i, len(settings))[value_of(r, x)], w) for r in mine if (w := num(r["weights"][j])) is not None]
             ax.plot([p for p, _ in pts], [w for _, w in pts], "o", color=f"C{i % 10}", ms=4, alpha=0.7)
+            if (top := best(mine)) and (w := num(top["weights"][j])) is not None:
+                ax.plot(at(i, len(settings))[value_of(top, x)], w, "*", color="k", mfc="none", ms=12)
         for truth in {num(t[j]) for r in ok if isinstance(t := r["true_weights"], list) and j < len(t)} - {None}:
             ax.axhline(truth, color="k", ls="--", lw=1)
         ax.set_title(names[j], fontsize=9)
     handles = [Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=s) for i, s in enumerate(settings)]
     handles.append(Line2D([], [], color="k", ls="--", label="true value"))
+    handles.append(Line2D([], [], color="k", marker="*", mfc="none", ls="", ms=10, label="best job (smallest gap)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     fig.suptitle(f"learned coefficients of {len(ok)} ok jobs, by {label(x)}")
     return fig

@@ -317,6 +317,10 @@ class SweepResults(Callback):
             summary, error = summarize(sweep_dir)
         except Exception as err:  # Hydra would make it a warning and exit 0: the sweep would look fine
             raise SystemExit(f"error: sweep {sweep_dir}: no results table: {type(err).__name__}: {err}") from err
+        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_")):  # jobs print to .submitit/
+            with contextlib.suppress(OSError):
+                for line in (sweep_dir / PROGRESS).read_text().splitlines():
+                    log.info(line)
         log.info(f"sweep: {summary}")
         if error:
             raise SystemExit(error)  # Hydra lets a SystemExit through: exit 1 with this line

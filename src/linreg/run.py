@@ -178,11 +178,11 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
         # Up to the checkpoint; at its step only what its epoch's end logged (train/mse, params/*): not the
-        # next epoch's first train/loss (logged again when it runs), nor the hp/* of a run that finished there.
+        # next epoch's first train/loss (logged again when it runs), nor a finished run's train_end/*.
         for row in rows:
             step = row.pop("step", math.inf)
             if step == upto_step:
-                row = {k: v for k, v in row.items() if k != "train/loss" and not k.startswith("hp/")}
+                row = {k: v for k, v in row.items() if k != "train/loss" and not k.startswith("train_end/")}
             if row and step <= upto_step:
                 logger.log_metrics(row, step=int(step))  # the writer (made now) has removed the file: written again
 

@@ -246,6 +246,7 @@ class StudySweep:
         # Optuna's lines in Hydra's format (and log file); alembic >= 1.18 announces its plugins at INFO.
         optuna.logging.disable_default_handler()
         optuna.logging.enable_propagation()
+        optuna.logging.set_verbosity(logging.WARNING)  # "A new study created": the sweep's header says where it is
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
     def open_study(self) -> optuna.Study:
@@ -277,7 +278,8 @@ class StudySweep:
         space = search_space(self.params, arguments)
         study = self.open_study()
         there = counted(settled(study))
-        log.info(f"Optuna study {self.study_name!r} in {shown(self.storage)}: {there} of {self.n_trials} trials there")
+        if there:  # a study this sweep goes on with (of a new one, the sweep's header says enough)
+            log.info(f"Optuna study {self.study_name!r} in {shown(self.storage)}: {there} of {self.n_trials} there")
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         mine = [t for t in running if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir)]  # one sweep per dir
         if mine and not self.resume:
@@ -361,5 +363,7 @@ class StudySweep:
             "best_params": best.params if best else {},
             "best_value": best.value if best else None,
         }
-        log.info(f"Best trial {best.number}: value {best.value} with {best.params}" if best else "no trial completed")
+        params = best.params.items() if best else ()  # shown at 6 significant digits, as the progress lines
+        chosen = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in params)
+        log.info(f"best trial {best.number}: {best.value:.6g} with {chosen}" if best else "no trial completed")
         write_atomic(self.sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(results).encode())
