@@ -296,6 +296,59 @@ def test_a_choice_of_lists_reaches_each_job_as_a_list(cli_sweep):
         assert m["data"]["w"] == json.loads(t.params["data.w"]) and len(m["weights"]) == len(m["data"]["w"])
 
 
+PRUNED_SWEEP = [  # lr 0.3, 0.0001, 0.3 (seeds 2, 3, 4): the slow one is worse than the median after epoch 1
+    "hydra/sweeper/pruner=median",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+    "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+    "hydra.sweeper.sampler.seed=2",
+    "model.lr=choice(0.3,0.0001)",
+    "data.batch_size=10",
+    "data.num_examples=100",
+    "trainer.max_epochs=3",
+]
+
+
+@pytest.fixture(scope="module")
+def pruned_sweep(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, int]]]:
+    """3 trials with the median pruner; then a kill leaves trial 3 running, and a resume runs it to n_trials=4."""
+    sweep = tmp_path_factory.mktemp("pruned") / "sweep"
+    proc = run_cli(*optuna_sweep(sweep, "hydra.sweeper.n_trials=3", *PRUNED_SWEEP))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = finished_jobs(sweep)
+    study = optuna.load_study(study_name="linreg", storage=db_url(sweep))
+    study.enqueue_trial({"model.lr": 0.0001})
+    study.ask({"model.lr": CategoricalDistribution([0.3, 0.0001])}).set_user_attr("sweep_dir", str(sweep.resolve()))
+    proc = run_cli(*optuna_sweep(sweep, "hydra.sweeper.n_trials=4", "resume=true", *PRUNED_SWEEP))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return sweep, before
+
+
+def test_a_pruned_trial_stops_at_its_epoch_is_a_row_and_counts(pruned_sweep):
+    sweep, before = pruned_sweep
+    trials = trials_of(db_url(sweep))
+    assert [(t.params["model.lr"], t.state) for t in trials[:3]] == [
+        (0.3, TrialState.COMPLETE),
+        (0.0001, TrialState.PRUNED),
+        (0.3, TrialState.COMPLETE),
+    ]
+    m = json.loads(before["1"][0])
+    assert (m["status"], m["pruned_epoch"], len(m["epoch_mse"]), m["steps"]) == ("pruned", 1, 1, 10)  # 100 / 10
+    assert trials[1].intermediate_values == {1: m["train_mse"]} and trials[1].value == m["train_mse"]
+    assert trials[0].intermediate_values == dict(enumerate(json.loads(before["0"][0])["epoch_mse"], start=1))
+    rows = check_rows_match_metrics(sweep, 4)
+    assert [r["status"] for r in rows] == ["ok", "pruned", "ok", "pruned"]
+    assert "| pruned at epoch 1 |" in (sweep / "results.md").read_text()
+
+
+def test_a_resume_keeps_pruned_trials_and_prunes_the_one_it_reruns(pruned_sweep):
+    sweep, before = pruned_sweep
+    trials = trials_of(db_url(sweep))
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED] * 2  # n_trials=4, pruned counted
+    assert {job: finished_jobs(sweep)[job] for job in before} == before  # kept, not re-run
+    assert json.loads((sweep / "3" / "metrics.json").read_text())["status"] == "pruned"
+    assert OmegaConf.load(sweep / "optimization_results.yaml").n_trials == 4
+
+
 def test_make_optuna_dashboard_refuses_a_dir_without_a_study(tmp_path):
     cmd = ["make", "-s", "-o", ".venv/.installed", "optuna-dashboard", f"SWEEP={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
