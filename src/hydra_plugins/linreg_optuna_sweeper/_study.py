@@ -61,9 +61,8 @@ class Space:
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """A trial's job overrides: its sampled params, then the fixed overrides."""
-        raw = self.texts
-        lines = [f"{k}={v if v in raw.get(k, ()) else as_override_value(v)}" for k, v in params.items()]
-        return lines + self.fixed
+        texts = self.texts
+        return [f"{k}={v if v in texts.get(k, ()) else as_override_value(v)}" for k, v in params.items()] + self.fixed
 
 
 def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
@@ -76,15 +75,13 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
             choices.sort()
         return CategoricalDistribution(choices), {v for x, v in values if isinstance(x, (list, dict))}
     if isinstance(sweep, RangeSweep):
-        if any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step)):
-            return FloatDistribution(sweep.start, sweep.stop, step=sweep.step), set()
-        return IntDistribution(int(sweep.start), int(sweep.stop), step=int(sweep.step)), set()
+        floats = any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step))
+        kind = FloatDistribution if floats else IntDistribution
+        return kind(sweep.start, sweep.stop, step=sweep.step), set()
     if isinstance(sweep, IntervalSweep):
-        log_scale = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return IntDistribution(sweep.start, sweep.end, log=log_scale), set()
-        return FloatDistribution(sweep.start, sweep.end, log=log_scale), set()
-    raise ConfigError(o.get_key_element(), o.input_line, "a sweep must be choice, range or interval")
+        kind = IntDistribution if isinstance(sweep.start, int) and isinstance(sweep.end, int) else FloatDistribution
+        return kind(sweep.start, sweep.end, log="log" in sweep.tags), set()
+    raise ValueError("a sweep must be choice, range or interval")
 
 
 def parse(line: str, key: str, value: str) -> Override:
@@ -110,9 +107,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
             continue
         try:
             space.distributions[key], space.texts[key] = distribution(o)
-        except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step
-            if isinstance(err, ConfigError):
-                raise
+        except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step; or a glob
             raise ConfigError(key, str(o.input_line).partition("=")[2], str(err)) from None
     space.fixed = list(fixed.values())
     return space

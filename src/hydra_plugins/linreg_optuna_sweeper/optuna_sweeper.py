@@ -1,10 +1,8 @@
 """`hydra/sweeper=optuna`: Optuna's ask-and-tell API behind Hydra's Sweeper interface, the study in a database.
 
-hydra-optuna-sweeper's config keys and `params` grammar (conf/hydra/sweeper/optuna.yaml), typed by `OptunaConfig`
-in Hydra's ConfigStore (Hydra refuses a wrong type while composing), with the study in `sqlite:///<sweep
-dir>/optuna.db` unless `storage` says otherwise; `resume=true` continues a killed sweep to `n_trials`; sweeps
-sharing a storage and study name fill one study together. Hydra imports every public module under hydra_plugins
-at each start: Optuna is imported only when this sweeper is set up (`_study`).
+hydra-optuna-sweeper's keys and `params` grammar, typed by `OptunaConfig` (Hydra refuses a wrong type while
+composing). Hydra imports every public module under hydra_plugins at each start: Optuna is imported only when
+this sweeper is set up (`_study`: resume, shared studies, a seeded sampler per trial).
 """
 
 from dataclasses import dataclass, field
