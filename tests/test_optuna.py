@@ -447,6 +447,7 @@ def test_joblib_launcher_runs_the_trials_of_a_batch_in_parallel(tmp_path):
     trials = trials_of(db_url(sweep))
     assert [(t.number, t.state) for t in trials] == [(i, TrialState.COMPLETE) for i in range(4)]
     check_trials_are_job_dirs(sweep, trials)
+    assert all(t.intermediate_values == {1: t.value} for t in trials)  # each worker reported to the study itself
 
 
 def free_port() -> int:
