@@ -145,7 +145,7 @@ def make(key: str, config: dict[str, Any], base: type, **given: Any) -> Any:
     except Exception as err:
         raise ConfigError(f"hydra.sweeper.{key}", config.get("_target_"), f"cannot be made: {err}") from None
     if not isinstance(made, base):
-        raise ConfigError(f"hydra.sweeper.{key}", config.get("_target_"), f"must name a {base.__module__} class")
+        raise ConfigError(f"hydra.sweeper.{key}", config.get("_target_"), f"must name an optuna.{key}s class")
     return made
 
 
