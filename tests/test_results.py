@@ -65,8 +65,8 @@ def test_a_row_per_planned_job_with_its_status_and_the_exit_status_says_which_fa
     assert out == f"6 jobs: 1 ok, 1 diverged, 1 failed, 2 missing, 1 corrupt -> {sweep / 'results.md'}\n"
     assert err == (
         f"error: sweep {sweep}: 1 of 6 jobs failed: boom at line 2 (#2); 2 of 6 jobs did not finish: no metrics.json"
-        " (jobs 3, 5); 1 of 6 jobs left a corrupt record: metrics.json: not a run record (no status ok, diverged or"
-        " failed) (#4)\n"
+        " (jobs 3, 5); 1 of 6 jobs left a corrupt record: metrics.json: not a run record (no status ok, diverged,"
+        " pruned or failed) (#4)\n"
     )
     rows = read_csv(sweep)
     assert [r["status"] for r in rows] == ["ok", "diverged", "failed", "missing", "corrupt", "missing"]

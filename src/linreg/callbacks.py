@@ -1,12 +1,15 @@
-"""Lightning callbacks of a run beyond the dashboards: the saved config, epoch lines, the end of a killed sweep."""
+"""Lightning callbacks of a run beyond the dashboards: the saved config, epoch lines, a killed sweep, Optuna trials."""
 
 import logging
+import math
 import os
 import select
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from linreg.record import write_json
 
@@ -93,3 +96,43 @@ class EndWithSweep(L.Callback):
         if self.poller is not None:
             os.close(self.pidfd)
             self.pidfd, self.poller = -1, None
+
+
+def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bool:
+    """Report trial `number`'s `value` at `epoch` to its study; if the study's pruner stops it, mark it PRUNED."""
+    from optuna.trial import Trial, TrialState
+
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+    trial = Trial(study, trial_id)
+    trial.report(value, epoch)
+    if not trial.should_prune():
+        return False
+    study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)  # its value: the last one reported
+    return True
+
+
+class ReportToStudy(L.Callback):
+    """A trial of linreg's Optuna sweeper: its train/mse after each epoch to the study; stops where the pruner says.
+
+    The channel is the study's database, found from the job's own Hydra config as the sweeper finds it, so any
+    launcher works (each job process opens it); the trial number is the job number.
+    """
+
+    def __init__(self, hc: DictConfig) -> None:
+        import optuna
+
+        url = hc.sweeper.storage or f"sqlite:///{Path(hc.sweep.dir).resolve() / 'optuna.db'}"
+        engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {}  # as the sweeper waits
+        self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        pruner = instantiate(hc.sweeper.pruner) if hc.sweeper.pruner else optuna.pruners.NopPruner()
+        name = hc.sweeper.study_name or "linreg"
+        self.study = optuna.load_study(study_name=name, storage=self.storage, pruner=pruner)
+        self.number, self.pruned_epoch = hc.job.num, None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch_mse = getattr(pl_module, "epoch_mse", None)
+        if trainer.sanity_checking or not epoch_mse or not math.isfinite(epoch_mse[-1]):
+            return  # a diverged run stops itself
+        if prune(self.study, self.storage, self.number, len(epoch_mse), epoch_mse[-1]):
+            self.pruned_epoch = len(epoch_mse)
+            trainer.should_stop = True

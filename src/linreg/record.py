@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, is_int, plain
 
-FINISHED = ("ok", "diverged")  # outcomes; failed, missing and corrupt are no result
+FINISHED = ("ok", "diverged", "pruned")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
 ROOM = 2 << 20  # free bytes a run (or a sweep's next job) starts with: its files, and a sweep's table after it
 
@@ -152,7 +152,8 @@ FIELD_KINDS = {
     "model": "text", "seed": "integer", "data": "object", "lr": "number", "batch_size": "integer",
     "epochs": "integer", "accelerator": "text", "epoch_mse": "numbers", "train_mse": "number",
     "weights": "numbers", "true_weights": "numbers", "ols_mse": "number", "steps": "integer",
-    "fit_seconds": "number", "diverged_epoch": "integer", "error": "text", "config": "object",
+    "fit_seconds": "number", "diverged_epoch": "integer", "pruned_epoch": "integer", "error": "text",
+    "config": "object",
 }  # fmt: skip
 
 
@@ -160,7 +161,7 @@ FIELD_KINDS = {
 class RunRecord:
     """One run's record: the fields of metrics.json in its order; tables, HParams and progress lines read it."""
 
-    status: str  # ok, diverged or failed (a reader also finds missing and corrupt)
+    status: str  # ok, diverged, pruned (an Optuna trial stopped early) or failed (a reader also finds missing, corrupt)
     model: str | None = None
     seed: int | None = None
     data: dict[str, Any] | None = None
@@ -176,6 +177,7 @@ class RunRecord:
     steps: int | None = None
     fit_seconds: float | None = None
     diverged_epoch: int | None = None
+    pruned_epoch: int | None = None  # the epoch (from 1) after which its pruner stopped it
     error: str | None = None
     config: dict[str, Any] | None = None
 
@@ -206,7 +208,7 @@ class RunRecord:
     def parse(cls, metrics: Any) -> "RunRecord":
         """metrics.json's content as a record; CorruptRecord when it cannot be trusted."""
         if not isinstance(metrics, dict) or metrics.get("status") not in (*FINISHED, "failed"):
-            raise CorruptRecord("metrics.json: not a run record (no status ok, diverged or failed)")
+            raise CorruptRecord("metrics.json: not a run record (no status ok, diverged, pruned or failed)")
         for key, kind in FIELD_KINDS.items():
             good, want = KINDS[kind]
             if metrics.get(key) is not None and not good(metrics[key]):

@@ -33,11 +33,11 @@ from linreg.record import CorruptRecord, RunRecord, is_number, read_file, read_o
 log = logging.getLogger(__name__)
 COLUMNS = (  # a row: the job, its record's fields (data as deg, delta and bias), its gap to the floor, where
     "job model deg delta bias lr batch_size accelerator seed epochs status train_mse ols_mse gap weights true_weights"
-    " steps fit_seconds diverged_epoch error overrides dir"
+    " steps fit_seconds diverged_epoch pruned_epoch error overrides dir"
 ).split()
 MD_COLUMNS = "job model deg delta lr batch_size status train_mse ols_mse gap weights steps".split()
 PLAN, PROGRESS, PLOTS = ".sweep-plan.json", "progress.log", ("mse.png", "weights.png")
-STATUSES = ("ok", "diverged", "failed", "missing", "corrupt")
+STATUSES = ("ok", "diverged", "pruned", "failed", "missing", "corrupt")
 VERBS = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}  # no result
 
 
@@ -130,6 +130,7 @@ def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     lines += ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for r in rows:
         status = f"**{r['status']}**" if r["status"] in VERBS else r["status"]
+        status += f" at epoch {r['pruned_epoch']}" if r["pruned_epoch"] else ""
         lines.append("| " + " | ".join(cell(r[k]) if k != "status" else status for k in MD_COLUMNS) + " |")
     return "\n".join([*lines, "", *(f"![{name}]({name})" for name in PLOTS)]) + "\n"
 
@@ -257,6 +258,7 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     named = [re.sub(r"=(-?\d+\.\d{7,}(e-?\d+)?)$", lambda m: f"={float(m[1]):.6g}", o) for o in named]  # Optuna's lr
     row = job_row(out)
     status = row["status"] + (f" ({row['error']})" if row["error"] and row["status"] != "missing" else "")
+    status += f" at epoch {row['pruned_epoch']}" if row["pruned_epoch"] else ""
     if ret.status == JobStatus.FAILED:  # raised past the task function: Hydra holds the error
         try:
             _ = ret.return_value  # re-raises what the job raised

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.callbacks import EndWithSweep, EpochLines, SaveRunConfig
+from linreg.callbacks import EndWithSweep, EpochLines, ReportToStudy, SaveRunConfig
 from linreg.config import ConfigError, check
 from linreg.dashboard import Dashboard, hparams
 from linreg.data import RegressionDataModule
@@ -143,6 +143,8 @@ def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, ba
     sweep_pid = os.environ.get("LINREG_SWEEP_PID")
     if in_sweep and sweep_pid and sweep_pid != str(os.getpid()):
         callbacks.append(EndWithSweep(int(sweep_pid)))  # a worker process of a sweep (joblib, submitit_local)
+    if in_sweep and HydraConfig.initialized() and "pruner" in HydraConfig.get().sweeper:
+        callbacks.append(ReportToStudy(HydraConfig.get()))  # a trial of linreg's Optuna sweeper
     return callbacks
 
 
@@ -241,9 +243,10 @@ def fit(cfg: DictConfig, out: Path, label: str, progress: bool, in_sweep: bool) 
     trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    pruned = next((c.pruned_epoch for c in trainer.callbacks if isinstance(c, ReportToStudy)), None)
     record = RunRecord.of(
         cfg,
-        "ok" if model.diverged_epoch is None else "diverged",
+        "diverged" if model.diverged_epoch is not None else "pruned" if pruned else "ok",
         epoch_mse=model.epoch_mse,
         train_mse=model.epoch_mse[-1] if model.epoch_mse else None,
         weights=model.weights(),
@@ -251,6 +254,7 @@ def fit(cfg: DictConfig, out: Path, label: str, progress: bool, in_sweep: bool) 
         steps=trainer.global_step,
         fit_seconds=time.perf_counter() - start,
         diverged_epoch=model.diverged_epoch,
+        pruned_epoch=pruned,
     )
     record.write(out)
     return record

@@ -20,13 +20,16 @@ from hydra.plugins.launcher import Launcher
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from linreg.config import ConfigError, is_int
-from linreg.record import is_number, write_atomic
+from linreg.config import ConfigError
+from linreg.record import write_atomic
+
+from .optuna_sweeper import OptunaConfig
 
 log = logging.getLogger(__name__)
 SWEEP_DIR = "sweep_dir"  # user attr: the sweep dir a trial runs in (a resume re-runs its own unfinished ones)
@@ -58,9 +61,8 @@ class Space:
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """A trial's job overrides: its sampled params, then the fixed overrides."""
-        raw = self.texts
-        lines = [f"{k}={v if v in raw.get(k, ()) else as_override_value(v)}" for k, v in params.items()]
-        return lines + self.fixed
+        texts = self.texts
+        return [f"{k}={v if v in texts.get(k, ()) else as_override_value(v)}" for k, v in params.items()] + self.fixed
 
 
 def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
@@ -73,15 +75,13 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
             choices.sort()
         return CategoricalDistribution(choices), {v for x, v in values if isinstance(x, (list, dict))}
     if isinstance(sweep, RangeSweep):
-        if any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step)):
-            return FloatDistribution(sweep.start, sweep.stop, step=sweep.step), set()
-        return IntDistribution(int(sweep.start), int(sweep.stop), step=int(sweep.step)), set()
+        floats = any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step))
+        kind = FloatDistribution if floats else IntDistribution
+        return kind(sweep.start, sweep.stop, step=sweep.step), set()
     if isinstance(sweep, IntervalSweep):
-        log_scale = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return IntDistribution(sweep.start, sweep.end, log=log_scale), set()
-        return FloatDistribution(sweep.start, sweep.end, log=log_scale), set()
-    raise ConfigError(o.get_key_element(), o.input_line, "a sweep must be choice, range or interval")
+        kind = IntDistribution if isinstance(sweep.start, int) and isinstance(sweep.end, int) else FloatDistribution
+        return kind(sweep.start, sweep.end, log="log" in sweep.tags), set()
+    raise ValueError("a sweep must be choice, range or interval")
 
 
 def parse(line: str, key: str, value: str) -> Override:
@@ -107,9 +107,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
             continue
         try:
             space.distributions[key], space.texts[key] = distribution(o)
-        except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step
-            if isinstance(err, ConfigError):
-                raise
+        except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step; or a glob
             raise ConfigError(key, str(o.input_line).partition("=")[2], str(err)) from None
     space.fixed = list(fixed.values())
     return space
@@ -121,10 +119,10 @@ class SeedPerTrial(BaseSampler):
 
     def __init__(self, config: dict[str, Any], seed: int) -> None:
         self.config, self.seed = config, seed
-        self.sampler = make_sampler(config, seed)
+        self.sampler = make("sampler", config, BaseSampler, seed=seed)
 
     def before_trial(self, study: Any, trial: Any) -> None:
-        self.sampler = make_sampler(self.config, self.seed + trial.number)
+        self.sampler = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
         self.sampler.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
@@ -140,16 +138,15 @@ class SeedPerTrial(BaseSampler):
         self.sampler.after_trial(study, trial, state, values)
 
 
-def make_sampler(config: dict[str, Any], seed: int | None = None) -> BaseSampler:
-    """The sampler `hydra.sweeper.sampler` configures (with this seed, if one)."""
-    target = config.get("_target_")
+def make(key: str, config: dict[str, Any], base: type, **given: Any) -> Any:
+    """The object `hydra.sweeper.<key>` configures (with `given` arguments), an instance of `base`."""
     try:
-        sampler = instantiate(config) if seed is None else instantiate(config, seed=seed)
+        made = instantiate(config, **given)
     except Exception as err:
-        raise ConfigError("hydra.sweeper.sampler", target, f"cannot be made: {' '.join(str(err).split())}") from None
-    if not isinstance(sampler, BaseSampler):
-        raise ConfigError("hydra.sweeper.sampler", target, "must be an optuna.samplers class")
-    return sampler
+        raise ConfigError(f"hydra.sweeper.{key}", config.get("_target_"), f"cannot be made: {err}") from None
+    if not isinstance(made, base):
+        raise ConfigError(f"hydra.sweeper.{key}", config.get("_target_"), f"must name an optuna.{key}s class")
+    return made
 
 
 def counted(trials: Iterable[FrozenTrial]) -> int:
@@ -188,60 +185,31 @@ def shown(url: str) -> str:
         return url
 
 
-def need(ok: bool, key: str, value: Any, why: str) -> None:
-    """A ConfigError naming `hydra.sweeper.<key>` unless ok."""
-    if not ok:
-        raise ConfigError(f"hydra.sweeper.{key}", value, why)
-
-
-def plain(value: Any) -> Any:
-    """A config node as plain Python data; anything else as it is."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 class StudySweep:
     """Asks Optuna for `n_jobs` trials at a time, runs them as Hydra jobs, tells Optuna their values."""
 
-    def __init__(
-        self,
-        config: DictConfig,
-        launcher: Launcher,
-        sampler: Any = None,
-        direction: Any = "minimize",
-        storage: Any = None,
-        study_name: Any = None,
-        n_trials: Any = 20,
-        n_jobs: Any = 1,
-        max_failure_rate: Any = 0.0,
-        params: Any = None,
-        custom_search_space: Any = None,
-    ) -> None:
+    def __init__(self, config: DictConfig, launcher: Launcher, keys: OptunaConfig) -> None:
         self.config, self.launcher = config, launcher
-        direction = plain(direction)
-        if isinstance(direction, list) and len(direction) == 1:  # hydra-optuna-sweeper takes a list of one too
-            direction = direction[0]
-        self.direction = str(direction).lower()
-        need(self.direction in ("minimize", "maximize"), "direction", direction, "must be minimize or maximize")
-        for key, n in (("n_trials", n_trials), ("n_jobs", n_jobs)):
-            need(is_int(n) and n > 0, key, n, "must be a positive integer")
-        rate = max_failure_rate
-        need(is_number(rate) and 0 <= rate <= 1, "max_failure_rate", rate, "must be a number from 0 to 1")
-        need(storage is None or isinstance(storage, str), "storage", storage, "must be a SQLAlchemy URL or null")
-        name_ok = study_name is None or (isinstance(study_name, str) and study_name != "")
-        need(name_ok, "study_name", study_name, "must be a non-empty string or null")
-        self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, float(max_failure_rate)
+        for key, ok in (("n_trials", keys.n_trials > 0), ("n_jobs", keys.n_jobs > 0)):
+            if not ok:  # the types are Hydra's to refuse (OptunaConfig); the ranges are ours
+                raise ConfigError(f"hydra.sweeper.{key}", getattr(keys, key), "must be a positive integer")
+        if not 0 <= keys.max_failure_rate <= 1:
+            raise ConfigError("hydra.sweeper.max_failure_rate", keys.max_failure_rate, "must be from 0 to 1")
+        self.n_trials, self.n_jobs, self.max_failure_rate = keys.n_trials, keys.n_jobs, keys.max_failure_rate
+        self.direction = getattr(keys.direction, "name", keys.direction)  # Hydra's scan may load Direction twice
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        self.storage = storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
-        self.study_name = study_name or "linreg"
-        self.params = {str(k): str(v) for k, v in (plain(params) or {}).items()}
-        self.sampler_config = plain(sampler) or {"_target_": "optuna.samplers.TPESampler"}
-        need(isinstance(self.sampler_config, dict), "sampler", self.sampler_config, "must be a mapping with a _target_")
+        self.storage = keys.storage or f"sqlite:///{self.sweep_dir / 'optuna.db'}"
+        self.study_name = keys.study_name or "linreg"
+        self.params = {str(k): str(v) for k, v in (keys.params or {}).items()}
+        self.sampler_config = dict(keys.sampler)
         self.seed = self.sampler_config.pop("seed", None)
+        if keys.pruner is not None:
+            make("pruner", keys.pruner, BasePruner)  # each job makes its own; a bad one is refused here, once
         try:  # a function called with the config and each new trial
-            self.extend = None if custom_search_space is None else get_method(str(custom_search_space))
+            self.extend = None if keys.custom_search_space is None else get_method(keys.custom_search_space)
         except Exception:
             why = "must name a function, pkg.mod.fn"
-            raise ConfigError("hydra.sweeper.custom_search_space", custom_search_space, why) from None
+            raise ConfigError("hydra.sweeper.custom_search_space", keys.custom_search_space, why) from None
         self.resume = OmegaConf.select(config, "resume", default=False) is True
         # Optuna's lines in Hydra's format (and log file); alembic >= 1.18 announces its plugins at INFO.
         optuna.logging.disable_default_handler()
@@ -251,8 +219,8 @@ class StudySweep:
 
     def open_study(self) -> optuna.Study:
         """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
-        sampler = make_sampler(self.sampler_config, self.seed)  # made here: a bad one is refused before any trial
-        sampler = sampler if self.seed is None else SeedPerTrial(self.sampler_config, self.seed)
+        config, seed = self.sampler_config, self.seed  # made here: a bad sampler is refused before any trial
+        sampler = make("sampler", config, BaseSampler) if seed is None else SeedPerTrial(config, seed)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
         # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
         engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
@@ -261,9 +229,9 @@ class StudySweep:
                 storage = optuna.storages.RDBStorage(self.storage, engine_kwargs=engine)
                 break
             except Exception as err:  # a bad URL at once; a race's loser again, to find the tables made
-                why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                race = attempt < 4 and isinstance(err, (IntegrityError, OperationalError))
-                need(race, "storage", shown(self.storage), f"cannot be opened: {why}")
+                if attempt == 4 or not isinstance(err, (IntegrityError, OperationalError)):
+                    why = "cannot be opened: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    raise ConfigError("hydra.sweeper.storage", shown(self.storage), why) from None
                 time.sleep(0.2 * (attempt + 1))
         study = optuna.create_study(
             storage=storage, study_name=self.study_name, sampler=sampler, direction=self.direction, load_if_exists=True
@@ -335,9 +303,11 @@ class StudySweep:
         for _, run in itertools.groupby(enumerate(jobs), key=lambda p: p[1][0] - p[0]):  # consecutive numbers
             run_jobs = [job for _, job in run]
             returns += self.launcher.launch([o for _, o in run_jobs], initial_job_idx=run_jobs[0][0])
-        failures = []
+        failures, pruned = [], {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}
         for (number, _), ret in zip(jobs, returns):
             value, why = outcome(ret, self.direction)
+            if number in pruned:  # its job told the study itself (linreg.callbacks.prune)
+                continue
             if value is None:  # no result at all: a failed trial, which counts but teaches the sampler nothing
                 log.warning(f"trial {number} failed: {why}")
                 study.tell(number, state=TrialState.FAIL, skip_if_finished=True)

@@ -1,13 +1,15 @@
 """`hydra/sweeper=optuna`: Optuna's ask-and-tell API behind Hydra's Sweeper interface, the study in a database.
 
-hydra-optuna-sweeper's config keys and `params` grammar (conf/hydra/sweeper/optuna.yaml), with the study in
-`sqlite:///<sweep dir>/optuna.db` unless `storage` says otherwise; `resume=true` continues a killed sweep to
-`n_trials`; sweeps sharing a storage and study name fill one study together. Hydra imports every public module
-under hydra_plugins at each start: Optuna is imported only when this sweeper is set up (`_study`).
+hydra-optuna-sweeper's keys and `params` grammar, typed by `OptunaConfig` (Hydra refuses a wrong type while
+composing). Hydra imports every public module under hydra_plugins at each start: Optuna is imported only when
+this sweeper is set up (`_study`: resume, shared studies, a seeded sampler per trial).
 """
 
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -16,11 +18,38 @@ from omegaconf import DictConfig
 from linreg.config import refusing
 
 
+class Direction(Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+@dataclass
+class OptunaConfig:
+    """The sweeper's keys (conf/hydra/sweeper/optuna.yaml says what each means)."""
+
+    _target_: str = "hydra_plugins.linreg_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    _recursive_: bool = False  # the sampler and pruner arrive as configs: made per trial, and in each job
+    _convert_: str = "all"
+    sampler: dict[str, Any] = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler"})
+    pruner: dict[str, Any] | None = None
+    direction: Direction = Direction.minimize
+    storage: str | None = None
+    study_name: str | None = None
+    n_trials: int = 20
+    n_jobs: int = 1
+    max_failure_rate: float = 0.0
+    params: dict[str, str] | None = None
+    custom_search_space: str | None = None
+
+
+ConfigStore.instance().store(group="schema/hydra/sweeper", name="optuna", node=OptunaConfig)
+
+
 class OptunaSweeper(Sweeper):
-    """Optuna sweeper with hydra-optuna-sweeper's config keys; see conf/hydra/sweeper/optuna.yaml."""
+    """Optuna sweeper with hydra-optuna-sweeper's config keys, and pruning (conf/hydra/sweeper/pruner)."""
 
     def __init__(self, **keys: Any) -> None:
-        self.keys = keys
+        self.keys = OptunaConfig(**keys)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from ._study import StudySweep
@@ -29,7 +58,7 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
         with refusing():
-            self.study = StudySweep(config, launcher, **self.keys)
+            self.study = StudySweep(config, launcher, self.keys)
 
     def sweep(self, arguments: list[str]) -> None:
         with refusing():
