@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from linreg.config import ConfigError
 from linreg.record import write_atomic
+from linreg.results import stopped, summarize
 
 from .optuna_sweeper import OptunaConfig
 
@@ -261,16 +262,21 @@ class StudySweep:
                 self.run_batch(study, jobs)
         except optuna.exceptions.StorageInternalError as err:  # past SQLite's 120 s wait, or a full disk
             raise SystemExit(self.storage_failed(study, err)) from None
+        except OSError as err:  # a write under the sweep dir failed outside a job (a full disk): no traceback
+            self.fail_running(study)
+            raise SystemExit(stopped(self.sweep_dir, err)) from None
         self.write_results(study)
 
-    def storage_failed(self, study: optuna.Study, err: Exception) -> str:
-        """After the database failed: this sweep's running trials failed (if it answers), the table, one line."""
-        from linreg.results import summarize
-
+    def fail_running(self, study: optuna.Study) -> None:
+        """This sweep's trials still RUNNING marked failed (a resume runs them again), if the study answers."""
         with contextlib.suppress(Exception):
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir):
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def storage_failed(self, study: optuna.Study, err: Exception) -> str:
+        """After the database failed: this sweep's running trials failed (if it answers), the table, one line."""
+        self.fail_running(study)
         with contextlib.suppress(Exception):
             log.info(f"sweep: {summarize(self.sweep_dir)[0]}")
         why = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
