@@ -80,8 +80,9 @@ def test_a_forged_seed_is_refused_in_process(trained, tmp_path):
     from linreg.config import ConfigError
     from linreg.evaluate import run_config
 
-    with pytest.raises(ConfigError, match="not a run's"):
-        run_config(forged(trained, tmp_path, {"data": {"delta": -5}}))
+    for change in ({"seed": 7}, {"data": {"delta": -5}}):  # the DataModule's saved hyperparameters disagree
+        with pytest.raises(ConfigError, match="disagrees with the data it was trained on"):
+            run_config(forged(trained, tmp_path, change))
 
 
 def test_help_shows_evaluates_own_options():

@@ -107,16 +107,27 @@ def test_jobs_failing_alike_are_one_group_and_distinct_errors_are_capped(tmp_pat
         (json.dumps({**OK, "train_mse": None}), "metrics.json: an ok run without train_mse"),
         ("dir", "metrics.json: not a regular file"),
         ("overrides", "overrides.yaml: not a list of overrides"),
+        (json.dumps({**OK, "ols_mse": -1e308}), "metrics.json: ols_mse is not a finite number >= 0"),
+        ("another run", "metrics.json: not the run of this job's .hydra/config.yaml"),
+        ("link", "the job dir is a link"),
     ],
 )
 def test_a_record_that_cannot_be_trusted_is_a_corrupt_row_with_its_reason(tmp_path, capsys, text, reason):
     d = tmp_path / "s"
-    bad = job(d, 0, ["model.lr=0.1"], None if text in ("dir", "overrides") else text)
+    special = ("dir", "overrides", "another run", "link")
+    bad = job(d, 0, ["model.lr=0.1"], None if text in special else text)
     if text == "dir":
         (bad / "metrics.json").mkdir()
     if text == "overrides":
         (bad / ".hydra" / "overrides.yaml").write_text("model.lr: 3\n")
         (bad / "metrics.json").write_text(json.dumps(OK))
+    if text == "another run":  # a record swapped in from a job of another config
+        (bad / ".hydra" / "config.yaml").write_text("seed: 420\nmodel: {lr: 0.1}\n")
+        (bad / "metrics.json").write_text(json.dumps({**OK, "config": {"seed": 420, "model": {"lr": 0.03}}}))
+    if text == "link":  # another sweep's job, linked in
+        other = job(tmp_path / "other", 0, ["model.lr=0.1"], {})
+        bad.rename(tmp_path / "gone")
+        bad.symlink_to(other)
     job(d, 1, ["model.lr=0.3"], {})
     plan(d, 2, ["model.lr"])
     assert main([str(d)]) == 1 and "Traceback" not in capsys.readouterr().err

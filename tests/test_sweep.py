@@ -3,6 +3,7 @@ test_launchers.py)."""
 
 import csv
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import SMALL, run_cli
+from tests.conftest import REPO, SMALL, run_cli
 
 
 def read_csv(sweep: Path) -> list[dict[str, str]]:
@@ -193,22 +194,30 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(
-    "again",
+    ("again", "why"),
     [
         # The grid's order changed: job 0 would now be lr 100, while 0/ holds lr 0.03's finished run.
-        ["model=manual,linear", "model.lr=100,0.03"],
+        (["model=manual,linear", "model.lr=100,0.03"], "holds another sweep ("),
         # A value every job shares changed: no finished run in the dir is what the resume would compute.
-        ["model=manual,linear", "model.lr=0.03,100", "trainer.max_epochs=2"],
+        (["model=manual,linear", "model.lr=0.03,100", "trainer.max_epochs=2"], "holds another sweep ("),
+        # The same command on a changed config file (here: another config dir with data.delta changed).
+        (["-cp", "CHANGED", "model=manual,linear", "model.lr=0.03,100"], "holds this sweep run on another config"),
     ],
 )
-def test_resume_with_a_changed_grid_is_refused_before_any_file_changes(grid, again):
+def test_resume_with_a_changed_grid_is_refused_before_any_file_changes(grid, again, why, tmp_path):
     sweep, _ = grid
+    if "CHANGED" in again:
+        shutil.copytree(REPO / "conf", tmp_path / "conf", symlinks=False)
+        data = tmp_path / "conf" / "data" / "tutorial.yaml"
+        data.write_text(re.sub(r"(?m)^delta: .*$", "delta: 2.0", data.read_text()))
+        again = [str(tmp_path / "conf") if a == "CHANGED" else a for a in again]
     before = snapshot(sweep)
-    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, *again, "resume=true")
+    cp, again = (again[:2], again[2:]) if again[0] == "-cp" else ([], again)  # options before the overrides
+    proc = run_cli(*cp, "--multirun", f"hydra.sweep.dir={sweep}", *SMALL, *again, "resume=true")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"error: hydra.sweep.dir='{sweep}': holds another sweep ("), lines
+    assert lines[0].startswith(f"error: hydra.sweep.dir='{sweep}': {why}"), lines
     assert snapshot(sweep) == before  # .hydra/, metrics.json, multirun.yaml, progress, the table: as they were
 
 
@@ -222,3 +231,13 @@ def test_a_sweep_that_fills_its_disk_ends_with_the_table_and_one_line(small_disk
     statuses = {r["status"] for r in rows}
     assert len(rows) == 8 and statuses == {"ok", "failed"}, statuses
     assert all("KiB free there" in r["error"] for r in rows if r["status"] == "failed")
+
+
+@pytest.mark.system  # ~8 s: a 2-job sweep
+def test_resolvers_hydra_accepts_reach_the_jobs_as_values(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "DELTA": "0.5"}  # a string, typed by the schema as data.delta's float
+    args = ["data.delta=${oc.env:DELTA}", "trainer.accelerator=${hydra:runtime.choices.trainer}", "seed=1,2"]
+    proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, *args, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [(float(r["delta"]), r["accelerator"]) for r in read_csv(sweep)] == [(0.5, "cpu")] * 2

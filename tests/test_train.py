@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -204,5 +205,28 @@ def test_resume_trusts_the_config_saved_with_the_weights(make_cfg):
     with pytest.raises(RunDirBusy, match="checkpoint of another config"):
         train(make_cfg(*SMALL, "model.lr=0.5", "resume=true", run_dir=out))
     os.remove(out / "checkpoints" / "last.ckpt")
-    os.mkfifo(out / "checkpoints" / "last.ckpt")  # would block torch.load
-    assert train(make_cfg(*SMALL, "resume=true", run_dir=out)).status == "ok"
+    os.mkfifo(out / "checkpoints" / "last.ckpt")  # would block torch.load, and no checkpoint could be saved there
+    with pytest.raises(RunDirBusy, match="last.ckpt is not a file"):
+        train(make_cfg(*SMALL, "resume=true", run_dir=out))
+    assert stat.S_ISFIFO(os.lstat(out / "checkpoints" / "last.ckpt").st_mode)  # left as it was
+
+
+@pytest.mark.system  # ~10 s: a run long enough to be stopped after its first checkpoint
+def test_a_run_stopped_by_sigterm_says_so_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "run"
+    args = ["data.num_examples=200000", "trainer.max_epochs=5", "~logger", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "linreg.train", *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # Lightning stops at the next step; without a line it would exit 0
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"error: {out}: stopped by SIGTERM; resume=true continues it"
+    assert not (out / "metrics.json").exists()

@@ -11,14 +11,26 @@ import re
 import shutil
 import subprocess
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import ConfigError, TrainConfig, check, gpu_available, note_new, override_key, refusing
+from linreg.config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    TrainerConfig,
+    check,
+    gpu_available,
+    note_new,
+    override_key,
+    refusing,
+)
 from linreg.record import RunDirLock, read_or_none, refuse_other_runs, room, write_json
 
 
@@ -42,6 +54,7 @@ class CheckConfig(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         one_report_per_write_error()
+        HydraConfig.instance().set_config(config)  # as `run_job` does later: `${hydra:...}` values resolve now
         with refusing():
             check(config)
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
@@ -54,8 +67,9 @@ class CheckConfig(Callback):
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
         one_report_per_write_error()
         with refusing():
-            plain = without_job_values(OmegaConf.to_container(config, resolve=False))
-            check(OmegaConf.create({k: getattr(TrainConfig, k) for k in ("seed", "resume", "threads")} | plain))
+            defaults = {k: getattr(TrainConfig, k) for k in ("seed", "resume", "threads")}
+            defaults |= {"data": asdict(DataConfig()), "trainer": asdict(TrainerConfig())}
+            check(OmegaConf.merge(OmegaConf.create(defaults), sweep_values(config)))
             check_slurm(config)
             check_swept_devices(config)
             sweep_dir = makeable(config, "hydra.sweep.dir")
@@ -105,20 +119,27 @@ def separate_job_dirs(config: DictConfig) -> None:
 
 
 def sweep_identity(config: DictConfig) -> dict[str, Any]:
-    """What a sweep is: its sweeper, its overrides as typed (less resume), its params, its study."""
+    """What a sweep is: its sweeper, its overrides as typed (less resume), its params, its study, and the config
+    its jobs start from (a changed config file is another sweep too)."""
     sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
     typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    composed = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k not in ("hydra", "resume")}
     return {
         "sweeper": sweeper.get("_target_"),
         "overrides": sorted(o for o in typed if override_key(o) != "resume"),
         "params": sweeper.get("params"),
         "study": [sweeper.get("study_name"), sweeper.get("storage")],
+        "config": composed,
     }
 
 
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     """One owner per sweep dir: a lock for the sweep's life, and the dir records which sweep it holds."""
     separate_job_dirs(config)
+    for where, what in ((sweep_dir, "is a run's dir"), (sweep_dir.parent, "is inside a run's or a sweep's dir")):
+        names = ("metrics.json", "checkpoints", ".hydra") + ((".sweep.json",) if where != sweep_dir else ())
+        if any(os.path.lexists(where / n) for n in names):
+            raise ConfigError("hydra.sweep.dir", str(sweep_dir), f"{what}; use a dir of its own")
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     wanted, path = sweep_identity(config), sweep_dir / ".sweep.json"
     saved = read_or_none(path) if os.path.lexists(path) else None
@@ -127,16 +148,30 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
         raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds a sweep's runs; resume=true continues it")
     if has_runs and saved != wanted:
         why = f"holds another sweep ({' '.join((saved or {}).get('overrides') or ['?'])}); use a new dir"
+        if isinstance(saved, dict) and saved.get("overrides") == wanted["overrides"]:
+            why = "holds this sweep run on another config (a config file changed); use a new dir"
         raise ConfigError("hydra.sweep.dir", str(sweep_dir), why)
     write_json(path, wanted)
 
 
-def without_job_values(node: Any) -> Any:
-    """The sweep's config less `hydra` and values only a job can resolve (`${hydra:job.num}`): each job checks those."""
-    if isinstance(node, dict):
-        kept = {k: v for k, v in node.items() if k != "hydra" and (isinstance(v, dict) or "${hydra:" not in str(v))}
-        return {k: without_job_values(v) for k, v in kept.items()}
-    return node
+def sweep_values(node: DictConfig) -> dict[str, Any]:
+    """The sweep's config resolved, less `hydra` and values only a job can resolve (`${hydra:job.num}`): each job
+    checks those (a value left out is checked here at the schema's default)."""
+    kept: dict[str, Any] = {}
+    for key in node:
+        if key == "hydra":
+            continue
+        try:
+            value = node[key]  # resolved, and converted to its schema's type (`${oc.env:X}` for a float)
+            kept[key] = sweep_values(value) if isinstance(value, DictConfig) else plain_value(value)
+        except OmegaConfBaseException:
+            continue
+    return kept
+
+
+def plain_value(value: Any) -> Any:
+    """A resolved leaf or list as plain data."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def check_swept_devices(config: DictConfig) -> None:

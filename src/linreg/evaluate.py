@@ -58,17 +58,23 @@ def run_config(ckpt: Path) -> DictConfig:
         text = "${"
     if "${" in text:
         raise ConfigError("ckpt_path", str(ckpt), "its saved config is not plain data as linreg.train writes it")
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    trained = state.get("datamodule_hyper_parameters")  # what Lightning saved of the DataModule it trained on
+    trained = {k: v for k, v in trained.items() if k in {*data, "seed"}} if isinstance(trained, dict) else {}
+    if {**data, "seed": saved.get("seed")} != trained:
+        raise ConfigError("ckpt_path", str(ckpt), "its saved config disagrees with the data it was trained on")
     target = (saved.get("model") or {}).get("_target_") if isinstance(saved.get("model"), dict) else None
     if target not in allowed_models():
         why = "names a model class that is neither linreg's nor registered (entry points `linreg.models`)"
         raise ConfigError("ckpt_path", str(ckpt), f"{why}: {target!r}")
     trainer = saved.get("trainer") if isinstance(saved.get("trainer"), dict) else {}
     trainer = {**trainer, "accelerator": "cpu", "devices": 1, "max_epochs": 1}  # evaluated on the CPU
-    cfg = OmegaConf.create({**saved, "trainer": trainer, "resume": False})
     try:
+        cfg = OmegaConf.create({**saved, "trainer": trainer, "resume": False})
         check(cfg)
-    except ConfigError as err:
-        raise ConfigError("ckpt_path", str(ckpt), f"its saved config is not a run's: {err}") from None
+    except (ConfigError, RecursionError) as err:  # RecursionError: nested past any config's depth
+        why = err if isinstance(err, ConfigError) else "nested too deep"
+        raise ConfigError("ckpt_path", str(ckpt), f"its saved config is not a run's: {why}") from None
     return cfg
 
 

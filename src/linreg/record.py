@@ -143,15 +143,17 @@ def is_number(v: Any) -> bool:
 
 KINDS = {  # metrics.json's typed fields: (test, what it must be); None is always allowed here
     "number": (is_number, "a finite number"),
+    "mse": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
     "integer": (is_int, "an integer"),
     "numbers": (lambda v: isinstance(v, list) and all(x is None or is_number(x) for x in v), "a list of numbers"),
+    "mses": (lambda v: isinstance(v, list) and all(x is None or (is_number(x) and x >= 0) for x in v), "MSEs >= 0"),
     "text": (lambda v: isinstance(v, str), "a string"),
     "object": (lambda v: isinstance(v, dict), "an object"),
 }
 FIELD_KINDS = {
     "model": "text", "seed": "integer", "data": "object", "lr": "number", "batch_size": "integer",
-    "epochs": "integer", "accelerator": "text", "epoch_mse": "numbers", "train_mse": "number",
-    "weights": "numbers", "true_weights": "numbers", "ols_mse": "number", "steps": "integer",
+    "epochs": "integer", "accelerator": "text", "epoch_mse": "mses", "train_mse": "mse",
+    "weights": "numbers", "true_weights": "numbers", "ols_mse": "mse", "steps": "integer",
     "fit_seconds": "number", "diverged_epoch": "integer", "pruned_epoch": "integer", "error": "text",
     "config": "object",
 }  # fmt: skip
@@ -301,6 +303,8 @@ def refuse_other_runs(out: Path, cfg: DictConfig, lock_held: bool = False) -> No
     """RunDirBusy when `out` holds a run this one must not touch: running, finished, or of another config."""
     if not lock_held and is_locked(out):
         raise RunDirBusy("hydra.run.dir", str(out), "another run is using it")
+    if os.path.lexists(out / ".sweep.json"):
+        raise RunDirBusy("hydra.run.dir", str(out), "is a sweep's dir; use a dir of its own")
     record, wanted = finished(out), resumable(identity(cfg))
     if record is not None:
         if not cfg.resume:

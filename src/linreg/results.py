@@ -28,7 +28,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, override_key, refuse
-from linreg.record import CorruptRecord, RunRecord, is_number, read_file, read_or_none, write_atomic, write_json
+from linreg.record import (
+    FINISHED,
+    CorruptRecord,
+    RunRecord,
+    identity,
+    is_number,
+    read_file,
+    read_or_none,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 COLUMNS = (  # a row: the job, its record's fields (data as deg, delta and bias), its gap to the floor, where
@@ -36,6 +46,7 @@ COLUMNS = (  # a row: the job, its record's fields (data as deg, delta and bias)
     " steps fit_seconds diverged_epoch pruned_epoch error overrides dir"
 ).split()
 MD_COLUMNS = "job model deg delta lr batch_size status train_mse ols_mse gap weights steps".split()
+MAX_JOBS = 1_000_000  # the most jobs a sweep plan may claim (a planted count past it would fill the memory)
 PLAN, PROGRESS, PLOTS = ".sweep-plan.json", "progress.log", ("mse.png", "weights.png")
 STATUSES = ("ok", "diverged", "pruned", "failed", "missing", "corrupt")
 VERBS = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}  # no result
@@ -61,12 +72,18 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": os.path.abspath(job_dir)}
     hydra = job_dir / ".hydra"
     try:
+        if job_dir.is_symlink():  # another dir's run, wherever it is, is not this job's
+            raise CorruptRecord("the job dir is a link")
         overrides = read_file(hydra / "overrides.yaml") if os.path.lexists(hydra / "overrides.yaml") else []
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise CorruptRecord("overrides.yaml: not a list of overrides")
         row["overrides"] = [o for o in overrides if override_key(o) != "resume"]
         if os.path.lexists(job_dir / "metrics.json"):
             record = RunRecord.read(job_dir)
+            saved = read_file(hydra / "config.yaml") if os.path.lexists(hydra / "config.yaml") else None
+            if isinstance(saved, dict) and "${" not in json.dumps(saved):  # plain: what its run computed, as saved
+                if identity(OmegaConf.create(saved)) != record.config:
+                    raise CorruptRecord("metrics.json: not the run of this job's .hydra/config.yaml")
         else:
             config = read_file(hydra / "config.yaml") if os.path.lexists(hydra / "config.yaml") else {}
             if not isinstance(config, dict):
@@ -236,7 +253,7 @@ def read_plan(sweep_dir: Path) -> dict[str, Any]:
     plan = plan if isinstance(plan, dict) else {}
     jobs, swept, started = plan.get("jobs"), plan.get("swept"), plan.get("started")
     return {
-        "jobs": jobs if isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 0 else None,
+        "jobs": jobs if isinstance(jobs, int) and not isinstance(jobs, bool) and 0 <= jobs <= MAX_JOBS else None,
         "grid": plan.get("grid") is True,
         "swept": swept if isinstance(swept, list) and all(isinstance(k, str) for k in swept) else [],
         "started": started if is_number(started) else None,
@@ -259,6 +276,10 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     row = job_row(out)
     status = row["status"] + (f" ({row['error']})" if row["error"] and row["status"] != "missing" else "")
     status += f" at epoch {row['pruned_epoch']}" if row["pruned_epoch"] else ""
+    if row["status"] in FINISHED and getattr(ret, "cfg", None) is not None:  # the dir may hold another run
+        with contextlib.suppress(Exception):
+            if (read_or_none(out / "metrics.json") or {}).get("config") != identity(ret.cfg):
+                status, row["train_mse"] = "refused (its dir holds another run)", None
     if ret.status == JobStatus.FAILED:  # raised past the task function: Hydra holds the error
         try:
             _ = ret.return_value  # re-raises what the job raised

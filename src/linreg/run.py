@@ -153,9 +153,10 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
     ckpt = out / "checkpoints" / "last.ckpt"
     if not cfg.resume or not os.path.lexists(ckpt):
         return None, 0
+    if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load, a link leads elsewhere, and
+        # Lightning's checkpoints could not be saved there: nothing a run may write over
+        raise RunDirBusy("hydra.run.dir", str(out), "its checkpoints/last.ckpt is not a file; move it away")
     try:
-        if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load; a link leads elsewhere
-            raise OSError("not a regular file")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         ok = isinstance(state, dict) and "state_dict" in state and "linreg_config" in state
     except Exception as err:  # truncated, empty, random bytes, a directory, pickled code

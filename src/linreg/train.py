@@ -29,6 +29,8 @@ def result_line(r: RunRecord) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep: its train MSE (inf without one) for the sweeper."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from linreg.callbacks import SweepGone
     from linreg.checks import one_report_per_write_error
     from linreg.dashboard import run_label
@@ -42,6 +44,12 @@ def main(cfg: DictConfig) -> float:
     try:
         swept = read_plan(Path(hc.sweep.dir))["swept"] if sweep else None  # a sweep's runs are named by what varies
         record = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
+    except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
+        why = f"{out}: stopped by SIGTERM; resume=true continues it"
+        if sweep:
+            raise SystemExit(f"error: sweep job {why}") from None
+        print(f"error: {why}", file=sys.stderr)
+        sys.exit(143)
     except SweepGone as err:  # nobody is left to report to: end the worker too (its checkpoint stays for a resume)
         log.warning("job ended: %s", err)
         logging.shutdown()
