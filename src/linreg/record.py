@@ -37,8 +37,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            err.filename, err.filename2 = str(path), None  # a message names the file, not its temp
         raise
 
 
