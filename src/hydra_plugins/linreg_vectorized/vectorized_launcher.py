@@ -213,18 +213,27 @@ class VectorizedLauncher(Launcher):
         return ret
 
     def yaml(self, job: Job, node: Any, path: tuple[str, ...] = ()) -> str:
-        """`OmegaConf.to_yaml` of the node at `path` under its parents' keys, as Hydra writes `.hydra/*.yaml`; a part
+        """`OmegaConf.to_yaml` of the node at `path` (under its parents' keys), as Hydra writes `.hydra/*.yaml`: a part
         no job of its kind changes is dumped once per kind (block YAML is the text of its parts in order)."""
         varying = [tuple(o.key_or_group.split(".")) for o in job.plain] + [("hydra", *k.split(".")) for k in PER_JOB]
         if path and not any(v[: len(path)] == path for v in varying):  # no job's value under it: the same text
             if (job.kind, path) not in self.parts:
-                self.parts[job.kind, path] = yaml_of(path, node)
+                self.parts[job.kind, path] = under(path[:-1], {path[-1]: node})
             return self.parts[job.kind, path]
         if path in varying or not (OmegaConf.is_dict(node) and len(node)):
-            return yaml_of(path, node)
-        parts = [self.yaml(job, v, (*path, k)) for k, v in node.items_ex(resolve=False) if path or k != "hydra"]
-        head = OmegaConf.to_yaml(wrap((*path, "x"), 0)).splitlines(keepends=True)[len(path) - 1] if path else ""
-        return head + "".join(parts)
+            return under(path[:-1], {path[-1]: node})
+        if ("head", path) not in self.parts:  # its own key's line
+            self.parts["head", path] = under(path[:-1], {path[-1]: {"x": 0}}).partition("\n")[0] + "\n" if path else ""
+        text, values = [self.parts["head", path]], {}  # the job's own values next to each other: dumped together
+        for key, value in node.items_ex(resolve=False):
+            if path or key != "hydra":
+                if (*path, key) in varying:
+                    values[key] = value
+                    continue
+                text += [under(path, values)] if values else []
+                text.append(self.yaml(job, value, (*path, key)))
+                values = {}
+        return "".join(text + ([under(path, values)] if values else []))
 
     def job_logging(self, job: Job, config: DictConfig, first: bool) -> None:
         """The job's log: Hydra's `job_logging` set up for a group's first member, its log files moved on after."""
@@ -273,13 +282,8 @@ class VectorizedLauncher(Launcher):
         return ret
 
 
-def wrap(path: tuple[str, ...], node: Any) -> Any:
-    """The node under its parents' keys: `{"a": {"b": node}}` for path (a, b)."""
-    for key in reversed(path):
-        node = {key: node}
-    return node
-
-
-def yaml_of(path: tuple[str, ...], node: Any) -> str:
-    """The node's YAML under its parents' keys, less its parents' lines (which it shares with its siblings)."""
-    return OmegaConf.to_yaml(wrap(path, node)).split("\n", max(len(path) - 1, 0))[-1]
+def under(parents: tuple[str, ...], mapping: dict[str, Any]) -> str:
+    """`OmegaConf.to_yaml` of the mapping's entries under its parents' keys, less the parents' own lines."""
+    for key in reversed(parents):
+        mapping = {key: mapping}
+    return OmegaConf.to_yaml(mapping).split("\n", len(parents))[-1]
