@@ -65,28 +65,13 @@ class VectorizedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from linreg.results import read_plan
+        return self.launch_jobs([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)])
+
+    def launch_jobs(self, numbered: list[tuple[int, list[str]]]) -> list[JobReturn]:
+        """Plan the numbered jobs, run those that do not stack, and train the groups, here."""
         from linreg.stacked import train_group
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no banners a group
-        self.loader = CachedConfigLoader(self.hydra_context.config_loader)
-        self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
-        self.parts: dict[tuple[Any, ...], str] = {}  # `.hydra/*.yaml` text that jobs of one kind share
-        self.checked: set[tuple[Any, ...]] = set()  # kinds (and model classes) whose keys passed `check`
-        self.swept = read_plan(Path(str(self.config.hydra.sweep.dir)))["swept"]  # what names a job's TensorBoard run
-        sweep_config = HydraConfig.instance().cfg
-        jobs = [self.plan(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        groups = self.groups([job for job in jobs if job.key is not None])
-        log.debug("%d jobs, %d stacked in %d groups", len(jobs), sum(map(len, groups)), len(groups))
-        returns: dict[int, JobReturn] = {}
-        for job in jobs:
-            if job.refused is not None:
-                returns[job.num] = self.refuse(job, job.refused)
-            elif job.key is None:
-                returns[job.num] = self.run(job)
+        jobs, groups, returns = self.plan_all(numbered)
         for group in groups:
             with ExitStack() as locks:
                 members = [job for job in group if self.lock(job, locks, returns)]
@@ -99,8 +84,34 @@ class VectorizedLauncher(Launcher):
                     returns[job.num] = self.finish(job, result, first=i == 0)
                     job.cfg = None  # its record is written: what a long sweep holds per job is its return
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        HydraConfig.instance().cfg = sweep_config
+        HydraConfig.instance().cfg = self.sweep_config
         return [returns[job.num] for job in jobs]
+
+    def plan_all(self, numbered: list[tuple[int, list[str]]]) -> tuple[list[Job], list[list[Job]], dict[int, Any]]:
+        """Plan and group the jobs, and run those that do not stack as the basic launcher runs them (their returns)."""
+        from linreg.results import read_plan
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no banners a group
+        self.loader = CachedConfigLoader(self.hydra_context.config_loader)
+        self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
+        self.parts: dict[tuple[Any, ...], str] = {}  # `.hydra/*.yaml` text that jobs of one kind share
+        self.checked: set[tuple[Any, ...]] = set()  # kinds (and model classes) whose keys passed `check`
+        self.swept = read_plan(Path(str(self.config.hydra.sweep.dir)))["swept"]  # what names a job's TensorBoard run
+        self.sweep_config = HydraConfig.instance().cfg
+        jobs = [self.plan(num, overrides) for num, overrides in numbered]
+        groups = self.groups([job for job in jobs if job.key is not None])
+        log.debug("%d jobs, %d stacked in %d groups", len(jobs), sum(map(len, groups)), len(groups))
+        returns: dict[int, JobReturn] = {}
+        for job in jobs:
+            if job.refused is not None:
+                returns[job.num] = self.refuse(job, job.refused)
+            elif job.key is None:
+                returns[job.num] = self.alone(job)
+        HydraConfig.instance().cfg = self.sweep_config
+        return jobs, groups, returns
 
     def compose(self, job: Job) -> DictConfig:
         """The job's Hydra config: its kind's, with its values set in place (valid until the next job's)."""
@@ -184,7 +195,7 @@ class VectorizedLauncher(Launcher):
             return False
         return True
 
-    def run(self, job: Job) -> JobReturn:
+    def alone(self, job: Job) -> JobReturn:
         """Hydra's `run_job`, as the basic launcher calls it: the job's dir, .hydra/, log and callbacks."""
         ret = run_job(self.task_function, job.config, "hydra.sweep.dir", "hydra.sweep.subdir", self.hydra_context)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
