@@ -26,7 +26,7 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import CachedConfigLoader, apply
@@ -203,7 +203,7 @@ class VectorizedLauncher(Launcher):
 
     def finish(self, job: Job, result: Any, first: bool) -> JobReturn:
         """What `run_job` does for a job (its .hydra/, log and callbacks) around writing the member's results."""
-        config, callbacks = self.compose(job), self.hydra_context.callbacks
+        config = self.compose(job)
         self.job_logging(job, config, first)
         if config.hydra.output_subdir is not None:
             hydra_dir = job.out / str(config.hydra.output_subdir)
@@ -214,10 +214,15 @@ class VectorizedLauncher(Launcher):
                 ("overrides.yaml", OmegaConf.to_yaml(config.hydra.overrides.task)),
             ):
                 write_atomic(hydra_dir / name, text.encode())
+        return self.around(config, lambda: self.write(job, config, result))
+
+    def around(self, config: DictConfig, task: Any) -> JobReturn:
+        """The job's callbacks around its task, and its return, as `run_job` gives them."""
+        callbacks = self.hydra_context.callbacks
         callbacks.on_job_start(config=config, task_function=self.task_function)
         ret = JobReturn(overrides=list(config.hydra.overrides.task), working_dir=os.getcwd())
         ret.task_name, ret.status = JobRuntime.instance().get("name"), JobStatus.COMPLETED
-        ret.return_value = self.write(job, config, result)
+        ret.return_value = task()
         for handler in logging.getLogger().handlers:
             handler.flush()
         callbacks.on_job_end(config=config, job_return=ret)
@@ -281,16 +286,9 @@ class VectorizedLauncher(Launcher):
 
     def refuse(self, job: Job, err: RunDirBusy) -> JobReturn:
         """A job whose dir holds another run: its error line and callbacks, and nothing written into that dir."""
-        config, callbacks = job.config or self.compose(job), self.hydra_context.callbacks
-        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
-            config.hydra.runtime.output_dir = str(job.out)  # where its row is looked for (and has no metrics.json)
-        HydraConfig.instance().set_config(config)  # as `run_job` leaves it
-        callbacks.on_job_start(config=config, task_function=self.task_function)
-        job_log.error("job refused: %s", err)
-        ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task), status=JobStatus.COMPLETED)
-        ret.return_value = math.inf
-        callbacks.on_job_end(config=config, job_return=ret)
-        return ret
+        config = job.config or self.compose(job)  # its output_dir set: where its row is looked for
+        HydraConfig.instance().cfg = config  # as `run_job` leaves it
+        return self.around(config, lambda: job_log.error("job refused: %s", err) or math.inf)
 
 
 def under(parents: tuple[str, ...], mapping: dict[str, Any]) -> str:
