@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.stacked_floor  # the vectorized launcher / its plain stacked loop, 200 and 1,000 jobs
 
 LOGDIR ?= outputs
 tensorboard: $(STAMP)

@@ -472,7 +472,7 @@ def test_every_other_sweep_runs_small(tmp_path, command):
     """Each sweep at 100 samples and 1 epoch, Hydra's `range` cut to 4 values, Optuna to 4 trials."""
     import torch
 
-    if "hydra/launcher=slurm" in command.text:
+    if re.search(r"hydra/launcher=(vectorized_)?slurm", command.text):
         pytest.skip("tests/test_slurm.py runs sweeps on a SLURM cluster")
     args = filled(command.entry[2], tmp_path / "run", tmp_path / "sweep")
     args = [

@@ -138,6 +138,42 @@ def test_hard_dead_job_is_reported(slurm: dict[str, str], tmp_path: Path, monkey
     assert job.state == "FAILED"
 
 
+@pytest.mark.system
+@pytest.mark.timeout(600)
+def test_vectorized_groups_are_array_tasks_and_a_dead_one_resumes(
+    slurm: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hydra/launcher=vectorized_slurm`: a task per stacked group; a task that dies leaves its group's jobs missing,
+    `resume=true` trains that group alone; the files and numbers are the local vectorized launcher's."""
+    monkeypatch.setenv("PATH", slurm["PATH"])
+    grid = ["model=manual,linear", "model.lr=0.03,100", "seed=1,2", "data.num_examples=100", "trainer.max_epochs=2"]
+    slurm_args = ["hydra/launcher=vectorized_slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.mem_gb=1"]
+    sweep, local = tmp_path / "sweep", tmp_path / "local"
+    dies = 'hydra.launcher.setup=["test $SLURM_ARRAY_TASK_ID != 1 || exit 3"]'  # the linear group's task, at its start
+    proc = run_cli("-m", "linreg.train", "-m", *slurm_args, dies, *grid, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1 and "4 of 8 jobs did not finish" in proc.stderr, proc.stderr[-3000:]
+    assert "8 jobs in 2 groups: array job" in proc.stdout + proc.stderr
+    kept = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
+    assert sorted(p.parent.name for p in kept) == ["0", "1", "2", "3"]  # the manual group's task finished
+
+    proc = run_cli("-m", "linreg.train", "-m", *slurm_args, *grid, f"hydra.sweep.dir={sweep}", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 jobs in 1 groups: array job" in proc.stdout + proc.stderr  # the dead group only, as one task
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+    proc = run_cli("-m", "linreg.train", "-m", "hydra/launcher=vectorized", *grid, f"hydra.sweep.dir={local}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in map(str, range(8)):
+        got, want = (json.loads((d / job / "metrics.json").read_text()) for d in (sweep, local))
+        assert (got["status"], got["steps"], got["config"]) == (want["status"], want["steps"], want["config"])
+        assert got["weights"] == pytest.approx(want["weights"], rel=1e-5, nan_ok=True)
+        overrides = [(d / job / ".hydra" / "overrides.yaml").read_text().splitlines() for d in (sweep, local)]
+        assert [o for o in overrides[0] if "resume=" not in o] == overrides[1]  # the resume wrote them again
+        assert (sweep / job / "train.log").stat().st_size > 0 and any((sweep / job / "tensorboard").iterdir())
+    with (sweep / "results.csv").open(newline="") as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == ["diverged"] * 4 + ["ok"] * 4
+
+
 # --- scripts/slurm-local.sh as root: what another user plants in its state dir is not trusted ---
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="slurm-local.sh start/stop run as root only")

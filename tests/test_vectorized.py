@@ -3,6 +3,7 @@
 import fcntl
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,14 @@ def test_every_job_gets_its_single_runs_numbers_and_files(runs):
         same_runs(got[job], want[job])
     # lr 100 overflows the MSE in epoch 1 of 2: stopped there with its weights of then, as its single run.
     assert [(got[j]["status"], got[j]["steps"]) for j in "0123"] == [("ok", 20)] * 2 + [("diverged", 10)] * 2
-    for job in ("0", "5"):
+    for job in ("0", "5"):  # what Hydra's run_job writes: the same job config and overrides, its Hydra config
         assert {p.name for p in (vec / job / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (vec / job / ".hydra" / name).read_text() == (basic / job / ".hydra" / name).read_text()
+        got, want = (OmegaConf.load(d / job / ".hydra" / "hydra.yaml").hydra for d in (vec, basic))
+        assert got.job == want.job and got.runtime.output_dir == str(vec / job)
+        logs = [re.sub(r"\[[\d:, -]+\]|\[\d+/8 [^]]*\]", "", (d / job / "train.log").read_text()) for d in (vec, basic)]
+        assert logs[0] == logs[1] != ""  # its lines, less times and finishing ranks
     lines = vec_proc.stdout + vec_proc.stderr
     assert "#0 :" not in lines  # no per-job `#N : overrides` line (issue 20): the console is the basic launcher's
     assert len(lines.splitlines()) == len((basic_proc.stdout + basic_proc.stderr).splitlines())
@@ -146,9 +153,25 @@ def test_jobs_group_by_shape_and_split_by_budget():
     def groups(budget_members: float, max_size: int | None, keys: str) -> list[list[int]]:
         launcher = VectorizedLauncher(budget_members * member_bytes(base) / 2**30, max_size)
         return [
-            [job.num for job in g] for g in launcher.groups([Job(j, base, Path(), base, k) for j, k in enumerate(keys)])
+            [job.num for job in g]
+            for g in launcher.groups([Job(j, (), [], [], Path(), cfg=base, key=k) for j, k in enumerate(keys)])
         ]
 
     assert groups(3.5, None, "aaaaaaaaaa") == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert groups(10**6, 2, "ababa") == [[0, 2], [4], [1, 3]]  # in the order of each key's first job
     assert groups(0.1, None, "aa") == [[0], [1]]  # a member over the budget still trains, alone
+
+
+def test_hydra_yaml_is_the_text_hydra_writes(make_cfg):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    launcher = VectorizedLauncher()
+    launcher.parts = {}
+    for seed in (3, 4):  # the second job of its kind: the per-job parts dumped anew, the rest kept
+        cfg = make_cfg("hydra/launcher=vectorized", f"seed={seed}", "model.lr=0.5", run_dir=Path("run"))
+        plain = OverridesParser.create().parse_overrides([f"seed={seed}", "model.lr=0.5"])
+        job = Job(seed, ("kind",), plain, plain, Path())
+        assert launcher.yaml(job, cfg.hydra, ("hydra",)) == OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, "hydra"))
+        assert launcher.yaml(job, cfg) == OmegaConf.to_yaml(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        )

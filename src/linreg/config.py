@@ -197,10 +197,11 @@ def omegaconf_error(err: OmegaConfBaseException) -> "ConfigError":
     return ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0])
 
 
-def check(cfg: DictConfig) -> None:
-    """ConfigError for the first value the schema lets through but a run cannot use."""
+def check(cfg: DictConfig, schema: bool = True) -> None:
+    """ConfigError for the first value the schema lets through but a run cannot use (`schema`: its keys too)."""
     plain_cfg = plain(cfg)
-    against_schema(plain_cfg)
+    if schema:  # the vectorized launcher checks the keys once for jobs that differ only in values
+        against_schema(plain_cfg)
     for key, (ok, why) in RANGES.items():
         group, _, name = key.rpartition(".")
         holder = plain_cfg.get(group) if group else plain_cfg

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from linreg import fastpath
 from linreg.config import ConfigError
 from linreg.dashboard import hp_metrics, hparams, param_names, start_hparams
 from linreg.data import EpochBatchSampler
@@ -103,8 +104,13 @@ class StackedRegression(L.LightningModule):
         for step, rows in enumerate(batch, start=self.trainer.global_step):
             rows = rows.unsqueeze(-1)
             loss = self.batch_loss(params, self.x.take_along_dim(rows, 1), self.y.take_along_dim(rows, 1))
-            self.manual_backward(loss.sum())  # d(sum)/d(member j's parameters) = d(member j's loss)/d(them)
-            opt.step()  # through Lightning, so global_step counts SGD steps as in a single run
+            # d(sum)/d(member j's parameters) = d(member j's loss)/d(them); the step through Lightning, so global_step
+            # counts SGD steps as in a single run (the lean step where a single run takes it)
+            if self.lean_steps:
+                fastpath.lean_backward_and_step(loss.sum(), opt, opt.optimizer.update)
+            else:
+                self.manual_backward(loss.sum())
+                opt.step()
             if step % self.every == 0:
                 self.note("train/loss", step, loss)
 
@@ -128,6 +134,7 @@ class StackedRegression(L.LightningModule):
             self.note("params", self.logged_at, self.weights())
 
     def on_train_start(self) -> None:
+        self.lean_steps = fastpath.lean_steps(self.trainer)
         self.start_mse = self.mse().cpu()
         self.note_params()
 

@@ -100,18 +100,25 @@ class CachedConfigLoader(Proxy):
         self.composed.move_to_end(lines)
         cfg = copy.deepcopy(self.composed[lines])
         OmegaConf.copy_cache(from_config=master_config, to_config=cfg)  # the same ${now:} as the master
-        try:
-            for o in plain:
-                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-        except Exception:
+        if not apply(cfg, parsed, plain):
             return self.inner.load_sweep_config(master_config, sweep_overrides)  # Hydra's own error (or result)
-        task = [o for o in parsed if not o.is_hydra_override()]
-        options = cfg.hydra.job.config.override_dirname  # as Hydra 1.3 records them
-        dirname = sorted(str(o.input_line) for o in task if o.key_or_group not in options.exclude_keys)
-        with open_dict(cfg.hydra):
-            cfg.hydra.overrides.task = [o.input_line for o in task]
-            cfg.hydra.job.override_dirname = re.sub("=", options.kv_sep, options.item_sep.join(dirname))
         return cfg
+
+
+def apply(cfg: DictConfig, parsed: list[Override], plain: Plain) -> bool:
+    """A job's plain values and its overrides' record set on a config of its kind, in place; False if one fails."""
+    try:
+        for o in plain:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+    except Exception:
+        return False
+    task = [o for o in parsed if not o.is_hydra_override()]
+    options = cfg.hydra.job.config.override_dirname  # as Hydra 1.3 records them
+    dirname = sorted(str(o.input_line) for o in task if o.key_or_group not in options.exclude_keys)
+    with open_dict(cfg.hydra):
+        cfg.hydra.overrides.task = [o.input_line for o in task]
+        cfg.hydra.job.override_dirname = re.sub("=", options.kv_sep, options.item_sep.join(dirname))
+    return True
 
 
 class LightReturns(Proxy):

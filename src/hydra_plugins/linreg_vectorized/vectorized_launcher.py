@@ -1,14 +1,19 @@
 """`hydra/launcher=vectorized`: the jobs of a sweep that differ only in numbers train as one stacked model.
 
 Jobs that stack (same `linreg.stacked.group_key`) train in groups split by a memory budget and `max_group_size`,
-each in one `Trainer.fit` under its members' run-dir locks; then Hydra's `run_job` sets each member up as the
-basic launcher does, around a task that writes its logs and metrics.json. Any other job (a value a run refuses,
-one finished before with resume=true, a model class of one's own) runs as the basic launcher runs it; a job whose
-dir holds another run is a row, with nothing written there. torch and Lightning are imported in `launch`.
+each in one `Trainer.fit` under its members' run-dir locks. What Hydra's `run_job` does for a job (its dir,
+`.hydra/*.yaml`, its log, the callbacks) is done here for a member with what its group shares made once: one
+composed config per kind of job with each member's values set in place (the grid sweeper's `apply`), the
+invariant part of `hydra.yaml` dumped once, the job log's handlers configured once a group. Any other job (a
+value a run refuses, one finished before with resume=true, a model class of one's own) runs as the basic
+launcher runs it; a job whose dir holds another run is a row, with nothing written there. torch and Lightning
+are imported in `launch`.
 """
 
+import copy
 import logging
 import math
+import os
 import resource
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -17,28 +22,34 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.core.override_parser.types import Override
+from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from hydra_plugins.linreg_sweeper.grid_sweeper import CachedConfigLoader, apply
 from linreg.config import MODELS, ConfigError, check, plain
-from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs, write_job_files
+from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs, write_atomic
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("linreg.train")  # a job's own lines, as `linreg.train.main` writes them
 FILES_KEPT_FREE = 256  # open files left for torch, logs and TensorBoard beside a group's run-dir locks
 BUDGET_SHARE = 4  # the default budget: 1/4 of the memory available at launch
+PER_JOB = ("overrides.task", "job.id", "job.num", "job.override_dirname", "runtime.output_dir")  # hydra.* by job
 
 
 @dataclass
 class Job:
-    """One job: its number, its config as Hydra composed it, its dir, and how it runs."""
+    """One job: its number, its overrides parsed, its dir, and how it runs."""
 
     num: int
-    config: DictConfig
+    kind: tuple[Any, ...]  # the composed config it shares with jobs of its kind
+    parsed: list[Override]
+    plain: list[Override]  # the values set on its kind's config
     out: Path
+    config: DictConfig | None = None  # its own copy of its Hydra config, when it runs as the basic launcher runs it
     cfg: DictConfig | None = None  # its own config, resolved, when it trains in a group
     key: str | None = None  # its group
     refused: RunDirBusy | None = None  # its dir is another run's
@@ -54,21 +65,13 @@ class VectorizedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        return self.launch_jobs([(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)])
+
+    def launch_jobs(self, numbered: list[tuple[int, list[str]]]) -> list[JobReturn]:
+        """Plan the numbered jobs, run those that do not stack, and train the groups, here."""
         from linreg.stacked import train_group
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no banners a group
-        jobs = [self.plan(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
-        groups = self.groups([job for job in jobs if job.key is not None])
-        log.debug("%d jobs, %d stacked in %d groups", len(jobs), sum(map(len, groups)), len(groups))
-        returns: dict[int, JobReturn] = {}
-        for job in jobs:
-            if job.refused is not None:
-                returns[job.num] = self.refuse(job, job.refused)
-            elif job.key is None:
-                returns[job.num] = self.run(job, self.task_function)
+        jobs, groups, returns = self.plan_all(numbered)
         for group in groups:
             with ExitStack() as locks:
                 members = [job for job in group if self.lock(job, locks, returns)]
@@ -77,30 +80,77 @@ class VectorizedLauncher(Launcher):
                 except Exception as err:  # the group's fit failed: every member is a failed row
                     log.error("stacked fit failed: %s: %s", type(err).__name__, err)
                     results = [err] * len(members)
-                for job, result in zip(members, results):
-                    returns[job.num] = self.run(job, member_task(result))
+                for i, (job, result) in enumerate(zip(members, results)):
+                    returns[job.num] = self.finish(job, result, first=i == 0)
+                    job.cfg = None  # its record is written: what a long sweep holds per job is its return
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        HydraConfig.instance().cfg = self.sweep_config
         return [returns[job.num] for job in jobs]
+
+    def plan_all(self, numbered: list[tuple[int, list[str]]]) -> tuple[list[Job], list[list[Job]], dict[int, Any]]:
+        """Plan and group the jobs, and run those that do not stack as the basic launcher runs them (their returns)."""
+        from linreg.results import read_plan
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no banners a group
+        self.loader = CachedConfigLoader(self.hydra_context.config_loader)
+        self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
+        self.parts: dict[tuple[Any, ...], str] = {}  # `.hydra/*.yaml` text that jobs of one kind share
+        self.checked: set[tuple[Any, ...]] = set()  # kinds (and model classes) whose keys passed `check`
+        self.swept = read_plan(Path(str(self.config.hydra.sweep.dir)))["swept"]  # what names a job's TensorBoard run
+        self.sweep_config = HydraConfig.instance().cfg
+        jobs = [self.plan(num, overrides) for num, overrides in numbered]
+        groups = self.groups([job for job in jobs if job.key is not None])
+        log.debug("%d jobs, %d stacked in %d groups", len(jobs), sum(map(len, groups)), len(groups))
+        returns: dict[int, JobReturn] = {}
+        for job in jobs:
+            if job.refused is not None:
+                returns[job.num] = self.refuse(job, job.refused)
+            elif job.key is None:
+                returns[job.num] = self.alone(job)
+        HydraConfig.instance().cfg = self.sweep_config
+        return jobs, groups, returns
+
+    def compose(self, job: Job) -> DictConfig:
+        """The job's Hydra config: its kind's, with its values set in place (valid until the next job's)."""
+        config = self.kinds.get(job.kind)
+        if config is None:
+            lines = [str(o.input_line) for o in job.parsed if o not in job.plain]
+            config = self.kinds[job.kind] = self.loader.load_sweep_config(self.config, lines)
+        if not apply(config, job.parsed, job.plain):
+            del self.kinds[job.kind]  # a value that does not apply: Hydra composes the job (and says why)
+            config = self.loader.inner.load_sweep_config(self.config, [str(o.input_line) for o in job.parsed])
+        with open_dict(config):
+            config.hydra.job.id, config.hydra.job.num = job.num, job.num
+            job.out = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute()
+            config.hydra.runtime.output_dir = str(job.out)
+        HydraConfig.instance().cfg = config  # for its `${hydra:...}` values, as `run_job` sets it
+        return config
 
     def plan(self, num: int, overrides: list[str]) -> Job:
         """Compose the job's config as the basic launcher does, and decide how it runs."""
         from linreg.stacked import group_key
 
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(config):
-            config.hydra.job.id, config.hydra.job.num = num, num
-        job = Job(num, config, Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute())
-        HydraConfig.instance().set_config(config)  # for its `${hydra:...}` values (`run_job` sets it again later)
+        parsed, lines, values = self.loader.split(self.config, overrides)
+        kind = (lines, tuple(o.key_or_group for o in values))
+        job = Job(num, kind, parsed, values, Path())
+        config = self.compose(job)
         try:
-            check(config)
             cfg = OmegaConf.create(plain(config))  # plain data, to train outside Hydra
+            schema = (kind, cfg.model.get("_target_"))  # the keys a kind has, checked once
+            check(cfg, schema=schema not in self.checked)
+            self.checked.add(schema)
         except (ConfigError, OmegaConfBaseException):
-            return job  # its single run records why
-        if cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
-            return job  # a model class of one's own trains alone; a finished job is kept by its single run
+            cfg = None  # its single run records why
+        if cfg is None or cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
+            job.config = copy.deepcopy(config)  # a model class of one's own trains alone; a finished job is kept
+            return job
         try:
             refuse_other_runs(job.out, cfg)
         except RunDirBusy as err:
-            job.refused = err
+            job.refused, job.config = err, copy.deepcopy(config)
             return job
         job.cfg, job.key = cfg, group_key(cfg)
         return job
@@ -145,47 +195,102 @@ class VectorizedLauncher(Launcher):
             return False
         return True
 
-    def run(self, job: Job, task: TaskFunction) -> JobReturn:
+    def alone(self, job: Job) -> JobReturn:
         """Hydra's `run_job`, as the basic launcher calls it: the job's dir, .hydra/, log and callbacks."""
-        ret = run_job(task, job.config, "hydra.sweep.dir", "hydra.sweep.subdir", self.hydra_context)
+        ret = run_job(self.task_function, job.config, "hydra.sweep.dir", "hydra.sweep.subdir", self.hydra_context)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def refuse(self, job: Job, err: RunDirBusy) -> JobReturn:
-        """A job whose dir holds another run: its error line and callbacks, and nothing written into that dir."""
-        config, callbacks = job.config, self.hydra_context.callbacks
-        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
-            config.hydra.runtime.output_dir = str(job.out)  # where its row is looked for (and has no metrics.json)
-        HydraConfig.instance().set_config(config)  # as `run_job` leaves it
+    def finish(self, job: Job, result: Any, first: bool) -> JobReturn:
+        """What `run_job` does for a job (its .hydra/, log and callbacks) around writing the member's results."""
+        config = self.compose(job)
+        self.job_logging(job, config, first)
+        (job.out / ".hydra").mkdir(exist_ok=True)  # as `linreg.record.write_job_files` (hydra.output_subdir: null)
+        for name, text in (
+            ("config.yaml", self.yaml(job, config)),
+            ("hydra.yaml", self.yaml(job, config.hydra, ("hydra",))),
+            ("overrides.yaml", OmegaConf.to_yaml(config.hydra.overrides.task)),
+        ):
+            write_atomic(job.out / ".hydra" / name, text.encode())
+        return self.around(config, lambda: self.write(job, config, result))
+
+    def around(self, config: DictConfig, task: Any) -> JobReturn:
+        """The job's callbacks around its task, and its return, as `run_job` gives them."""
+        callbacks = self.hydra_context.callbacks
         callbacks.on_job_start(config=config, task_function=self.task_function)
-        job_log.error("job refused: %s", err)
-        ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task), status=JobStatus.COMPLETED)
-        ret.return_value = math.inf
+        ret = JobReturn(overrides=list(config.hydra.overrides.task), working_dir=os.getcwd())
+        ret.task_name, ret.status = JobRuntime.instance().get("name"), JobStatus.COMPLETED
+        ret.return_value = task()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         callbacks.on_job_end(config=config, job_return=ret)
         return ret
 
+    def yaml(self, job: Job, node: Any, path: tuple[str, ...] = ()) -> str:
+        """`OmegaConf.to_yaml` of the node at `path` (under its parents' keys), as Hydra writes `.hydra/*.yaml`: a part
+        no job of its kind changes is dumped once per kind (block YAML is the text of its parts in order)."""
+        varying = [tuple(o.key_or_group.split(".")) for o in job.plain] + [("hydra", *k.split(".")) for k in PER_JOB]
+        if path and not any(v[: len(path)] == path for v in varying):  # no job's value under it: the same text
+            if (job.kind, path) not in self.parts:
+                self.parts[job.kind, path] = under(path[:-1], {path[-1]: node})
+            return self.parts[job.kind, path]
+        if path in varying or not (OmegaConf.is_dict(node) and len(node)):
+            return under(path[:-1], {path[-1]: node})
+        if ("head", path) not in self.parts:  # its own key's line
+            self.parts["head", path] = under(path[:-1], {path[-1]: {"x": 0}}).partition("\n")[0] + "\n" if path else ""
+        text, values = [self.parts["head", path]], {}  # the job's own values next to each other: dumped together
+        for key, value in node.items_ex(resolve=False):
+            if path or key != "hydra":
+                if (*path, key) in varying:
+                    values[key] = value
+                    continue
+                text += [under(path, values)] if values else []
+                text.append(self.yaml(job, value, (*path, key)))
+                values = {}
+        return "".join(text + ([under(path, values)] if values else []))
 
-def member_task(result: Any) -> TaskFunction:
-    """The task of a group member: its logs and metrics.json, or the failed record of why it did not train."""
+    def job_logging(self, job: Job, config: DictConfig, first: bool) -> None:
+        """The job's log: Hydra's `job_logging` set up for a group's first member, its log files moved on after."""
+        if first:
+            configure_log(config.hydra.job_logging, config.hydra.verbose)
+        else:
+            root = logging.getLogger()
+            for old in list(root.handlers):
+                if isinstance(old, logging.FileHandler) and Path(old.baseFilename).parent == self.logged_in:
+                    new = logging.FileHandler(job.out / Path(old.baseFilename).name, old.mode, old.encoding)
+                    new.setLevel(old.level)
+                    new.setFormatter(old.formatter)
+                    root.removeHandler(old)
+                    old.close()
+                    root.addHandler(new)
+        self.logged_in = job.out
 
-    def task(cfg: DictConfig) -> float:
+    def write(self, job: Job, config: DictConfig, result: Any) -> float:
+        """The member's logs and metrics.json, or the failed record of why it did not train; its train MSE."""
         from linreg.dashboard import run_label
-        from linreg.results import read_plan
 
-        hc = HydraConfig.get()
-        out = Path(hc.runtime.output_dir)
         try:
-            write_job_files(out, cfg)  # .hydra/, as `linreg.run` writes it for a single run
             if isinstance(result, Exception):
                 raise result
             # The name its single run's TensorBoard run has (linreg.train.main): the swept keys' values.
-            result.write(out, run_label(hc.overrides.task, read_plan(Path(hc.sweep.dir))["swept"]))
+            result.write(job.out, run_label(list(config.hydra.overrides.task), self.swept))
         except Exception as err:
-            failed = RunRecord.failed(cfg, err)
-            failed.write(out)
+            failed = RunRecord.failed(job.cfg, err)
+            failed.write(job.out)
             job_log.error("job failed: %s", failed.error)
             return math.inf
         mse = result.record.train_mse
         return math.inf if mse is None else mse
 
-    return task
+    def refuse(self, job: Job, err: RunDirBusy) -> JobReturn:
+        """A job whose dir holds another run: its error line and callbacks, and nothing written into that dir."""
+        config = job.config or self.compose(job)  # its output_dir set: where its row is looked for
+        HydraConfig.instance().cfg = config  # as `run_job` leaves it
+        return self.around(config, lambda: job_log.error("job refused: %s", err) or math.inf)
+
+
+def under(parents: tuple[str, ...], mapping: dict[str, Any]) -> str:
+    """`OmegaConf.to_yaml` of the mapping's entries under its parents' keys, less the parents' own lines."""
+    for key in reversed(parents):
+        mapping = {key: mapping}
+    return OmegaConf.to_yaml(mapping).split("\n", len(parents))[-1]
