@@ -1,7 +1,7 @@
 """One console for every launcher and sweeper: a header, a line per job, a footer (issue 20), numbers at 6 digits.
 
-`make test` runs the Optuna sweep (the cheapest, and no other test counts its lines); the launchers are `system`
-tests (the basic and joblib consoles of `make test` are test_results.py's and test_launchers.py's).
+All are `system` tests (`make test-all`): the basic and joblib consoles of `make test` are test_results.py's and
+test_launchers.py's.
 """
 
 import re
@@ -18,7 +18,6 @@ SWEEPS = {
     "vectorized": [*GRID, "hydra/launcher=vectorized"],
     "optuna": ["sweep=optuna", "hydra.sweeper.n_trials=3"],
 }
-SYSTEM = pytest.mark.system
 
 
 def sig_digits(number: str) -> int:
@@ -26,9 +25,8 @@ def sig_digits(number: str) -> int:
     return len(number.split("e")[0].replace("-", "").replace(".", "").lstrip("0"))
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=() if n == "optuna" else SYSTEM) for n in SWEEPS]
-)  # fmt: skip
+@pytest.mark.system  # a whole sweep per launcher
+@pytest.mark.parametrize("name", list(SWEEPS))
 def test_a_sweep_prints_a_header_a_line_a_job_and_a_footer(tmp_path, name):
     sweep = tmp_path / "sweep"
     proc = run_cli("--multirun", *SWEEPS[name], *SMALL, f"hydra.sweep.dir={sweep}")

@@ -61,19 +61,32 @@ def test_a_config_naming_other_code_is_refused_before_importing_it(trained, tmp_
 
 @pytest.mark.parametrize(
     ("args", "says"),
-    [
-        ([], "ckpt_path: required"),
-        (["ckpt_path=/nonexistent.ckpt"], "no such file"),
-        (["data_seed=420"], "is the training seed"),
-        (["num_examples=0"], "error: num_examples=0: must be a positive integer"),
-        (["data_seed=-1"], "error: data_seed=-1: must be from 0"),
-    ],
+    [([], "ckpt_path: required"), (["num_examples=0"], "error: num_examples=0: must be a positive integer")],
 )
 def test_bad_input_is_one_line_and_leaves_no_dir(trained, tmp_path, args, says):
-    ckpt = [] if not args or args[0].startswith("ckpt_path") else [f"ckpt_path={trained}"]
+    ckpt = [] if not args else [f"ckpt_path={trained}"]
     proc = evaluate(*ckpt, *args, f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 2 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"ckpt_path": "/nonexistent.ckpt"}, "no such file"),
+        ({"data_seed": 420}, "is the training seed"),
+        ({"data_seed": -1}, "data_seed=-1: must be from 0"),
+    ],
+)
+def test_bad_input_is_named_by_its_key_in_process(trained, given, says):
+    from omegaconf import OmegaConf
+
+    from linreg.config import ConfigError
+    from linreg.evaluate import check_inputs
+
+    cfg = OmegaConf.create({"ckpt_path": str(trained), "data_seed": None, "num_examples": None} | given)
+    with pytest.raises(ConfigError, match=says):
+        check_inputs(cfg)
 
 
 def test_a_forged_seed_is_refused_in_process(trained, tmp_path):
