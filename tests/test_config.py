@@ -79,7 +79,14 @@ def test_a_sweep_with_gpu_jobs_on_a_cpu_machine_is_refused_before_it_starts(tmp_
     assert proc.returncode == 2 and "no GPU here" in proc.stderr and not (tmp_path / "sweep").exists()
 
 
-def test_a_refused_sweep_leaves_no_sweep_dir(tmp_path):
-    proc = run_cli("--multirun", "model.lr=interval(0.1,1)", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert proc.returncode == 2 and "interval() needs hydra/sweeper=optuna" in proc.stderr
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["model.lr=interval(0.1,1)"], "interval() needs hydra/sweeper=optuna"),
+        (["hydra/launcher=vectorized", "hydra.launcher.memory_budget_gb=nan"], "memory_budget_gb=nan: must be"),
+    ],
+)
+def test_a_refused_sweep_leaves_no_sweep_dir(tmp_path, args, says):
+    proc = run_cli("--multirun", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "sweep").exists()

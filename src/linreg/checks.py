@@ -26,7 +26,9 @@ from linreg.config import (
     TrainConfig,
     TrainerConfig,
     check,
+    finite,
     gpu_available,
+    is_int,
     note_new,
     override_key,
     refusing,
@@ -72,6 +74,7 @@ class CheckConfig(Callback):
             check(OmegaConf.merge(OmegaConf.create(defaults), sweep_values(config)))
             check_slurm(config)
             check_swept_devices(config)
+            check_launcher(config)
             sweep_dir = makeable(config, "hydra.sweep.dir")
             room(sweep_dir, "hydra.sweep.dir")
             own_sweep_dir(config, sweep_dir)
@@ -189,6 +192,21 @@ def check_swept_devices(config: DictConfig) -> None:
 def on_slurm(config: DictConfig) -> bool:
     """Whether the sweep's launcher submits its jobs to SLURM."""
     return "Slurm" in str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+
+
+LAUNCHER = {  # launcher settings their plugins take unchecked (a traceback at the first job): key -> (test, why)
+    "n_jobs": (lambda v: is_int(v) and v != 0, "must be a non-zero integer (joblib: -1 is one worker per core)"),
+    "memory_budget_gb": (lambda v: v is None or (finite(v) and v > 0), "must be a number > 0, or null"),
+    "max_group_size": (lambda v: v is None or (is_int(v) and v > 0), "must be a positive integer, or null"),
+}
+
+
+def check_launcher(config: DictConfig) -> None:
+    """The launcher's numbers, one line naming the key."""
+    launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True) if "launcher" in config.hydra else {}
+    for key, (ok, why) in LAUNCHER.items():
+        if key in launcher and not ok(launcher[key]):
+            raise ConfigError(f"hydra.launcher.{key}", launcher[key], why)
 
 
 def check_slurm(config: DictConfig) -> None:
