@@ -175,3 +175,43 @@ def test_hydra_yaml_is_the_text_hydra_writes(make_cfg):
         assert launcher.yaml(job, cfg) == OmegaConf.to_yaml(
             OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         )
+
+
+# Optuna trials 4 a batch, stacked 2 a group; the median pruner (from epoch 2) stops the slow ones of batch 2 there.
+PRUNED = [
+    "sweep=optuna",
+    "hydra.sweeper.n_trials=8",
+    "hydra.sweeper.n_jobs=4",
+    "hydra/sweeper/pruner=median",
+    "hydra.sweeper.pruner.n_startup_trials=1",
+    "hydra.sweeper.pruner.n_warmup_steps=2",  # no pruning before epoch 2
+    "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+    "hydra.sweeper.sampler.seed=5",
+    "model.lr=tag(log,interval(0.0001,1))",
+    "data.batch_size=10",
+    "data.num_examples=100",
+    "trainer.max_epochs=3",
+]
+
+
+def test_pruned_members_stop_where_their_single_runs_do(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    for name, *launcher in (("basic",), ("vec", "hydra/launcher=vectorized", "hydra.launcher.max_group_size=2")):
+        proc = run_cli("--multirun", *PRUNED, *launcher, f"hydra.sweep.dir={tmp_path / name}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = records(tmp_path / "basic"), records(tmp_path / "vec")
+    assert got.keys() == want.keys() == {str(j) for j in range(8)}
+    for job in want:
+        same_runs(got[job], want[job])
+        assert got[job]["pruned_epoch"] == want[job]["pruned_epoch"]
+    trials = optuna.load_study(study_name="linreg", storage=f"sqlite:///{tmp_path / 'vec' / 'optuna.db'}").trials
+    pruned = [t.number for t in trials if t.state == TrialState.PRUNED]
+    assert pruned == [4, 6, 7]  # group (4, 5) goes on with 5 alone; group (6, 7) stops with none left
+    assert [got[str(j)]["status"] for j in range(8)] == ["ok"] * 4 + ["pruned", "ok", "pruned", "pruned"]
+    for t in trials:
+        m = got[str(t.number)]
+        assert t.intermediate_values == dict(enumerate(m["epoch_mse"], start=1))  # each member reported its own
+        stop = (2, 20) if t.number in pruned else (None, 30)  # pruned after epoch 2 of 3 (10 steps an epoch)
+        assert (m["pruned_epoch"], m["steps"]) == stop

@@ -6,14 +6,16 @@ Member j gets its single run's data (`build_datamodule`), initial model (`build_
 once, `vmap` over `functional_call` (PyTorch's "model ensembling" tutorial), then the tutorial's `sgd`
 (`HandSGD`) with one learning rate per member. Members never mix: each gets the gradient of its own loss.
 A member that diverges keeps the numbers of the epoch it diverged in, where its single run stops (its
-later steps are computed with the group's and dropped).
+later steps are computed with the group's and dropped). A member its Optuna pruner stops (`linreg.callbacks.prune`,
+as a single run) leaves the stack: its rows of parameters, data and lr and its sampler go; later epochs cost less.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from linreg.record import RunRecord, identity
 from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
 
 Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
+Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, its train/mse) -> its pruner stops it
 
 
 def group_key(cfg: DictConfig) -> str:
@@ -63,7 +66,7 @@ class StackedBatches:
             sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.samplers[0])
+        return len(self.samplers[0]) if self.samplers else 0  # none once every member is pruned
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         for rows in zip(*self.samplers):
@@ -73,7 +76,9 @@ class StackedBatches:
 class StackedRegression(L.LightningModule):
     """The members' models as one: their parameters stacked, the model's forward and loss vmapped over them."""
 
-    def __init__(self, models: Sequence[RegressionModule], x: Tensor, y: Tensor, batch_size: int) -> None:
+    def __init__(
+        self, models: Sequence[RegressionModule], x: Tensor, y: Tensor, batches: StackedBatches, report: Report | None
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         params, _ = stack_module_state(list(models))  # neither model has buffers
@@ -84,10 +89,13 @@ class StackedRegression(L.LightningModule):
         model = models[0]  # runs with each member's parameters in turn (kept out of this module's parameters)
         self.batch_loss = vmap(lambda p, x, y: model.loss(functional_call(model, p, (x,)), y))
         self.full_mse = vmap(lambda p, x, y: squared_loss(functional_call(model, p, (x,)), y))  # validation_step's
-        self.every = log_interval(model.hparams.log_every_sgd_steps, x.shape[1], batch_size)
+        self.every = log_interval(model.hparams.log_every_sgd_steps, x.shape[1], batches.batch_size)
         self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"params": [], "train/loss": [], "train/mse": []}
         self.start_mse = torch.full((len(models),), torch.nan)
         self.diverged: list[int | None] = [None] * len(models)
+        self.pruned: list[int | None] = [None] * len(models)  # the epoch (from 1) after which its pruner stopped it
+        self.at = list(range(len(models)))  # stacked position -> member: pruned members leave the stack
+        self.batches, self.report = batches, report
         self.logged_at = -1  # the step params were last noted at
 
     def params(self) -> dict[str, Tensor]:
@@ -125,7 +133,10 @@ class StackedRegression(L.LightningModule):
 
     def note(self, tag: str, step: int, values: Tensor) -> None:
         """Keep what a single run would log now, for every member."""
-        self.curves[tag].append((self.current_epoch, step, values.detach().reshape(len(self.diverged), -1).cpu()))
+        values = values.detach().reshape(len(self.at), -1).cpu()
+        every = values.new_full((len(self.diverged), values.shape[1]), math.nan)  # a member that left: NaN
+        every[self.at] = values
+        self.curves[tag].append((self.current_epoch, step, every))
 
     def note_params(self) -> None:
         """`params/*` at this step, once per step, as the Dashboard logs them."""
@@ -147,15 +158,34 @@ class StackedRegression(L.LightningModule):
         self.note("train/mse", self.trainer.global_step, mse)
         self.note_params()
         finite = torch.isfinite(mse) & torch.isfinite(self.weights()).all(1)
-        for j in torch.nonzero(~finite).flatten().tolist():
-            if self.diverged[j] is None:
-                self.diverged[j] = self.current_epoch  # its single run stops here
-        if None not in self.diverged:
+        for i in torch.nonzero(~finite).flatten().tolist():
+            if self.diverged[self.at[i]] is None:
+                self.diverged[self.at[i]] = self.current_epoch  # its single run stops here
+        if self.report is not None:  # as a single run's ReportToStudy: a finite train/mse, not a diverged member's
+            epoch = self.current_epoch + 1
+            for j, value in zip(self.at, mse.tolist()):
+                if self.diverged[j] in (None, epoch - 1) and math.isfinite(value) and self.report(j, epoch, value):
+                    self.pruned[j] = epoch
+            self.leave([i for i, j in enumerate(self.at) if self.pruned[j] is not None])
+        if all(d is not None or p is not None for d, p in zip(self.diverged, self.pruned)):
             self.trainer.should_stop = True
+
+    def leave(self, gone: list[int]) -> None:
+        """The members at these stacked positions leave: their rows of the parameters, data and lr, their samplers."""
+        if not gone:
+            return
+        keep = [i for i in range(len(self.at)) if i not in gone]
+        for p in self.stacked:
+            p.data, p.grad = p.data[keep], None  # the optimizer holds the same parameters
+        self.x, self.y, self.lr = self.x[keep], self.y[keep], self.lr[keep]
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = self.lr.view(-1, *[1] * (group["params"][0].dim() - 1))
+        self.at = [self.at[i] for i in keep]
+        self.batches.samplers = [self.batches.samplers[i] for i in keep]
 
     def curves_of(self, j: int) -> Curves:
         """Member j's curves up to the end of the epoch it stopped in."""
-        last = self.diverged[j] if self.diverged[j] is not None else len(self.curves["train/mse"])
+        last = next(e for e in (self.diverged[j], self.pruned[j] and self.pruned[j] - 1, math.inf) if e is not None)
         return {tag: [(s, v[j].tolist()) for e, s, v in rows if e <= last] for tag, rows in self.curves.items()}
 
 
@@ -189,8 +219,8 @@ class Member:
         r.write(out)
 
 
-def train_group(cfgs: Sequence[DictConfig]) -> list[Member | ConfigError]:
-    """Train the jobs as one stacked model in one `Trainer.fit`: a Member each, or why its data or model fails."""
+def train_group(cfgs: Sequence[DictConfig], report: Report | None = None) -> list[Member | ConfigError]:
+    """Train the jobs as one stacked model in one `Trainer.fit` (`report`: to job j's pruner): a Member each, or why."""
     with torch_threads(cfgs[0].threads):  # the same reductions whichever launcher runs a job
         built, failed = [], {}
         for j, cfg in enumerate(cfgs):
@@ -201,28 +231,30 @@ def train_group(cfgs: Sequence[DictConfig]) -> list[Member | ConfigError]:
                 failed[j] = err
                 continue
             logged = {**model.hparams_initial, **dm.hparams_initial}  # the hparams Lightning logs for its single run
-            built.append((cfg, model, *dm.full_data(), dm.ols_mse(), dm.train_dataloader().sampler, logged))
-        members = iter(fit(built) if built else [])
+            built.append((cfg, model, *dm.full_data(), dm.ols_mse(), dm.train_dataloader().sampler, logged, j))
+        members = iter(fit(built, report) if built else [])
         return [failed[j] if j in failed else next(members) for j in range(len(cfgs))]
 
 
-def fit(built: list[tuple[Any, ...]]) -> list[Member]:
+def fit(built: list[tuple[Any, ...]], report: Report | None) -> list[Member]:
     """One `Trainer.fit` of the members' stacked model; the members' records and curves."""
-    cfgs, models, xs, ys, ols, samplers, logged = zip(*built)
+    cfgs, models, xs, ys, ols, samplers, logged, jobs = zip(*built)
     built.clear()  # once stacked (and xs, ys deleted), the members' data is held only by the module
-    module = StackedRegression(models, torch.stack(xs), torch.stack(ys), cfgs[0].data.batch_size)
+    batches = StackedBatches(samplers, cfgs[0].data.batch_size)
+    to_job = None if report is None else lambda i, epoch, mse: report(jobs[i], epoch, mse)
+    module = StackedRegression(models, torch.stack(xs), torch.stack(ys), batches, to_job)
     del xs, ys
     trainer = build_trainer(cfgs[0], None, callbacks=[], loggers=[], bar=False)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=StackedBatches(samplers, cfgs[0].data.batch_size))
+    trainer.fit(module, train_dataloaders=batches)
     seconds = (time.perf_counter() - start) / len(cfgs)  # each member's share of the group's fit
     members = []
     for j, cfg in enumerate(cfgs):
-        curves, diverged = module.curves_of(j), module.diverged[j]
+        curves, diverged, pruned = module.curves_of(j), module.diverged[j], module.pruned[j]
         epoch_mse = [v for _, (v,) in curves["train/mse"]]
         record = RunRecord.of(
             cfg,
-            "ok" if diverged is None else "diverged",
+            "diverged" if diverged is not None else "pruned" if pruned else "ok",
             epoch_mse=epoch_mse,
             train_mse=epoch_mse[-1],
             weights=curves["params"][-1][1],
@@ -230,6 +262,7 @@ def fit(built: list[tuple[Any, ...]]) -> list[Member]:
             steps=curves["train/mse"][-1][0],
             fit_seconds=seconds,
             diverged_epoch=diverged,
+            pruned_epoch=pruned,
         )
         members.append(Member(cfg, record, logged[j], curves, float(module.start_mse[j])))
     return members

@@ -76,7 +76,8 @@ class VectorizedLauncher(Launcher):
             with ExitStack() as locks:
                 members = [job for job in group if self.lock(job, locks, returns)]
                 try:
-                    results: list[Any] = train_group([job.cfg for job in members]) if members else []
+                    report = self.report(members)  # with linreg's Optuna sweeper: to each member's trial
+                    results: list[Any] = train_group([job.cfg for job in members], report) if members else []
                 except Exception as err:  # the group's fit failed: every member is a failed row
                     log.error("stacked fit failed: %s: %s", type(err).__name__, err)
                     results = [err] * len(members)
@@ -154,6 +155,15 @@ class VectorizedLauncher(Launcher):
             return job
         job.cfg, job.key = cfg, group_key(cfg)
         return job
+
+    def report(self, members: list[Job]) -> Any:
+        """With linreg's Optuna sweeper: `report(j, epoch, mse)` to member j's trial, as its ReportToStudy would."""
+        if "pruner" not in self.config.hydra.sweeper or not members:
+            return None
+        from linreg.callbacks import ReportToStudy, prune
+
+        study = ReportToStudy(self.compose(members[0]).hydra)  # the study and pruner a member's single run opens
+        return lambda j, epoch, mse: prune(study.study, study.storage, members[j].num, epoch, mse)
 
     def groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Jobs with the same key, in the order of each key's first job, in chunks within the budget and sizes."""
