@@ -194,6 +194,7 @@ PRUNED = [
 ]
 
 
+@pytest.mark.system  # ~17 s: one seeded study twice, basic and vectorized
 def test_pruned_members_stop_where_their_single_runs_do(tmp_path):
     import optuna
     from optuna.trial import TrialState
