@@ -1,7 +1,8 @@
 """`python -m benchmarks.pruning`: the `sweep=optuna_pruned` study with and without each pruner.
 
 Each pruner (none, median, successive_halving, hyperband) runs the same study (same sampler seed) as one whole
-`python -m linreg.train -m sweep=optuna_pruned hydra/sweeper/pruner=<p>` process on the basic launcher; with
+`python -m linreg.train -m sweep=optuna_pruned hydra/sweeper/pruner=<p>` process on the basic launcher (or, with
+`--launcher vectorized`, trials asked 10 at a time and trained stacked, pruned members leaving the stack); with
 `--rounds N` the pruners alternate within each round and the table gives medians. Per study: wall seconds, SGD
 steps trained (the sum of `steps` over its trials' metrics.json), trials pruned, the best train_mse of a complete
 trial and its gap to the least-squares floor (ols_mse), and steps and best value against the unpruned study.
@@ -43,8 +44,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="data.num_examples (the preset's 5,000)")
     parser.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=PRUNERS)
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--launcher", choices=("basic", "vectorized"), default="basic", help="vectorized: 10 at once")
     a = parser.parse_args()
-    extra = [f"hydra.sweeper.n_trials={a.trials}"] * (a.trials is not None)
+    extra = ["hydra/launcher=vectorized", "hydra.sweeper.n_jobs=10"] if a.launcher == "vectorized" else []
+    extra += [f"hydra.sweeper.n_trials={a.trials}"] * (a.trials is not None)
     extra += [f"data.num_examples={a.samples}"] * (a.samples is not None)
     print(f"machine: {machine()}")
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in a.pruners}
