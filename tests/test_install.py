@@ -82,7 +82,7 @@ def test_every_third_party_import_is_an_install_requirement(wheel):
     providers = importlib.metadata.packages_distributions()
     third_party = imported_modules(REPO / "src") - set(sys.stdlib_module_names) - {"linreg", "hydra_plugins"}
     # Launchers and sweepers are optional plugins (the `sweep` extra): imported only when configured.
-    optional = {"optuna", "sqlalchemy", "hydra_plugins"}
+    optional = {"optuna", "sqlalchemy", "submitit", "hydra_plugins"}
     missing = {
         m: providers.get(m)
         for m in third_party - optional
