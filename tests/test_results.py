@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import linreg.plots
+import linreg.results
 from linreg.results import SweepResults, duration, main, planned, progress_line
 from linreg.train import CONFIG_DIR
 from tests.conftest import run_cli
@@ -151,6 +152,22 @@ def test_what_cannot_be_written_or_drawn_is_named_and_the_rest_is_written(sweep,
     assert (sweep / "results.md").is_file() and (sweep / "weights.png").is_file()
     assert not (sweep / "mse.png").exists()  # the older plot would pass for this sweep's
     assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_table_that_cannot_be_written_is_not_pointed_to(sweep, monkeypatch, capsys):
+    def read_only(*args, **kwargs):  # a read-only sweep dir (root writes anyway): neither replaced nor removed
+        raise PermissionError(13, "Permission denied")
+
+    (sweep / "results.md").write_text("an older sweep's table")
+    write = linreg.results.write_atomic
+    monkeypatch.setattr(
+        linreg.results, "write_atomic", lambda p, d: read_only() if p.name == "results.md" else write(p, d)
+    )
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert main([str(sweep)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "6 jobs: 1 ok, 1 diverged, 1 failed, 2 missing, 1 corrupt\n"  # no `-> results.md`: it is not this one
+    assert f"cannot write {sweep / 'results.md'}: Permission denied" in err
 
 
 @pytest.mark.parametrize(

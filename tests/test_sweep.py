@@ -241,3 +241,25 @@ def test_resolvers_hydra_accepts_reach_the_jobs_as_values(tmp_path):
     proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}", *SMALL, *args, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [(float(r["delta"]), r["accelerator"]) for r in read_csv(sweep)] == [(0.5, "cpu")] * 2
+
+
+@pytest.mark.system  # ~10 s: a job long enough to be stopped after its first checkpoint
+def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["data.num_examples=200000", "trainer.max_epochs=5", "~logger", "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    cmd = [sys.executable, "-m", "linreg.train", "--multirun", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (sweep / "0" / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the basic launcher runs the job in the sweep's own process
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: sweep {sweep}: stopped: job {sweep / '0'} stopped by SIGTERM; once it can, resume=true goes on"
+    )
+    assert [r["status"] for r in read_csv(sweep)] == ["missing", "missing"]

@@ -171,7 +171,7 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     rows = [job_row(d) for d in job_dirs(sweep_dir, plan["jobs"] if plan["grid"] else None)]  # Optuna's: by trial
     if not rows:
         return "0 jobs", f"error: sweep {sweep_dir}: no job dirs: no job left a result"
-    swept, clauses = plan["swept"] or swept_keys(rows), []
+    swept, clauses, unwritten = plan["swept"] or swept_keys(rows), [], set()
     for name, make in {  # in this order: the table first, so that a plot failing cannot cost it
         "results.csv": lambda: to_csv(rows).encode(),
         "results.md": lambda: to_markdown(sweep_dir, rows).encode(),
@@ -184,6 +184,7 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
             verb = "cannot write" if isinstance(err, OSError) else "could not make"
             why = (isinstance(err, OSError) and err.strerror) or one_line(f"{type(err).__name__}: {err}")
             clauses.append(f"{verb} {sweep_dir / name}: {why}")
+            unwritten.add(name)
             with contextlib.suppress(OSError):
                 (sweep_dir / name).unlink(missing_ok=True)  # an older file would pass for this sweep's
     by_status: dict[str, tuple[int, list[str]]] = {}  # `2 of 4 jobs failed: A (#1); B (#2)`, a clause a status
@@ -196,15 +197,15 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     for status, (n, named) in by_status.items():  # each error once, the first few: results.md lists them all
         more = [f"{len(named) - 3} more in results.md"] * (len(named) > 3)
         clauses.append(f"{n} of {n_jobs(len(rows))} {VERBS[status]}: {'; '.join(named[:3] + more)}")
-    where = f" -> {sweep_dir / 'results.md'}" if (sweep_dir / "results.md").is_file() else ""
+    where = "" if "results.md" in unwritten else f" -> {sweep_dir / 'results.md'}"  # not an older file kept
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
-def stopped(sweep_dir: Path, err: OSError) -> str:
-    """The line a sweep ends with when a write under it failed (a full disk): after the table of what finished."""
+def stopped(sweep_dir: Path, err: OSError | str) -> str:
+    """The line a sweep ends with when it cannot go on (a write failed, a SIGTERM): after the table of what finished."""
     with contextlib.suppress(Exception):
         log.info(f"sweep: {summarize(sweep_dir)[0]}")
-    why = f"cannot write {err.filename or sweep_dir}: {err.strerror or err}"
+    why = err if isinstance(err, str) else f"cannot write {err.filename or sweep_dir}: {err.strerror or err}"
     return f"error: sweep {sweep_dir}: stopped: {why}; once it can, resume=true goes on"
 
 

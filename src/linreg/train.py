@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float:
     from linreg.callbacks import SweepGone
     from linreg.checks import one_report_per_write_error
     from linreg.dashboard import run_label
-    from linreg.results import read_plan
+    from linreg.results import read_plan, stopped
     from linreg.run import run
 
     one_report_per_write_error()  # in a sweep's worker process too
@@ -45,10 +45,9 @@ def main(cfg: DictConfig) -> float:
         swept = read_plan(Path(hc.sweep.dir))["swept"] if sweep else None  # a sweep's runs are named by what varies
         record = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
-        why = f"{out}: stopped by SIGTERM; resume=true continues it"
-        if sweep:
-            raise SystemExit(f"error: sweep job {why}") from None
-        print(f"error: {why}", file=sys.stderr)
+        if sweep:  # the sweep's own process (the basic launcher): the table of what finished, one line
+            raise SystemExit(stopped(Path(hc.sweep.dir), f"job {out} stopped by SIGTERM")) from None
+        print(f"error: {out}: stopped by SIGTERM; resume=true continues it", file=sys.stderr)
         sys.exit(143)
     except SweepGone as err:  # nobody is left to report to: end the worker too (its checkpoint stays for a resume)
         log.warning("job ended: %s", err)
