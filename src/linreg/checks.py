@@ -32,6 +32,7 @@ from linreg.config import (
     note_new,
     override_key,
     refusing,
+    within,
 )
 from linreg.record import RunDirLock, read_or_none, refuse_other_runs, room, write_json
 
@@ -202,11 +203,9 @@ LAUNCHER = {  # launcher settings their plugins take unchecked (a traceback at t
 
 
 def check_launcher(config: DictConfig) -> None:
-    """The launcher's numbers, one line naming the key."""
+    """The launcher's numbers, one line naming the key (`config.within`, as `check` takes the run's)."""
     launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True) if "launcher" in config.hydra else {}
-    for key, (ok, why) in LAUNCHER.items():
-        if key in launcher and not ok(launcher[key]):
-            raise ConfigError(f"hydra.launcher.{key}", launcher[key], why)
+    within(LAUNCHER, launcher, prefix="hydra.launcher.")
 
 
 def check_slurm(config: DictConfig) -> None:

@@ -202,11 +202,7 @@ def check(cfg: DictConfig, schema: bool = True) -> None:
     plain_cfg = plain(cfg)
     if schema:  # the vectorized launcher checks the keys once for jobs that differ only in values
         against_schema(plain_cfg)
-    for key, (ok, why) in RANGES.items():
-        group, _, name = key.rpartition(".")
-        holder = plain_cfg.get(group) if group else plain_cfg
-        if isinstance(holder, dict) and name in holder and not ok(holder[name]):
-            raise ConfigError(key, holder[name], why)
+    within(RANGES, plain_cfg)
     data = plain_cfg["data"]
     if data["bias"] and len(data["w"]) < 2:
         raise ConfigError("data.w", data["w"], "needs a feature weight and the intercept when data.bias=true")
@@ -216,6 +212,15 @@ def check(cfg: DictConfig, schema: bool = True) -> None:
     if needed > (free := psutil.virtual_memory().available):
         why = f"needs about {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
         raise ConfigError("data.num_examples", data["num_examples"], why)
+
+
+def within(ranges: dict[str, tuple[Any, str]], plain: dict[str, Any], prefix: str = "") -> None:
+    """ConfigError for the first `group.key` of `ranges` whose value in `plain` fails its test (absent keys pass)."""
+    for key, (ok, why) in ranges.items():
+        group, _, name = key.rpartition(".")
+        holder = plain.get(group) if group else plain
+        if isinstance(holder, dict) and name in holder and not ok(holder[name]):
+            raise ConfigError(prefix + key, holder[name], why)
 
 
 def against_schema(plain: dict[str, Any]) -> None:

@@ -78,16 +78,15 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise CorruptRecord("overrides.yaml: not a list of overrides")
         row["overrides"] = [o for o in overrides if override_key(o) != "resume"]
+        config = read_file(hydra / "config.yaml") if os.path.lexists(hydra / "config.yaml") else {}
+        if not isinstance(config, dict):
+            raise CorruptRecord("config.yaml: not a mapping")
         if os.path.lexists(job_dir / "metrics.json"):
             record = RunRecord.read(job_dir)
-            saved = read_file(hydra / "config.yaml") if os.path.lexists(hydra / "config.yaml") else None
-            if isinstance(saved, dict) and "${" not in json.dumps(saved):  # plain: what its run computed, as saved
-                if identity(OmegaConf.create(saved)) != record.config:
+            if config and "${" not in json.dumps(config):  # plain: what its run computed, as saved
+                if identity(OmegaConf.create(config)) != record.config:
                     raise CorruptRecord("metrics.json: not the run of this job's .hydra/config.yaml")
         else:
-            config = read_file(hydra / "config.yaml") if os.path.lexists(hydra / "config.yaml") else {}
-            if not isinstance(config, dict):
-                raise CorruptRecord("config.yaml: not a mapping")
             record = RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
     except (CorruptRecord, OverflowError) as err:  # OverflowError: an integer past float's range as a number
         return row | {"status": "corrupt", "error": one_line(err)}
