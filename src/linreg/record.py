@@ -64,13 +64,14 @@ def write_job_files(out: Path, cfg: DictConfig) -> None:
         write_atomic(out / ".hydra" / name, OmegaConf.to_yaml(node).encode())
 
 
-class NoAliases(yaml.SafeLoader):
-    """YAML without aliases: Hydra writes none, and a few bytes of them expand past any size limit."""
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it: 5x faster
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("aliases are not allowed")
-        return super().compose_node(parent, index)
+
+def load_yaml(text: bytes) -> Any:
+    """YAML without aliases: Hydra writes none, and a few bytes of them expand past any size limit."""
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=YAML_LOADER)):
+        raise yaml.YAMLError("aliases are not allowed")
+    return yaml.load(text, Loader=YAML_LOADER)
 
 
 def read_file(path: Path) -> Any:
@@ -89,7 +90,7 @@ def read_file(path: Path) -> Any:
     finally:
         os.close(fd)
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=NoAliases)
+        return json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (ValueError, yaml.YAMLError, RecursionError) as err:  # RecursionError: nested past Python's stack
         raise CorruptRecord(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:100]}") from None
 
