@@ -75,6 +75,7 @@ class CachedConfigLoader(Proxy):
         super().__init__(loader)
         self.composed: OrderedDict[tuple[str, ...], DictConfig] = OrderedDict()
         self.groups: dict[str, bool] = {}  # override key -> whether it names a config group
+        self.parsed: dict[str, Override] = {}  # override line -> parsed: a grid's lines repeat from job to job
 
     def is_group(self, key: str, master: DictConfig) -> bool:
         """Whether `key` names a config group, with the search path Hydra uses for this config."""
@@ -87,7 +88,9 @@ class CachedConfigLoader(Proxy):
 
     def split(self, master: DictConfig, overrides: Sequence[str]) -> tuple[list[Override], tuple[str, ...], Plain]:
         """A job's overrides parsed, the lines Hydra must compose, and the plain values applied to a copy."""
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        new = [line for line in dict.fromkeys(overrides) if line not in self.parsed]
+        self.parsed.update(zip(new, OverridesParser.create().parse_overrides(new)))
+        parsed = [self.parsed[line] for line in overrides]
         plain = [o for o in parsed if is_plain(o) and not self.is_group(o.key_or_group, master)]
         return parsed, tuple(str(o.input_line) for o in parsed if o not in plain), plain
 
