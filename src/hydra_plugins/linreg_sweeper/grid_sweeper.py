@@ -74,17 +74,17 @@ class CachedConfigLoader(Proxy):
     def __init__(self, loader: ConfigLoader) -> None:
         super().__init__(loader)
         self.composed: OrderedDict[tuple[str, ...], DictConfig] = OrderedDict()
-        self.groups: dict[str, bool] = {}  # override key -> whether it names a config group
+        self.options: dict[str, list[str]] = {}  # config group path -> its options ("" for the top level)
         self.parsed: dict[str, Override] = {}  # override line -> parsed: a grid's lines repeat from job to job
 
     def is_group(self, key: str, master: DictConfig) -> bool:
         """Whether `key` names a config group, with the search path Hydra uses for this config."""
-        if key not in self.groups:
-            parent, _, name = key.rpartition("/")
+        parent, _, name = key.rpartition("/")
+        if parent not in self.options:  # each listing costs a scan of the search path
             typed: Any = OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False)  # as typed
             options = self.inner.get_group_options(parent, ObjectType.GROUP, master.hydra.job.config_name, typed)
-            self.groups[key] = name in options
-        return self.groups[key]
+            self.options[parent] = options
+        return name in self.options[parent]
 
     def split(self, master: DictConfig, overrides: Sequence[str]) -> tuple[list[Override], tuple[str, ...], Plain]:
         """A job's overrides parsed, the lines Hydra must compose, and the plain values applied to a copy."""
