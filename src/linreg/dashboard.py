@@ -100,17 +100,11 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         super().finalize(status)
 
 
-def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
-    """The run's TensorBoard logger, if it has one."""
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
 class Dashboard(L.Callback):
     """`params/*` each epoch and at train/loss's cadence, the HParams record, the layout and the fit image."""
 
     def __init__(self, hparams: dict[str, Any], fit: bool = True) -> None:
         self.hparams, self.fit = hparams, fit
-        self.end_summary: Any = None  # the HParams session's end, written when the run ends
         self.logged_at = -1  # the step params/* were last written at
 
     def log_params(self, trainer: L.Trainer, module: RegressionModule) -> None:
@@ -123,8 +117,9 @@ class Dashboard(L.Callback):
             self.logged_at = step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (tb := tensorboard_logger(trainer)) is not None:
-            self.end_summary = start_hparams(tb, self.hparams)
+        self.tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if self.tb is not None:
+            self.end_summary = start_hparams(self.tb, self.hparams)  # the HParams session's end, for the run's end
         if log_step(trainer) > 0:  # a resume: its history up to here is in the logs already
             self.logged_at = log_step(trainer)
         else:
@@ -138,24 +133,23 @@ class Dashboard(L.Callback):
             self.log_params(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:  # validation is the end-of-epoch evaluation: train/mse's step
-            self.log_params(trainer, pl_module)
-            for logger in trainer.loggers:
-                logger.save()  # each epoch, so a killed run keeps its curves (the CSV logger writes on save)
+        self.log_params(trainer, pl_module)  # at train/mse's step: the run's Trainer has no sanity check
+        for logger in trainer.loggers:
+            logger.save()  # each epoch, so a killed run keeps its curves (the CSV logger writes on save)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         mse = pl_module.epoch_mse[-1]  # validation (train/mse) ends every epoch; a resume restores the list
         log_scalars(trainer, hp_metrics(mse, trainer.datamodule.ols_mse()), log_step(trainer))
-        if (tb := tensorboard_logger(trainer)) is None:
+        if self.tb is None:
             return
-        tb.experiment.file_writer.add_summary(self.end_summary)  # status: finished
+        self.tb.experiment.file_writer.add_summary(self.end_summary)  # status: finished
         if self.fit:
             x, y = trainer.datamodule.full_data()
             stride = max(1, len(y) // 500)  # about 500 points drawn; the model runs on those only
             x, y = x[::stride], y[::stride]
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            tb.experiment.add_figure("train_end/fit", fit_figure(x, y.reshape(-1), y_hat, mse), log_step(trainer))
+            self.tb.experiment.add_figure("train_end/fit", fit_figure(x, y.reshape(-1), y_hat, mse), log_step(trainer))
 
 
 def hp_metrics(mse: float, ols_mse: float) -> dict[str, float]:
