@@ -174,7 +174,7 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     rows = [job_row(d) for d in job_dirs(sweep_dir, plan["jobs"] if plan["grid"] else None)]  # Optuna's: by trial
     if not rows:
         return "0 jobs", f"error: sweep {sweep_dir}: no job dirs: no job left a result"
-    swept, clauses, unwritten = plan["swept"] or swept_keys(rows), [], set()
+    swept, clauses, where = plan["swept"] or swept_keys(rows), [], f" -> {sweep_dir / 'results.md'}"
     for name, make in {  # in this order: the table first, so that a plot failing cannot cost it
         "results.csv": lambda: to_csv(rows).encode(),
         "results.md": lambda: to_markdown(sweep_dir, rows).encode(),
@@ -187,7 +187,7 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
             verb = "cannot write" if isinstance(err, OSError) else "could not make"
             why = (isinstance(err, OSError) and err.strerror) or one_line(f"{type(err).__name__}: {err}")
             clauses.append(f"{verb} {sweep_dir / name}: {why}")
-            unwritten.add(name)
+            where = "" if name == "results.md" else where  # not pointing to an older table
             with contextlib.suppress(OSError):
                 (sweep_dir / name).unlink(missing_ok=True)  # an older file would pass for this sweep's
     for status, errors in failures(rows).items():  # `2 of 4 jobs failed: A (#1); B (#2)`, the first few errors
@@ -195,7 +195,6 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
         named = named[:3] + [f"{len(named) - 3} more in results.md"] * (len(named) > 3)
         n = sum(map(len, errors.values()))
         clauses.append(f"{n} of {n_jobs(len(rows))} {VERBS[status]}: {'; '.join(named)}")
-    where = "" if "results.md" in unwritten else f" -> {sweep_dir / 'results.md'}"  # not an older file kept
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
@@ -284,15 +283,14 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
             _ = ret.return_value  # re-raises what the job raised
         except Exception as err:
             status, mse = f"failed ({one_line(f'{type(err).__name__}: {err}')})", None
-    resumed = False
-    with contextlib.suppress(OSError):  # finished before this sweep started: a resumed sweep kept it
-        resumed = plan["started"] is not None and (out / "metrics.json").stat().st_mtime < plan["started"]
-    clock, total = "", plan["jobs"]
-    if plan["started"] is not None:
-        elapsed = (time.time() if now is None else now) - plan["started"]
+    clock, total, resumed = "", plan["jobs"], False
+    if (started := plan["started"]) is not None:
+        elapsed = (time.time() if now is None else now) - started
         clock = f" {duration(elapsed)}"
         if total and 3 <= k < total and elapsed >= 5:  # before that the pace so far says nothing of what is left
             clock += f", ~{duration(elapsed / k * (total - k))} left"
+        with contextlib.suppress(OSError):  # finished before this sweep started: a resumed sweep kept it
+            resumed = (out / "metrics.json").stat().st_mtime < started
     mse = f"{mse:.6g}" if is_number(mse) else "n/a"
     return f"[{k or '?'}/{total or '?'}{clock}] {' '.join(named)}: {status} train_mse={mse}{' (done before)' * resumed}"
 
