@@ -125,9 +125,7 @@ class Dashboard(L.Callback):
         else:
             self.log_params(trainer, pl_module)  # the starting weights
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         # At the end of the call that passes a multiple of train/loss's N: its steps, unless a call straddles one.
         if log_step(trainer) // pl_module.every > self.logged_at // pl_module.every:
             self.log_params(trainer, pl_module)
