@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -21,7 +22,6 @@ from linreg.dashboard import (
     HEADLINE_HPARAMS,
     HP_METRICS,
     BufferedTensorBoardLogger,
-    figure_pixels,
     fit_figure,
     param_names,
     run_label,
@@ -158,7 +158,10 @@ def fit_data(seed: int, scale: float, diverged: bool = False) -> tuple[torch.Ten
 
 
 def fit_pixels(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, mse: float) -> np.ndarray:
-    return figure_pixels(fit_figure(x, y, y_hat, mse))
+    """The fit figure as RGB pixels, drawn as TensorBoard's add_figure draws it."""
+    canvas = FigureCanvasAgg(fit_figure(x, y, y_hat, mse))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3]
 
 
 def test_the_fit_figure_shows_the_data_and_a_diverged_fit_draws_no_points():

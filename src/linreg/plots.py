@@ -1,8 +1,7 @@
 """A sweep's plots as PNG bytes: mse.png (each job's gap to the least-squares floor) and weights.png.
 
-mse.png: the gap against lr (or the first numeric swept key), a line per value of the next swept key, a panel per
-combination of the rest; jobs without a result are marked along the top. weights.png: a panel per coefficient.
-Both star the best job (the smallest gap) of each panel or data setting: an Optuna search's best trial.
+mse.png: the gap against the x key (`layout`), a line per value of the next swept key, a panel per combination of
+the rest, jobs without a result along the top. weights.png: a panel per coefficient. Both star each panel's best job.
 """
 
 import io
@@ -24,6 +23,12 @@ GAP_FLOOR = 1e-9  # gaps below this (float32 training against a float64 floor) a
 MAX_PANELS = 24  # a 1,000-job sweep stays one readable figure; results.md lists every job
 MAX_TICKS = 8  # swept values as the x ticks up to this many, matplotlib's own beyond
 Row = dict[str, Any]
+BEST = {"color": "k", "marker": "*", "mfc": "none", "ls": "", "ms": 10, "label": "best job (smallest gap)"}
+
+
+def param_names(count: int, bias: bool) -> list[str]:
+    """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
+    return [f"w{i + 1}" for i in range(count - bias)] + ["b"] * bias
 
 
 def num(value: Any) -> float | None:
@@ -70,9 +75,8 @@ def layout(rows: list[Row], swept: list[str]) -> tuple[str, str | None, list[str
 
 
 def figure(rows: list[Row], x: str, panels: int, ylabel: str, sharey: bool) -> tuple[Figure, list[Any], Any]:
-    """`panels` panels in rows of 4 sharing axes, x log for a wide numeric range, the swept values as its ticks; and
-    `at(i, n)`: the x positions of the i-th of n series (the number, or its rank when any value is text), side by side
-    on a log axis rather than on top of each other."""
+    """`panels` panels in rows of 4, the swept values as x ticks (log for a wide range); and `at(i, n)`: the x of
+    each value for the i-th of n series (its rank when any value is text), side by side on a log axis."""
     values = distinct(rows, x)
     numeric = all(num(v) is not None for v in values)
     pos = {v: num(v) if numeric else float(i) for i, v in enumerate(values)}
@@ -135,7 +139,7 @@ def mse_figure(rows: list[Row], swept: list[str]) -> Figure:
         axes[0].set_ylim(min(ys) / 3, max(ys) * 30)
     handles = [Line2D([], [], color=f"C{i % 10}", marker="o", label=f"{label(line)}={v}") for i, v in enumerate(lines)]
     handles = handles[:10] * (line is not None) + [
-        Line2D([], [], color="k", marker="*", mfc="none", ls="", ms=10, label="best job (smallest gap)"),
+        Line2D([], [], **BEST),
         Line2D([], [], color="grey", ls="--", label="1% of the floor (below: at the floor)"),
         Line2D([], [], color="k", marker="x", ls="", label="diverged"),
         Line2D([], [], color="k", marker="s", mfc="none", ls="", label="failed / missing / corrupt"),
@@ -168,13 +172,11 @@ def draw_jobs(ax: Any, rows: list[Row], pos: dict[Any, float], x: str, colour: s
 
 
 def weights_figure(rows: list[Row], swept: list[str]) -> Figure:
-    """The ok jobs' learned coefficients against the x key, a panel per coefficient (w1, ..., b) with its true
-    value dashed, a colour per data setting."""
+    """The ok jobs' coefficients against the x key, a panel each with its true value dashed, a colour a data setting."""
     x = layout(rows, swept)[0]
     ok = [r for r in rows if r["status"] == "ok" and value_of(r, x) is not None and isinstance(r["weights"], list)]
     count = min(max((len(r["weights"]) for r in ok), default=1), MAX_PANELS)
-    names = [f"w{j + 1}" for j in range(count)]
-    names[-1] = "b" if ok and all(r["bias"] is not False for r in ok) else names[-1]
+    names = param_names(count, bool(ok) and all(r["bias"] is not False for r in ok))
     settings = list(dict.fromkeys(f"deg={r['deg']}, delta={r['delta']}" for r in ok))
     fig, axes, at = figure(ok, x, count, "learned coefficient", False)
     for j, ax in enumerate(axes):
@@ -188,8 +190,7 @@ def weights_figure(rows: list[Row], swept: list[str]) -> Figure:
             ax.axhline(truth, color="k", ls="--", lw=1)
         ax.set_title(names[j], fontsize=9)
     handles = [Line2D([], [], color=f"C{i % 10}", marker="o", ls="", label=s) for i, s in enumerate(settings)]
-    handles.append(Line2D([], [], color="k", ls="--", label="true value"))
-    handles.append(Line2D([], [], color="k", marker="*", mfc="none", ls="", ms=10, label="best job (smallest gap)"))
+    handles += [Line2D([], [], color="k", ls="--", label="true value"), Line2D([], [], **BEST)]
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     fig.suptitle(f"learned coefficients of {len(ok)} ok jobs, by {label(x)}")
     return fig

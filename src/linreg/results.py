@@ -1,7 +1,7 @@
 """A sweep as one result: a row per job dir in results.csv and results.md, and the plots of `linreg.plots`.
 
-`SweepResults`, a Hydra callback, prints a line per finished job and writes them when the sweep ends (jobs may run
-in other processes: the plan and progress files are what they share); `python -m linreg.results DIR` rebuilds them.
+`SweepResults`, a Hydra callback, prints a line per finished job (jobs in other processes share the plan and
+progress files) and writes them when the sweep ends; `python -m linreg.results DIR` rebuilds them.
 """
 
 import argparse
@@ -27,11 +27,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import ConfigError, override_key, refuse
+from linreg.config import ConfigError, is_int, override_key, refuse
 from linreg.record import (
     FINISHED,
     CorruptRecord,
     RunRecord,
+    finished,
     identity,
     is_number,
     read_file,
@@ -67,8 +68,8 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """A job dir as a row: its record's fields, the gap to the floor, its overrides less `resume` (how it ran, not
-    what it computed); `missing` with what its saved config decides without a metrics.json; `corrupt` if untrusted."""
+    """A job dir as a row: its record, gap and overrides less `resume`; `missing` (what its saved config decides)
+    without a metrics.json; `corrupt`, with the reason, when it cannot be trusted."""
     row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": os.path.abspath(job_dir)}
     hydra = job_dir / ".hydra"
     try:
@@ -83,15 +84,15 @@ def job_row(job_dir: Path) -> dict[str, Any]:
             raise CorruptRecord("config.yaml: not a mapping")
         if os.path.lexists(job_dir / "metrics.json"):
             record = RunRecord.read(job_dir)
-            if config and "${" not in json.dumps(config):  # plain: what its run computed, as saved
-                if identity(OmegaConf.create(config)) != record.config:
-                    raise CorruptRecord("metrics.json: not the run of this job's .hydra/config.yaml")
+            # A config without `${...}` is what its run computed, as saved.
+            if config and "${" not in json.dumps(config) and identity(OmegaConf.create(config)) != record.config:
+                raise CorruptRecord("metrics.json: not the run of this job's .hydra/config.yaml")
         else:
             record = RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
-    except (CorruptRecord, OverflowError) as err:  # OverflowError: an integer past float's range as a number
+        fields, data = record.as_json(), record.data or {}
+        row.update({k: fields[k] for k in COLUMNS if k in fields}, gap=record.gap)
+    except (CorruptRecord, OverflowError) as err:  # OverflowError: an integer MSE past float's range (the gap)
         return row | {"status": "corrupt", "error": one_line(err)}
-    fields, data = record.as_json(), record.data or {}
-    row.update({k: fields[k] for k in COLUMNS if k in fields}, gap=record.gap)
     row.update({k: data.get(k) for k in ("deg", "delta", "bias")}, error=record.error and one_line(record.error))
     return row
 
@@ -103,12 +104,13 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({job.get(k) for job in given}) > 1]
 
 
-def failures(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
-    """The jobs without a result by status (in VERBS' order) and error: `{("failed", "boom"): ["3", "7"]}`."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for r in sorted((r for r in rows if r["status"] in VERBS), key=lambda r: list(VERBS).index(r["status"])):
-        groups.setdefault((r["status"], r["error"] or "no error recorded"), []).append(r["job"])
-    return groups
+def failures(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """The jobs without a result by status (in VERBS' order), then by error: `{"failed": {"boom": ["3", "7"]}}`."""
+    groups: dict[str, dict[str, list[str]]] = {s: {} for s in VERBS}
+    for r in rows:
+        if r["status"] in VERBS:
+            groups[r["status"]].setdefault(r["error"] or "no error recorded", []).append(r["job"])
+    return {s: errors for s, errors in groups.items() if errors}
 
 
 def jobs_label(names: list[str], limit: int = 0) -> str:
@@ -141,7 +143,9 @@ def cell(value: Any) -> str:
 def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     """The counts, each failure once with its jobs, the table and the plots."""
     lines = [f"# Sweep {sweep_dir.name}", "", f"{counts(rows)}.", ""]
-    failed = [f"- **{s}** {jobs_label(js)}: {cell(e)}" for (s, e), js in failures(rows).items()]
+    failed = [
+        f"- **{s}** {jobs_label(js)}: {cell(e)}" for s, errors in failures(rows).items() for e, js in errors.items()
+    ]
     lines += [*failed, ""] if failed else []
     lines += ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for r in rows:
@@ -170,7 +174,7 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     rows = [job_row(d) for d in job_dirs(sweep_dir, plan["jobs"] if plan["grid"] else None)]  # Optuna's: by trial
     if not rows:
         return "0 jobs", f"error: sweep {sweep_dir}: no job dirs: no job left a result"
-    swept, clauses, unwritten = plan["swept"] or swept_keys(rows), [], set()
+    swept, clauses, where = plan["swept"] or swept_keys(rows), [], f" -> {sweep_dir / 'results.md'}"
     for name, make in {  # in this order: the table first, so that a plot failing cannot cost it
         "results.csv": lambda: to_csv(rows).encode(),
         "results.md": lambda: to_markdown(sweep_dir, rows).encode(),
@@ -183,20 +187,14 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
             verb = "cannot write" if isinstance(err, OSError) else "could not make"
             why = (isinstance(err, OSError) and err.strerror) or one_line(f"{type(err).__name__}: {err}")
             clauses.append(f"{verb} {sweep_dir / name}: {why}")
-            unwritten.add(name)
+            where = "" if name == "results.md" else where  # not pointing to an older table
             with contextlib.suppress(OSError):
                 (sweep_dir / name).unlink(missing_ok=True)  # an older file would pass for this sweep's
-    by_status: dict[str, tuple[int, list[str]]] = {}  # `2 of 4 jobs failed: A (#1); B (#2)`, a clause a status
-    for (status, error), jobs in failures(rows).items():
-        n, named = by_status.get(status, (0, []))
-        by_status[status] = (
-            n + len(jobs),
-            [*named, f"{error if len(error) <= 120 else error[:119] + '…'} ({jobs_label(jobs, 6)})"],
-        )
-    for status, (n, named) in by_status.items():  # each error once, the first few: results.md lists them all
-        more = [f"{len(named) - 3} more in results.md"] * (len(named) > 3)
-        clauses.append(f"{n} of {n_jobs(len(rows))} {VERBS[status]}: {'; '.join(named[:3] + more)}")
-    where = "" if "results.md" in unwritten else f" -> {sweep_dir / 'results.md'}"  # not an older file kept
+    for status, errors in failures(rows).items():  # `2 of 4 jobs failed: A (#1); B (#2)`, the first few errors
+        named = [f"{e if len(e) <= 120 else e[:119] + '…'} ({jobs_label(js, 6)})" for e, js in errors.items()]
+        named = named[:3] + [f"{len(named) - 3} more in results.md"] * (len(named) > 3)
+        n = sum(map(len, errors.values()))
+        clauses.append(f"{n} of {n_jobs(len(rows))} {VERBS[status]}: {'; '.join(named)}")
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
@@ -253,7 +251,7 @@ def read_plan(sweep_dir: Path) -> dict[str, Any]:
     plan = plan if isinstance(plan, dict) else {}
     jobs, swept, started = plan.get("jobs"), plan.get("swept"), plan.get("started")
     return {
-        "jobs": jobs if isinstance(jobs, int) and not isinstance(jobs, bool) and 0 <= jobs <= MAX_JOBS else None,
+        "jobs": jobs if is_int(jobs) and 0 <= jobs <= MAX_JOBS else None,
         "grid": plan.get("grid") is True,
         "swept": swept if isinstance(swept, list) and all(isinstance(k, str) for k in swept) else [],
         "started": started if is_number(started) else None,
@@ -276,25 +274,24 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     row = job_row(out)
     status = row["status"] + (f" ({row['error']})" if row["error"] and row["status"] != "missing" else "")
     status += f" at epoch {row['pruned_epoch']}" if row["pruned_epoch"] else ""
-    if row["status"] in FINISHED and getattr(ret, "cfg", None) is not None:  # the dir may hold another run
-        with contextlib.suppress(Exception):
-            if (read_or_none(out / "metrics.json") or {}).get("config") != identity(ret.cfg):
-                status, row["train_mse"] = "refused (its dir holds another run)", None
+    mse = row["train_mse"]
+    with contextlib.suppress(Exception):  # the dir may hold another run than this job's config
+        if row["status"] in FINISHED and finished(out, ret.cfg) is None:
+            status, mse = "refused (its dir holds another run)", None
     if ret.status == JobStatus.FAILED:  # raised past the task function: Hydra holds the error
         try:
             _ = ret.return_value  # re-raises what the job raised
         except Exception as err:
-            status, row["train_mse"] = f"failed ({one_line(f'{type(err).__name__}: {err}')})", None
-    resumed = False
-    with contextlib.suppress(OSError):  # finished before this sweep started: a resumed sweep kept it
-        resumed = plan["started"] is not None and (out / "metrics.json").stat().st_mtime < plan["started"]
-    clock, total = "", plan["jobs"]
-    if plan["started"] is not None:
-        elapsed = (time.time() if now is None else now) - plan["started"]
+            status, mse = f"failed ({one_line(f'{type(err).__name__}: {err}')})", None
+    clock, total, resumed = "", plan["jobs"], False
+    if (started := plan["started"]) is not None:
+        elapsed = (time.time() if now is None else now) - started
         clock = f" {duration(elapsed)}"
         if total and 3 <= k < total and elapsed >= 5:  # before that the pace so far says nothing of what is left
             clock += f", ~{duration(elapsed / k * (total - k))} left"
-    mse = f"{row['train_mse']:.6g}" if is_number(row["train_mse"]) else "n/a"
+        with contextlib.suppress(OSError):  # finished before this sweep started: a resumed sweep kept it
+            resumed = (out / "metrics.json").stat().st_mtime < started
+    mse = f"{mse:.6g}" if is_number(mse) else "n/a"
     return f"[{k or '?'}/{total or '?'}{clock}] {' '.join(named)}: {status} train_mse={mse}{' (done before)' * resumed}"
 
 

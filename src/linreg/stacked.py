@@ -206,7 +206,7 @@ class Member:
         for lg in loggers:
             lg.log_hyperparams(self.hparams)
         if tb is not None:  # as the Dashboard writes them
-            end = start_hparams(tb, hparams(RunRecord.of(self.cfg, "running")), hp_metrics(self.start_mse, r.ols_mse))
+            end = start_hparams(tb, hparams(RunRecord.of(self.cfg, "running")))
         params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
         rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
         rows.append((r.steps, hp_metrics(self.curves["train/mse"][-1][1][0], r.ols_mse)))  # once, at the end
