@@ -91,7 +91,6 @@ class StackedRegression(L.LightningModule):
         self.full_mse = vmap(lambda p, x, y: squared_loss(functional_call(model, p, (x,)), y))  # validation_step's
         self.every = log_interval(model.hparams.log_every_sgd_steps, x.shape[1], batches.batch_size)
         self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"params": [], "train/loss": [], "train/mse": []}
-        self.start_mse = torch.full((len(models),), torch.nan)
         self.diverged: list[int | None] = [None] * len(models)
         self.pruned: list[int | None] = [None] * len(models)  # the epoch (from 1) after which its pruner stopped it
         self.at = list(range(len(models)))  # stacked position -> member: pruned members leave the stack
@@ -146,7 +145,6 @@ class StackedRegression(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.lean_steps = fastpath.lean_steps(self.trainer)
-        self.start_mse = self.mse().cpu()
         self.note_params()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -197,7 +195,6 @@ class Member:
     record: RunRecord
     hparams: dict[str, Any]  # Lightning's hparams of its single run: the model's and the DataModule's arguments
     curves: Curves
-    start_mse: float
 
     def write(self, out: Path, label: str) -> None:
         """Its single run's logger runs (train/*, params/*, HParams; no graph or fit image), then metrics.json."""
@@ -264,5 +261,5 @@ def fit(built: list[tuple[Any, ...]], report: Report | None) -> list[Member]:
             diverged_epoch=diverged,
             pruned_epoch=pruned,
         )
-        members.append(Member(cfg, record, logged[j], curves, float(module.start_mse[j])))
+        members.append(Member(cfg, record, logged[j], curves))
     return members
