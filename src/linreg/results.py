@@ -85,7 +85,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         if os.path.lexists(job_dir / "metrics.json"):
             record = RunRecord.read(job_dir)
             # A config without `${...}` is what its run computed, as saved.
-            if config and "${" not in json.dumps(config) and identity(config) != record.config:  # type: ignore[arg-type]
+            if config and "${" not in json.dumps(config) and identity(config) != record.config:
                 raise CorruptRecord("metrics.json: not the run of this job's .hydra/config.yaml")
         else:
             record = RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
