@@ -39,7 +39,7 @@ class EpochLines(L.Callback):
     """The tutorial's `epoch 1, loss 0.000122` after each epoch: the full-data MSE."""
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_mse = getattr(pl_module, "epoch_mse", None)
+        epoch_mse = pl_module.epoch_mse
         if epoch_mse and not trainer.sanity_checking:
             log.info("epoch %d, loss %f", len(epoch_mse), epoch_mse[-1])
 
@@ -117,7 +117,7 @@ class ReportToStudy(L.Callback):
         self.number, self.pruned_epoch = hc.job.num, None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_mse = getattr(pl_module, "epoch_mse", None)
+        epoch_mse = pl_module.epoch_mse
         if trainer.sanity_checking or not epoch_mse or not math.isfinite(epoch_mse[-1]):
             return  # a diverged run stops itself
         if prune(self.study, self.storage, self.number, len(epoch_mse), epoch_mse[-1]):
