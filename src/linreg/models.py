@@ -60,8 +60,8 @@ class HandSGD(optim.Optimizer):
 class RegressionModule(L.LightningModule):
     """What both models share: manual optimization, sampled batch loss, full-data MSE per epoch.
 
-    A model adds `forward`, `configure_optimizers`, `loss` (of a mini-batch), `update` (one SGD step on one
-    mini-batch, returning its loss) and `weights` (feature weights, then intercept).
+    A model adds `forward`, `configure_optimizers`, `loss` (of a mini-batch) and `update` (one SGD step on one
+    mini-batch, returning its loss); its parameters are registered as feature weights, then intercept.
     """
 
     uses_ones_column: bool = True  # whether the features carry the tutorial's column of ones
@@ -117,6 +117,10 @@ class RegressionModule(L.LightningModule):
         # One batch holds the whole set: weight 1 keeps its float32 MSE exact (Lightning's mean is value * n / n).
         self.log("test/mse", squared_loss(self(x), y), batch_size=1)
 
+    def weights(self) -> list[float]:
+        """Learned coefficients in the tutorial's order: feature weights, then intercept."""
+        return torch.cat([p.detach().flatten() for p in self.parameters()]).tolist()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["epoch_mse"] = self.epoch_mse
         checkpoint["diverged_epoch"] = self.diverged_epoch
@@ -150,9 +154,6 @@ class ManualRegression(RegressionModule):
         self.backward_and_step(loss, opt)  # opt.step() is sgd(w, lr): w.data -= lr * w.grad, then zero w.grad
         return loss
 
-    def weights(self) -> list[float]:
-        return self.w.detach().flatten().tolist()
-
 
 class LinearRegression(RegressionModule):
     """The tutorial's `nn.Linear` + `nn.MSELoss` + `optim.SGD` model."""
@@ -171,9 +172,8 @@ class LinearRegression(RegressionModule):
         self.save_hyperparameters()
         self.linear = nn.Linear(in_features, 1, bias=bias)
         if init == "zeros":
-            nn.init.zeros_(self.linear.weight)
-            if bias:
-                nn.init.zeros_(self.linear.bias)
+            for p in self.linear.parameters():
+                nn.init.zeros_(p)
         self.criterion = nn.MSELoss()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,7 +190,3 @@ class LinearRegression(RegressionModule):
         opt.zero_grad()
         self.backward_and_step(loss, opt)
         return loss
-
-    def weights(self) -> list[float]:
-        w = self.linear.weight.detach().flatten().tolist()
-        return w + (self.linear.bias.detach().tolist() if self.linear.bias is not None else [])
