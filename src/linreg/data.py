@@ -57,8 +57,7 @@ class EpochBatchSampler:
         for i in starts[:-1]:
             yield perm[i : i + self.size]
         if starts:
-            # The last slice a copy (unless it is the whole perm), `perm` dropped: Lightning fetches the last batch
-            # before its last step, so the end-of-epoch full-data evaluation does not run alongside the n indices.
+            # A copy, `perm` dropped: Lightning fetches it early, so the epoch-end evaluation runs without n indices.
             last = perm[starts[-1] :].clone() if starts[-1] else perm
             del perm
             yield last

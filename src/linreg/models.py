@@ -93,8 +93,7 @@ class RegressionModule(L.LightningModule):
         opt = self.optimizers()
         for step, (x, y) in enumerate(batch, start=self.trainer.global_step):
             loss = self.update(x, y, opt)
-            # Logging costs about as much as a step: every N SGD steps, straight to the loggers at the SGD step
-            # (`self.log` would re-log and flush it after each later step, at Lightning's count of calls).
+            # Sampled: logging costs about a step. Straight to the loggers: `self.log` re-flushes after every step.
             if step % self.every == 0:
                 log_scalars(self.trainer, {"train/loss": loss.item()}, step)
 
