@@ -74,12 +74,6 @@ def test_lean_step_gives_the_public_paths_weights_bit_for_bit(monkeypatch, name,
     assert lean_steps == public_steps == 200  # 2 epochs x 100 batches: every lean step counted in global_step
 
 
-def test_manual_weight_stays_a_leaf_on_the_lean_path():
-    model = fit("manual", batches_per_call=1, max_epochs=1, log_every_sgd_steps=10)
-    assert model.lean_steps and model.w.is_leaf and model.w.requires_grad
-    assert model.weights() == pytest.approx([2, -1, 1], abs=0.01)
-
-
 def test_the_lean_step_is_for_one_device_at_32_bit_only():
     # Mixed precision needs its plugin's backward (loss scaling): the public path there.
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)

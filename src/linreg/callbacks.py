@@ -21,11 +21,8 @@ class SweepGone(RuntimeError):
 
 
 class SaveRunConfig(L.Callback):
-    """The run's config in `checkpoints/config.json` (what a resume must match) and inside every checkpoint.
-
-    Inside the checkpoint, evaluate needs no file beside it: what it reads was saved with the weights.
-    Written as training starts, not before: Lightning warns at set-up about a checkpoint dir that is not empty.
-    """
+    """The run's config in `checkpoints/config.json` (what a resume must match) and in every checkpoint (evaluate's),
+    written as training starts: Lightning warns at set-up about a checkpoint dir that is not empty."""
 
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
         self.out, self.config = out, config
@@ -42,48 +39,41 @@ class EpochLines(L.Callback):
     """The tutorial's `epoch 1, loss 0.000122` after each epoch: the full-data MSE."""
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_mse = getattr(pl_module, "epoch_mse", None)
+        epoch_mse = pl_module.epoch_mse
         if epoch_mse and not trainer.sanity_checking:
             log.info("epoch %d, loss %f", len(epoch_mse), epoch_mse[-1])
 
 
 class EndWithSweep(L.Callback):
-    """Ends a sweep's worker job once the sweep's process is gone: a resume will redo it.
+    """Ends a sweep's worker job once the sweep's process is gone (a resume will redo it).
 
-    The sweep names its pid; a pidfd on it (Linux) sees it exit even if the pid is reused. Not its parent pid
-    at set-up: a sweep killed before the job builds its Trainer has already left the worker to init, and
-    submitit_local's jobs are its grandchildren.
+    A pidfd on the sweep's pid (Linux) sees it exit even if the pid is reused. Not the parent pid at set-up: a sweep
+    killed before the job builds its Trainer has left the worker to init; submitit_local's jobs are its grandchildren.
     """
 
     def __init__(self, sweep_pid: int) -> None:
-        self.sweep_pid, self.pidfd, self.poller = sweep_pid, -1, None
+        self.sweep_pid, self.pidfd, self.gone = sweep_pid, None, False
         self.parent = os.getppid()  # without a pidfd, a parent that changes says so too (a reused pid would not)
-        self.gone = False
         try:
             self.pidfd = os.pidfd_open(sweep_pid)
         except ProcessLookupError:
             self.gone = True  # killed already: the first check ends the job
         except (AttributeError, OSError):
             pass  # no pidfd here (not Linux): ask by pid instead
-        if self.pidfd >= 0:
-            self.poller = select.poll()
-            self.poller.register(self.pidfd, select.POLLIN)  # readable once the process has exited
-
-    def sweep_gone(self) -> bool:
-        """Whether the sweep's process has exited."""
-        if self.gone or self.poller is not None:
-            return self.gone or bool(self.poller.poll(0))
-        try:
-            os.kill(self.sweep_pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, and somebody else's
-        return os.getppid() != self.parent
 
     def check(self) -> None:
         """Raise `SweepGone` once the sweep's process has exited."""
-        if self.sweep_gone():
+        if self.pidfd is not None:
+            self.gone = bool(select.select([self.pidfd], [], [], 0)[0])  # readable once the process has exited
+        elif not self.gone:
+            try:
+                os.kill(self.sweep_pid, 0)
+            except ProcessLookupError:
+                self.gone = True
+            except PermissionError:
+                pass  # alive, and somebody else's
+            self.gone = self.gone or os.getppid() != self.parent
+        if self.gone:
             raise SweepGone(f"the sweep's process (pid {self.sweep_pid}) is gone")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -93,9 +83,9 @@ class EndWithSweep(L.Callback):
         self.check()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.poller is not None:
+        if self.pidfd is not None:
             os.close(self.pidfd)
-            self.pidfd, self.poller = -1, None
+            self.pidfd = None
 
 
 def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bool:
@@ -112,11 +102,8 @@ def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bo
 
 
 class ReportToStudy(L.Callback):
-    """A trial of linreg's Optuna sweeper: its train/mse after each epoch to the study; stops where the pruner says.
-
-    The channel is the study's database, found from the job's own Hydra config as the sweeper finds it, so any
-    launcher works (each job process opens it); the trial number is the job number.
-    """
+    """A trial of linreg's Optuna sweeper (trial number = job number): its train/mse each epoch to the study's
+    database, found from the job's Hydra config as the sweeper finds it (so any launcher works); stops it if pruned."""
 
     def __init__(self, hc: DictConfig) -> None:
         import optuna
@@ -130,7 +117,7 @@ class ReportToStudy(L.Callback):
         self.number, self.pruned_epoch = hc.job.num, None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch_mse = getattr(pl_module, "epoch_mse", None)
+        epoch_mse = pl_module.epoch_mse
         if trainer.sanity_checking or not epoch_mse or not math.isfinite(epoch_mse[-1]):
             return  # a diverged run stops itself
         if prune(self.study, self.storage, self.number, len(epoch_mse), epoch_mse[-1]):

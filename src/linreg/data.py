@@ -34,11 +34,6 @@ def tensorGenReg(
 OLS_CHUNK = 1 << 18  # rows per chunk of the least-squares sums (6 MiB of float64 for 3 columns)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The shuffling seed of one epoch: a function of (seed, epoch) only."""
-    return seed * 1_000_003 + epoch
-
-
 class EpochBatchSampler:
     """Index slices of a fresh permutation per epoch (a slice: one call's mini-batches); Lightning calls `set_epoch`."""
 
@@ -54,32 +49,23 @@ class EpochBatchSampler:
         return -(-self.num_examples // self.size)
 
     def __iter__(self) -> Iterator[Tensor]:
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # a function of (seed, epoch) only
         # int32 where it fits: half the bytes, the same permutation (randperm's draws don't depend on the dtype).
         dtype = torch.int32 if self.num_examples < 2**31 else torch.int64
-        return index_batches(torch.randperm(self.num_examples, generator=g, dtype=dtype), self.size)
-
-
-def index_batches(perm: Tensor, size: int) -> Iterator[Tensor]:
-    """Consecutive slices of `perm`; the last one a copy, so that `perm` is freed before the epoch ends."""
-    # Sliced lazily: `perm.split()` would make every view of the epoch up front.
-    starts = range(0, len(perm), size)
-    for i in starts[:-1]:
-        yield perm[i : i + size]
-    if starts:
-        # Lightning fetches the last batch before its last step: with the n indices dropped here,
-        # the end-of-epoch full-data evaluation does not run alongside them.
-        last = perm[starts[-1] :].clone() if starts[-1] else perm  # one batch: the whole perm, no copy
-        del perm
-        yield last
+        perm = torch.randperm(self.num_examples, generator=g, dtype=dtype)
+        starts = range(0, len(perm), self.size)  # sliced lazily: `perm.split()` makes every view up front
+        for i in starts[:-1]:
+            yield perm[i : i + self.size]
+        if starts:
+            # A copy, `perm` dropped: Lightning fetches it early, so the epoch-end evaluation runs without n indices.
+            last = perm[starts[-1] :].clone() if starts[-1] else perm
+            del perm
+            yield last
 
 
 class BatchLoader:
-    """The mini-batches of one `training_step` call per item: gathered in one go, then split (no collation).
-
-    With `batches_per_call > 1` the sampler's index slices hold that many mini-batches: one gather
-    per call instead of one per SGD step, the same rows in the same order.
-    """
+    """The mini-batches of one `training_step` call per item: the sampler's slice gathered in one go, then split
+    (no collation; with `batches_per_call > 1`, one gather a call instead of one a step, the same rows in order)."""
 
     def __init__(self, x: Tensor, y: Tensor, sampler: EpochBatchSampler, batch_size: int) -> None:
         self.x, self.y, self.sampler, self.batch_size = x, y, sampler, batch_size
@@ -107,7 +93,7 @@ class FullBatch:
 
 
 class RegressionDataModule(L.LightningDataModule):
-    """Makes the tutorial's data once and serves seeded, shuffled mini-batches of it."""
+    """Makes the tutorial's data once, as it is built, and serves seeded, shuffled mini-batches of it."""
 
     def __init__(
         self,
@@ -123,27 +109,17 @@ class RegressionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.features: Tensor | None = None
-        self.labels: Tensor | None = None
+        # `manual` takes the ones column as its intercept input (linreg(X, w)); `linear` has nn.Linear's bias.
+        g = torch.Generator().manual_seed(seed)
+        self.features, self.labels = tensorGenReg(
+            num_examples, w, bias, delta, deg, generator=g, ones_column=ones_column
+        )
         self.ols_cache: float | None = None
 
     @property
     def in_features(self) -> int:
         """Number of model inputs in the view this DataModule serves."""
-        w, bias, ones = self.hparams.w, self.hparams.bias, self.hparams.ones_column
-        return len(w) if (not bias or ones) else len(w) - 1
-
-    def setup(self, stage: str | None = None) -> None:
-        """Make the data once; later calls (fit after fit, resume) keep it."""
-        if self.features is not None:
-            return
-        h = self.hparams
-        g = torch.Generator().manual_seed(h.seed)
-        # `manual` uses the ones column as its intercept input (the tutorial's linreg(X, w));
-        # `linear` goes without it (the tutorial's features[:, :-1]) and has nn.Linear's bias instead.
-        self.features, self.labels = tensorGenReg(
-            h.num_examples, h.w, h.bias, h.delta, h.deg, generator=g, ones_column=h.ones_column
-        )
+        return self.features.shape[1]
 
     def finite(self) -> bool:
         """Whether the generated data fits float32 (huge w, delta or deg overflow it)."""
@@ -151,33 +127,28 @@ class RegressionDataModule(L.LightningDataModule):
         return bool(torch.isfinite(x).all() and torch.isfinite(y).all())
 
     def ols_mse(self) -> float:
-        """Closed-form least-squares MSE on this data: the floor any linear model can reach (computed once)."""
-        if self.ols_cache is None:
-            self.ols_cache = self.least_squares_mse()
-        return self.ols_cache
-
-    def least_squares_mse(self) -> float:
-        """Least squares through the float64 normal equations, summed a chunk of rows at a time."""
-        # lstsq on the whole float64 design matrix would hold several times the data's bytes at once;
-        # one pass over chunks of [X, y] keeps it at a few MiB.
-        assert self.features is not None and self.labels is not None, "call setup() first"
+        """The least-squares MSE on this data, the floor of any linear model (computed once): float64 normal
+        equations summed a chunk of rows at a time (lstsq on the whole data would hold several times its bytes)."""
+        if self.ols_cache is not None:
+            return self.ols_cache
+        x_all, y_all = self.full_data()
         add_ones = bool(self.hparams.bias and not self.hparams.ones_column)
-        k = self.features.shape[1] + add_ones
+        k = x_all.shape[1] + add_ones
         gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)  # [X y]'[X y]: X'X, X'y and y'y
-        for i in range(0, len(self.features), OLS_CHUNK):
-            x = self.features[i : i + OLS_CHUNK]
+        for i in range(0, len(x_all), OLS_CHUNK):
+            x = x_all[i : i + OLS_CHUNK]
             parts = (x, torch.ones(len(x), 1)) if add_ones else (x,)
-            z = torch.cat((*parts, self.labels[i : i + OLS_CHUNK]), 1).double()
+            z = torch.cat((*parts, y_all[i : i + OLS_CHUNK]), 1).double()
             gram += z.T @ z
         xtx, xty, yty = gram[:k, :k], gram[:k, k:], gram[k, k]
         coef = torch.linalg.lstsq(xtx, xty, driver="gelsd").solution  # min-norm even if rank-deficient
         # |Xc - y|^2 = y'y - 2c'X'y + c'X'Xc; clamped, as rounding can dip below an exact fit's zero.
         sse = yty - 2 * (coef.T @ xty).squeeze() + (coef.T @ xtx @ coef).squeeze()
-        return max(sse.item(), 0.0) / len(self.labels)
+        self.ols_cache = max(sse.item(), 0.0) / len(y_all)
+        return self.ols_cache
 
     def full_data(self) -> tuple[Tensor, Tensor]:
         """The whole data set, for full-data evaluation."""
-        assert self.features is not None and self.labels is not None, "call setup() first"
         return self.features, self.labels
 
     def train_dataloader(self) -> BatchLoader:
@@ -197,6 +168,4 @@ class RegressionDataModule(L.LightningDataModule):
         """The full data set as one batch: the tutorial's per-epoch `loss(net(features, w), labels)`."""
         return FullBatch(*self.full_data())
 
-    def test_dataloader(self) -> FullBatch:
-        """The full data set as one batch, for `Trainer.test` (linreg.evaluate)."""
-        return FullBatch(*self.full_data())
+    test_dataloader = val_dataloader  # the same batch for `Trainer.test` (linreg.evaluate)

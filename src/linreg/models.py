@@ -24,8 +24,7 @@ def squared_loss(y_hat: Tensor, y: Tensor) -> Tensor:
 def sgd(params: list[Tensor], lr: float) -> None:
     """The tutorial's update: `w.data -= lr * w.grad` outside autograd (w stays a leaf), then zero the gradient."""
     for p in params:
-        # `.data`, as the tutorial writes it: the same numbers as under torch.no_grad(), without its context manager.
-        p.data -= lr * p.grad
+        p.data -= lr * p.grad  # as the tutorial writes it: torch.no_grad()'s numbers, without its context manager
         p.grad.zero_()
 
 
@@ -51,29 +50,28 @@ class HandSGD(optim.Optimizer):
     def __init__(self, params: Any, lr: float) -> None:
         super().__init__(params, {"lr": lr})
 
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        self.update()
-
-    def update(self) -> None:
-        """What `step` does, without the hook and profiler wrapper torch puts around every optimizer's step."""
+    def update(self, closure: Any = None) -> None:
         for group in self.param_groups:
             sgd(group["params"], group["lr"])
 
+    step = update  # torch wraps `step` in its hooks and profiler; the lean step calls `update`, bare
+
 
 class RegressionModule(L.LightningModule):
-    """What both models share: manual optimization, sampled batch loss, full-data MSE per epoch."""
+    """What both models share: manual optimization, sampled batch loss, full-data MSE per epoch.
+
+    A model adds `forward`, `configure_optimizers`, `loss` (of a mini-batch) and `update` (one SGD step on one
+    mini-batch, returning its loss); its parameters are registered as feature weights, then intercept.
+    """
 
     uses_ones_column: bool = True  # whether the features carry the tutorial's column of ones
 
     def __init__(self, in_features: int, lr: float, bias: bool, log_every_sgd_steps: int) -> None:
         super().__init__()
-        # Both modules drive their own steps: `training_step` may hold several mini-batches.
-        self.automatic_optimization = False
+        self.automatic_optimization = False  # `training_step` may hold several mini-batches
         self.example_input_array = torch.zeros(1, in_features)
         self.epoch_mse: list[float] = []
         self.diverged_epoch: int | None = None
-        self.lean_steps = False  # set for each fit: linreg.fastpath.lean_steps
-        self.every = log_every_sgd_steps  # set for each fit: log_interval
 
     def on_train_start(self) -> None:
         self.lean_steps = fastpath.lean_steps(self.trainer)
@@ -91,33 +89,13 @@ class RegressionModule(L.LightningModule):
             self.manual_backward(loss)
             opt.step()
 
-    def loss(self, y_hat: Tensor, y: Tensor) -> Tensor:
-        """The mini-batch loss `update` steps on (the vectorized launcher takes it for all members at once)."""
-        raise NotImplementedError
-
-    def update(self, x: Tensor, y: Tensor, opt: optim.Optimizer) -> Tensor:
-        """One SGD step on one mini-batch; returns its loss."""
-        raise NotImplementedError
-
-    def weights(self) -> list[float]:
-        """Learned coefficients in the tutorial's order: feature weights, then intercept."""
-        raise NotImplementedError
-
     def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> None:
         opt = self.optimizers()
-        first = self.trainer.global_step
-        for step, (x, y) in enumerate(batch, start=first):
+        for step, (x, y) in enumerate(batch, start=self.trainer.global_step):
             loss = self.update(x, y, opt)
-            # Logging costs about as much as a step on this tiny model: sample it, every N SGD steps.
+            # Sampled: logging costs about a step. Straight to the loggers: `self.log` re-flushes after every step.
             if step % self.every == 0:
-                self.log_loss(loss, step)
-
-    def log_loss(self, loss: Tensor, step: int) -> None:
-        """Write `train/loss` of SGD step `step` straight to the loggers."""
-        # `self.log(on_step=True)` keeps the value in Lightning's results, so the Trainer re-logs and
-        # flushes it (a TensorBoard fsync) after every later step too: several times the SGD step's cost.
-        # It also puts it at Lightning's count of training_step calls, not of SGD steps.
-        log_scalars(self.trainer, {"train/loss": loss.item()}, step)
+                log_scalars(self.trainer, {"train/loss": loss.item()}, step)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -130,14 +108,17 @@ class RegressionModule(L.LightningModule):
         self.epoch_mse.append(value)
         log_scalars(self.trainer, {"train/mse": value}, log_step(self.trainer))
         if not (math.isfinite(value) and all(math.isfinite(v) for v in self.weights())):
-            # Non-finite loss or weights: an outcome to record, not something to train on.
-            self.diverged_epoch = self.current_epoch
+            self.diverged_epoch = self.current_epoch  # an outcome to record, not something to train on
             self.trainer.should_stop = True
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         # One batch holds the whole set: weight 1 keeps its float32 MSE exact (Lightning's mean is value * n / n).
         self.log("test/mse", squared_loss(self(x), y), batch_size=1)
+
+    def weights(self) -> list[float]:
+        """Learned coefficients in the tutorial's order: feature weights, then intercept."""
+        return torch.cat([p.detach().flatten() for p in self.parameters()]).tolist()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["epoch_mse"] = self.epoch_mse
@@ -150,8 +131,6 @@ class RegressionModule(L.LightningModule):
 
 class ManualRegression(RegressionModule):
     """The tutorial's hand-written model: a leaf `w`, `linreg`, `squared_loss` and `sgd`."""
-
-    uses_ones_column = True
 
     def __init__(self, in_features: int, lr: float = 0.03, bias: bool = True, log_every_sgd_steps: int = 50) -> None:
         super().__init__(in_features, lr, bias, log_every_sgd_steps)
@@ -174,9 +153,6 @@ class ManualRegression(RegressionModule):
         self.backward_and_step(loss, opt)  # opt.step() is sgd(w, lr): w.data -= lr * w.grad, then zero w.grad
         return loss
 
-    def weights(self) -> list[float]:
-        return self.w.detach().flatten().tolist()
-
 
 class LinearRegression(RegressionModule):
     """The tutorial's `nn.Linear` + `nn.MSELoss` + `optim.SGD` model."""
@@ -195,9 +171,8 @@ class LinearRegression(RegressionModule):
         self.save_hyperparameters()
         self.linear = nn.Linear(in_features, 1, bias=bias)
         if init == "zeros":
-            nn.init.zeros_(self.linear.weight)
-            if bias:
-                nn.init.zeros_(self.linear.bias)
+            for p in self.linear.parameters():
+                nn.init.zeros_(p)
         self.criterion = nn.MSELoss()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,7 +189,3 @@ class LinearRegression(RegressionModule):
         opt.zero_grad()
         self.backward_and_step(loss, opt)
         return loss
-
-    def weights(self) -> list[float]:
-        w = self.linear.weight.detach().flatten().tolist()
-        return w + (self.linear.bias.detach().tolist() if self.linear.bias is not None else [])

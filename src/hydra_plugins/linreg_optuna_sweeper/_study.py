@@ -115,8 +115,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
 
 
 class SeedPerTrial(BaseSampler):
-    """The configured sampler made anew for each trial, seeded with `seed + trial number`: a resumed sweep or a
-    second sweep on a shared study, even one asking at the same moment, does not repeat a point."""
+    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point."""
 
     def __init__(self, config: dict[str, Any], seed: int) -> None:
         self.config, self.seed = config, seed
@@ -261,7 +260,12 @@ class StudySweep:
             while jobs := self.ask(study, space):
                 self.run_batch(study, jobs)
         except optuna.exceptions.StorageInternalError as err:  # past SQLite's 120 s wait, or a full disk
-            raise SystemExit(self.storage_failed(study, err)) from None
+            self.fail_running(study)
+            with contextlib.suppress(Exception):
+                log.info(f"sweep: {summarize(self.sweep_dir)[0]}")
+            why = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
+            where = f"hydra.sweeper.storage={shown(self.storage)}"
+            raise SystemExit(f"error: {where}: the study's database failed ({why}); resume=true goes on") from None
         except OSError as err:  # a write under the sweep dir failed outside a job (a full disk): no traceback
             self.fail_running(study)
             raise SystemExit(stopped(self.sweep_dir, err)) from None
@@ -273,15 +277,6 @@ class StudySweep:
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir):
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-    def storage_failed(self, study: optuna.Study, err: Exception) -> str:
-        """After the database failed: this sweep's running trials failed (if it answers), the table, one line."""
-        self.fail_running(study)
-        with contextlib.suppress(Exception):
-            log.info(f"sweep: {summarize(self.sweep_dir)[0]}")
-        why = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
-        where = f"hydra.sweeper.storage={shown(self.storage)}"
-        return f"error: {where}: the study's database failed ({why}); resume=true goes on"
 
     def ask(self, study: optuna.Study, space: Space) -> list[Job]:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""

@@ -1,8 +1,6 @@
-"""`hydra/sweeper=optuna`: Optuna's ask-and-tell API behind Hydra's Sweeper interface, the study in a database.
+"""`hydra/sweeper=optuna`: Optuna's ask-and-tell API behind Hydra's Sweeper, with hydra-optuna-sweeper's keys.
 
-hydra-optuna-sweeper's keys and `params` grammar, typed by `OptunaConfig` (Hydra refuses a wrong type while
-composing). Hydra imports every public module under hydra_plugins at each start: Optuna is imported only when
-this sweeper is set up (`_study`: resume, shared studies, a seeded sampler per trial).
+Hydra imports this module at each start: Optuna only when the sweeper is set up (`_study`, a private module).
 """
 
 from dataclasses import dataclass, field
