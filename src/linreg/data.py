@@ -93,7 +93,7 @@ class FullBatch:
 
 
 class RegressionDataModule(L.LightningDataModule):
-    """Makes the tutorial's data once, as it is built, and serves seeded, shuffled mini-batches of it."""
+    """Makes the tutorial's data once (in `setup`, as Lightning's hooks go) and serves seeded, shuffled mini-batches."""
 
     def __init__(
         self,
@@ -109,17 +109,25 @@ class RegressionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # `manual` takes the ones column as its intercept input (linreg(X, w)); `linear` has nn.Linear's bias.
-        g = torch.Generator().manual_seed(seed)
-        self.features, self.labels = tensorGenReg(
-            num_examples, w, bias, delta, deg, generator=g, ones_column=ones_column
-        )
+        self.features: Tensor | None = None
+        self.labels: Tensor | None = None
         self.ols_cache: float | None = None
 
     @property
     def in_features(self) -> int:
         """Number of model inputs in the view this DataModule serves."""
-        return self.features.shape[1]
+        w, bias, ones = self.hparams.w, self.hparams.bias, self.hparams.ones_column
+        return len(w) if (not bias or ones) else len(w) - 1
+
+    def setup(self, stage: str | None = None) -> None:
+        """Make the data once; later calls (fit after fit, resume) keep it."""
+        if self.features is None:
+            h = self.hparams
+            # `manual` takes the ones column as its intercept input (linreg(X, w)); `linear` has nn.Linear's bias.
+            g = torch.Generator().manual_seed(h.seed)
+            self.features, self.labels = tensorGenReg(
+                h.num_examples, h.w, h.bias, h.delta, h.deg, generator=g, ones_column=h.ones_column
+            )
 
     def finite(self) -> bool:
         """Whether the generated data fits float32 (huge w, delta or deg overflow it)."""
@@ -149,6 +157,7 @@ class RegressionDataModule(L.LightningDataModule):
 
     def full_data(self) -> tuple[Tensor, Tensor]:
         """The whole data set, for full-data evaluation."""
+        assert self.features is not None and self.labels is not None, "call setup() first"
         return self.features, self.labels
 
     def train_dataloader(self) -> BatchLoader:
