@@ -1,6 +1,8 @@
 """The fast path (linreg.fastpath): each private use against the public path, bit for bit, and its one switch."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -101,3 +103,16 @@ def test_the_seam_holds_every_private_use_and_at_most_four():
     assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step"}
     outside = {p.name: private_names(p) - OWN_NAMES for p in sorted(SRC.glob("*.py")) if p.name != "fastpath.py"}
     assert {name: names for name, names in outside.items() if names} == {}, "move private uses into fastpath.py"
+
+
+def test_the_heap_is_frozen_once_and_only_on_the_fast_path():
+    # gc.freeze is process-wide: looked at in a fresh interpreter, the switch read at each call as a run reads it.
+    code = (
+        "import gc, os; from linreg import fastpath\n"
+        "os.environ[fastpath.SWITCH] = '0'; fastpath.freeze_imports(); off = gc.get_freeze_count()\n"
+        "os.environ[fastpath.SWITCH] = '1'; fastpath.freeze_imports(); on = gc.get_freeze_count()\n"
+        "fastpath.freeze_imports(); print(off, on, gc.get_freeze_count())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    off, on, again = map(int, out.split())
+    assert off == 0 and on > 100_000 and again == on  # the imported libraries, frozen once
