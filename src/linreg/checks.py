@@ -109,13 +109,11 @@ def separate_job_dirs(config: DictConfig) -> None:
     subdir = str(OmegaConf.to_container(config.hydra.sweep).get("subdir"))  # as typed: `${hydra.job.num}`
     excluded = OmegaConf.to_container(config.hydra.job.config.override_dirname).get("exclude_keys") or []
     hidden = "override_dirname" in subdir and set(excluded) - {"resume"}
-    names = []
-    for job in ("0", "1"):  # two jobs' names, whatever else the setting holds
-        name = re.sub(r"\$\{hydra\.job\.(num|id|override_dirname)\}", job, subdir)
-        names.append(os.path.normpath(re.sub(r"\$\{[^}]*\}", "x", name)))
+    jobs = [re.sub(r"\$\{hydra\.job\.(num|id|override_dirname)\}", job, subdir) for job in "01"]
+    names = [os.path.normpath(re.sub(r"\$\{[^}]*\}", "x", name)) for name in jobs]  # two jobs' dirs, all else fixed
     if names[0] == names[1] or any(os.sep in n or n.startswith("..") for n in names) or hidden:
-        jobs = "${hydra.job.num}, ${hydra.job.id}, ${hydra.job.override_dirname} (exclude_keys: [resume])"
-        raise ConfigError("hydra.sweep.subdir", subdir, f"must give each job a dir of its own, one level down: {jobs}")
+        why = "must give each job a dir of its own, one level down: ${hydra.job.num}, ${hydra.job.id}, "
+        raise ConfigError("hydra.sweep.subdir", subdir, why + "${hydra.job.override_dirname} (exclude_keys: [resume])")
 
 
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
@@ -134,8 +132,7 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
         "study": [sweeper.get("study_name"), sweeper.get("storage")],
         "config": {k: v for k, v in OmegaConf.to_container(config).items() if k not in ("hydra", "resume")},
     }
-    path = sweep_dir / ".sweep.json"
-    saved = read_or_none(path) if os.path.lexists(path) else None
+    saved = read_or_none(sweep_dir / ".sweep.json")  # None when missing too
     has_runs = any((p / "metrics.json").exists() or (p / "checkpoints").exists() for p in sweep_dir.iterdir())
     if has_runs and not config.get("resume"):
         raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds a sweep's runs; resume=true continues it")
@@ -144,7 +141,7 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
         if isinstance(saved, dict) and saved.get("overrides") == wanted["overrides"]:
             why = "holds this sweep run on another config (a config file changed); use a new dir"
         raise ConfigError("hydra.sweep.dir", str(sweep_dir), why)
-    write_json(path, wanted)
+    write_json(sweep_dir / ".sweep.json", wanted)
 
 
 def sweep_values(node: DictConfig) -> dict[str, Any]:

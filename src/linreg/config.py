@@ -167,21 +167,23 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
+@contextlib.contextmanager
+def naming_key() -> Iterator[None]:
+    """OmegaConf's error inside as a ConfigError naming its key, in one line."""
+    try:
+        yield
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
+
+
 def plain(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
     """The config as plain data, resolved, less the `skip` keys (Hydra's own by default)."""
-    try:
+    with naming_key():
         return {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in cfg.items()
             if k not in skip
         }
-    except OmegaConfBaseException as err:
-        raise omegaconf_error(err) from None
-
-
-def omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
-    """OmegaConf's error as one line naming its key."""
-    return ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0])
 
 
 def check(cfg: DictConfig, schema: bool = True) -> None:
@@ -190,7 +192,8 @@ def check(cfg: DictConfig, schema: bool = True) -> None:
     if schema:  # keys added with `+` (Hydra lets them past); the vectorized launcher checks them once per group
         model = plain_cfg.get("model")
         known = MODELS.get(model.get("_target_")) if isinstance(model, dict) else None
-        against(TrainConfig(model=known()) if known else TrainConfig, plain_cfg)  # another model: by building it
+        with naming_key():  # another model's arguments are checked by building it
+            OmegaConf.merge(OmegaConf.structured(TrainConfig(model=known()) if known else TrainConfig), plain_cfg)
         for key in ("data", "model", "trainer", "seed", "resume", "threads"):
             if key not in plain_cfg:  # `~seed`: the schema's default would hide it, but the run reads the config
                 raise ConfigError(key, None, "missing: conf/train.yaml sets it; give a value instead of removing it")
@@ -213,14 +216,6 @@ def within(ranges: dict[str, tuple[Any, str]], plain: dict[str, Any], prefix: st
         holder = plain.get(group) if group else plain
         if isinstance(holder, dict) and name in holder and not ok(holder[name]):
             raise ConfigError(prefix + key, holder[name], why)
-
-
-def against(schema: Any, plain: Any) -> None:
-    """ConfigError naming the first key of `plain` that `schema` (a dataclass or an instance) does not allow."""
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), plain)
-    except OmegaConfBaseException as err:
-        raise omegaconf_error(err) from None
 
 
 def gpu_available() -> bool:

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.checks import makeable
-from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, against, check, refuse, refusing
+from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
 from linreg.record import finite_or_none, model_name, write_json
 
 
@@ -129,7 +129,8 @@ class CheckInputs(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with refusing():
-            against(EvaluateConfig, {k: v for k, v in config.items() if k != "hydra"})  # `+key=...` too
+            with naming_key():  # `+key=...` too
+                OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))
             check_inputs(config)
             makeable(config, "hydra.run.dir")
 
