@@ -119,7 +119,6 @@ def evaluate(inputs: Inputs, out: Path) -> dict[str, Any]:
             "true_weights": list(cfg.data.w),
             "data": OmegaConf.to_container(cfg.data),
         }
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
     return result
 

@@ -144,7 +144,7 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
     ckpt = out / "checkpoints" / "last.ckpt"
     if not cfg.resume or not os.path.lexists(ckpt):
         return None, 0
-    if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load, a link lead elsewhere
+    if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load, a link leads elsewhere
         raise RunDirBusy("hydra.run.dir", str(out), "its checkpoints/last.ckpt is not a file; move it away")
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
