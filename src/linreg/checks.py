@@ -64,8 +64,8 @@ class CheckConfig(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
         one_report_per_write_error()
-        slurm = "Slurm" in config.hydra.launcher._target_
         with refusing():
+            slurm = "Slurm" in config.hydra.launcher._target_
             defaults = OmegaConf.create(asdict(TrainConfig(data=DataConfig(), trainer=TrainerConfig())))
             check(OmegaConf.merge(defaults, sweep_values(config)))
             if slurm:

@@ -127,16 +127,10 @@ class CheckInputs(Callback):
     """Refuses bad input in `on_run_start`, before Hydra makes the run dir: a refused command leaves nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with refusing():
-            with naming_key():  # `+key=...` too
-                OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))
+        with refusing(), naming_key():
+            OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))  # `+key=...` too
             check_inputs(config)
             makeable(config, "hydra.run.dir")
-
-
-def fmt(value: float | None) -> str:
-    """An MSE at 6 significant digits, null when it is not finite."""
-    return "null" if value is None or not math.isfinite(value) else f"{value:.6g}"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
@@ -150,10 +144,8 @@ def main(cfg: DictConfig) -> float:
     except OSError as err:  # a full disk, a read-only dir
         print(f"error: cannot write {err.filename or out}: {err.strerror or err}", file=sys.stderr)
         sys.exit(1)
-    print(
-        f"eval: {result['model']} heldout_mse={fmt(result['heldout_mse'])} train_mse={fmt(result['train_mse'])}"
-        f" -> {out / 'eval.json'}"
-    )
+    shown = " ".join(f"{k}={'null' if result[k] is None else f'{result[k]:.6g}'}" for k in ("heldout_mse", "train_mse"))
+    print(f"eval: {result['model']} {shown} -> {out / 'eval.json'}")
     return math.inf if result["heldout_mse"] is None else result["heldout_mse"]
 
 
