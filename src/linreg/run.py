@@ -146,14 +146,12 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
         return None, 0
     if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load, a link leads elsewhere
         raise RunDirBusy("hydra.run.dir", str(out), "its checkpoints/last.ckpt is not a file; move it away")
+    why = "not a Lightning checkpoint of linreg.train"
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        ok = isinstance(state, dict) and "state_dict" in state and "linreg_config" in state
     except Exception as err:  # truncated, empty, random bytes, a directory, pickled code
-        ok, why = False, f"{type(err).__name__}: {err}"
-    else:
-        why = "not a Lightning checkpoint of linreg.train"
-    if not ok:
+        state, why = None, f"{type(err).__name__}: {err}"
+    if not (isinstance(state, dict) and "state_dict" in state and "linreg_config" in state):
         log.warning("resume: %s cannot be read (%s); training from scratch", ckpt, why)
         return None, 0
     if state["linreg_config"] != resumable(identity(cfg)):  # the config saved with the weights decides
@@ -170,8 +168,7 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
             continue
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        # Up to the checkpoint; at its step only what its epoch's end logged (train/mse, params/*): not the
-        # next epoch's first train/loss (logged again when it runs), nor a finished run's train_end/*.
+        # At the checkpoint's step only its epoch's end: not the next epoch's first train/loss, nor train_end/*.
         for row in rows:
             step = row.pop("step", math.inf)
             if step == upto_step:
