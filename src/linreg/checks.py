@@ -19,15 +19,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import (
+    LAUNCHER,
     NEW_DIRS,
     ConfigError,
     DataConfig,
     TrainConfig,
     TrainerConfig,
     check,
-    finite,
     gpu_available,
-    is_int,
     override_key,
     refusing,
     within,
@@ -79,11 +78,6 @@ class CheckConfig(Callback):
 
 
 SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's process until it exits
-LAUNCHER = {  # launcher settings their plugins take unchecked (a traceback at the first job): key -> (test, why)
-    "n_jobs": (lambda v: is_int(v) and v != 0, "must be a non-zero integer (joblib: -1 is one worker per core)"),
-    "memory_budget_gb": (lambda v: v is None or (finite(v) and v > 0), "must be a number > 0, or null"),
-    "max_group_size": (lambda v: v is None or (is_int(v) and v > 0), "must be a positive integer, or null"),
-}
 
 
 def makeable(config: DictConfig, key: str) -> Path:

@@ -85,7 +85,7 @@ class EvaluateConfig:
     num_examples: int | None = None
 
 
-MODELS = {"linreg.models.ManualRegression": ManualConfig, "linreg.models.LinearRegression": LinearConfig}
+MODELS = {schema._target_: schema for schema in (ManualConfig, LinearConfig)}
 
 # Each YAML option pulls its schema in with `- /schema/<group>@_here_: <name>` in its defaults list.
 store = ConfigStore.instance()
@@ -164,6 +164,11 @@ RANGES: dict[str, tuple[Any, str]] = {
     "trainer.accelerator": (lambda v: v in ("cpu", "gpu", "cuda", "auto"), "must be cpu, gpu, cuda or auto"),
     "trainer.devices": (lambda v: v == 1, "must be 1: one small model on one device"),
     "trainer.max_epochs": (lambda v: 0 < v < 2**31, "must be a positive integer"),
+}
+LAUNCHER = {  # launcher settings their plugins take unchecked (a traceback at the first job)
+    "n_jobs": (lambda v: is_int(v) and v != 0, "must be a non-zero integer (joblib: -1 is one worker per core)"),
+    "memory_budget_gb": (lambda v: v is None or (finite(v) and v > 0), "must be a number > 0, or null"),
+    "max_group_size": (lambda v: v is None or (is_int(v) and v > 0), "must be a positive integer, or null"),
 }
 
 
