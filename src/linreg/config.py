@@ -1,8 +1,5 @@
-"""The config's schema (dataclasses in Hydra's ConfigStore) and the few checks no schema can make.
-
-Hydra refuses unknown keys and wrong types while composing, against these schemas, in its own words.
-`check` covers what Hydra cannot know (ranges, memory, a GPU, keys added with `+`), one line naming the key.
-"""
+"""The config's schema (dataclasses in Hydra's ConfigStore, which refuses unknown keys and wrong types while
+composing) and `check`: what Hydra cannot know (ranges, memory, a GPU, keys added with `+`), one line a key."""
 
 import contextlib
 import math
@@ -88,7 +85,7 @@ class EvaluateConfig:
     num_examples: int | None = None
 
 
-MODELS = {"linreg.models.ManualRegression": ManualConfig, "linreg.models.LinearRegression": LinearConfig}
+MODELS = {schema._target_: schema for schema in (ManualConfig, LinearConfig)}
 
 # Each YAML option pulls its schema in with `- /schema/<group>@_here_: <name>` in its defaults list.
 store = ConfigStore.instance()
@@ -110,10 +107,7 @@ class ConfigError(ValueError):
 
 
 def refuse(err: Exception) -> NoReturn:
-    """One line on stderr and exit 2 (a SystemExit passes through Hydra's callback guard).
-
-    A dir this process made for the refused work goes again (`discard_new_dirs`).
-    """
+    """One line on stderr and exit 2 (a SystemExit passes Hydra's callback guard); the dirs made for it go."""
     discard_new_dirs()
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(2)
@@ -131,19 +125,12 @@ def refusing() -> Iterator[None]:
     """A ConfigError inside becomes `refuse`; Hydra's own errors pass, its dirs removed (it prints them)."""
     try:
         yield
-    except ConfigError as err:
-        if full_error():
-            raise
-        refuse(err)
-    except Exception:
-        discard_new_dirs()
+    except Exception as err:
+        if not isinstance(err, ConfigError):
+            discard_new_dirs()
+        elif not full_error():
+            refuse(err)
         raise
-
-
-def note_new(path: Path) -> None:
-    """Note a dir about to be made for this process's work (see `refuse`)."""
-    if not path.exists():
-        NEW_DIRS.add(path.absolute())
 
 
 def override_key(override: str) -> str:
@@ -178,30 +165,43 @@ RANGES: dict[str, tuple[Any, str]] = {
     "trainer.devices": (lambda v: v == 1, "must be 1: one small model on one device"),
     "trainer.max_epochs": (lambda v: 0 < v < 2**31, "must be a positive integer"),
 }
+LAUNCHER = {  # launcher settings their plugins take unchecked (a traceback at the first job)
+    "n_jobs": (lambda v: is_int(v) and v != 0, "must be a non-zero integer (joblib: -1 is one worker per core)"),
+    "memory_budget_gb": (lambda v: v is None or (finite(v) and v > 0), "must be a number > 0, or null"),
+    "max_group_size": (lambda v: v is None or (is_int(v) and v > 0), "must be a positive integer, or null"),
+}
+
+
+@contextlib.contextmanager
+def naming_key() -> Iterator[None]:
+    """OmegaConf's error inside as a ConfigError naming its key, in one line."""
+    try:
+        yield
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
 
 
 def plain(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
     """The config as plain data, resolved, less the `skip` keys (Hydra's own by default)."""
-    try:
+    with naming_key():
         return {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in cfg.items()
             if k not in skip
         }
-    except OmegaConfBaseException as err:
-        raise omegaconf_error(err) from None
-
-
-def omegaconf_error(err: OmegaConfBaseException) -> "ConfigError":
-    """OmegaConf's error as one line naming its key."""
-    return ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0])
 
 
 def check(cfg: DictConfig, schema: bool = True) -> None:
     """ConfigError for the first value the schema lets through but a run cannot use (`schema`: its keys too)."""
     plain_cfg = plain(cfg)
-    if schema:  # the vectorized launcher checks the keys once for jobs that differ only in values
-        against_schema(plain_cfg)
+    if schema:  # keys added with `+` (Hydra lets them past); the vectorized launcher checks them once per group
+        model = plain_cfg.get("model")
+        known = MODELS.get(model.get("_target_")) if isinstance(model, dict) else None
+        with naming_key():  # another model's arguments are checked by building it
+            OmegaConf.merge(OmegaConf.structured(TrainConfig(model=known()) if known else TrainConfig), plain_cfg)
+        for key in ("data", "model", "trainer", "seed", "resume", "threads"):
+            if key not in plain_cfg:  # `~seed`: the schema's default would hide it, but the run reads the config
+                raise ConfigError(key, None, "missing: conf/train.yaml sets it; give a value instead of removing it")
     within(RANGES, plain_cfg)
     data = plain_cfg["data"]
     if data["bias"] and len(data["w"]) < 2:
@@ -221,30 +221,6 @@ def within(ranges: dict[str, tuple[Any, str]], plain: dict[str, Any], prefix: st
         holder = plain.get(group) if group else plain
         if isinstance(holder, dict) and name in holder and not ok(holder[name]):
             raise ConfigError(prefix + key, holder[name], why)
-
-
-def against_schema(plain: dict[str, Any]) -> None:
-    """Keys added with `+` (which Hydra lets past its schema) refused by merging onto the schema."""
-    model = plain.get("model")
-    known = MODELS.get(model.get("_target_")) if isinstance(model, dict) else None
-    if known is None:  # another class's arguments are checked by instantiating it
-        against(TrainConfig, {k: v for k, v in plain.items() if k not in ("model", "logger")})
-    else:
-        against(TrainConfig(model=known()), {k: v for k, v in plain.items() if k != "logger"})
-    for group in ("data", "model", "trainer"):
-        if not isinstance(plain.get(group), dict):
-            raise ConfigError(group, plain.get(group), f"missing: choose an option, e.g. {group}=<name>")
-    for key in ("seed", "resume", "threads"):
-        if key not in plain:  # `~seed`: the schema's default would hide it, but the run reads the config
-            raise ConfigError(key, None, "missing: conf/train.yaml sets it; give a value instead of removing it")
-
-
-def against(schema: Any, plain: Any) -> None:
-    """ConfigError naming the first key of `plain` that `schema` (a dataclass or an instance) does not allow."""
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), plain)
-    except OmegaConfBaseException as err:
-        raise omegaconf_error(err) from None
 
 
 def gpu_available() -> bool:

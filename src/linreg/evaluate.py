@@ -1,20 +1,13 @@
-"""`python -m linreg.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt`: a trained model on held-out data.
-
-Its MSE on fresh data from the run's own generator (another seed) and on its training data, written to
-`eval.json` in `outputs/eval/<time>/`. What it reads comes from the checkpoint alone, loaded tensors-only
-(`weights_only=True`): the run's config travels inside it, and its model class must be one of the project's
-or one an installed package registers (entry point group `linreg.models`), never code beside the file.
-"""
-
-from __future__ import annotations
+"""`python -m linreg.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt`: a trained model's MSE on fresh data from its
+run's generator (another seed) and on its training data, in `outputs/eval/<time>/eval.json`. It reads the checkpoint
+alone (`weights_only=True`, the run's config inside it); its model class must be linreg's or a registered one."""
 
 import json
 import math
 import sys
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,23 +15,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.checks import makeable
-from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, against, check, refuse, refusing
-from linreg.record import finite_or_none, model_name, room, write_json
+from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
+from linreg.record import finite_or_none, model_name, write_json
 
 
-@dataclass
-class Inputs:
+class Inputs(NamedTuple):
     """A checked command line: the checkpoint, its run's config, the held-out set's seed and size."""
 
     ckpt: Path
     run_cfg: DictConfig
     data_seed: int
     num_examples: int
-
-
-def allowed_models() -> set[str]:
-    """Model classes a saved config may name: the project's and those installed packages register."""
-    return set(MODELS) | {ep.value.replace(":", ".") for ep in entry_points(group="linreg.models")}
 
 
 def run_config(ckpt: Path) -> DictConfig:
@@ -63,8 +50,8 @@ def run_config(ckpt: Path) -> DictConfig:
     trained = {k: v for k, v in trained.items() if k in {*data, "seed"}} if isinstance(trained, dict) else {}
     if {**data, "seed": saved.get("seed")} != trained:
         raise ConfigError("ckpt_path", str(ckpt), "its saved config disagrees with the data it was trained on")
-    target = (saved.get("model") or {}).get("_target_") if isinstance(saved.get("model"), dict) else None
-    if target not in allowed_models():
+    target = saved["model"].get("_target_") if isinstance(saved.get("model"), dict) else None
+    if target not in {*MODELS, *(ep.value.replace(":", ".") for ep in entry_points(group="linreg.models"))}:
         why = "names a model class that is neither linreg's nor registered (entry points `linreg.models`)"
         raise ConfigError("ckpt_path", str(ckpt), f"{why}: {target!r}")
     trainer = saved.get("trainer") if isinstance(saved.get("trainer"), dict) else {}
@@ -84,18 +71,16 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     if not value:
         raise ConfigError("ckpt_path", value, "required: ckpt_path=<run dir>/checkpoints/last.ckpt")
     ckpt = Path(str(value)).expanduser()
-    if ckpt.is_dir():
-        raise ConfigError("ckpt_path", value, "is a directory; give the checkpoint file (checkpoints/last.ckpt)")
     if not ckpt.is_file():
-        raise ConfigError("ckpt_path", value, "no such file")
+        why = "is a directory; give the checkpoint file (checkpoints/last.ckpt)" if ckpt.is_dir() else "no such file"
+        raise ConfigError("ckpt_path", value, why)
     run_cfg = run_config(ckpt.resolve())
     seed = run_cfg.seed + 1 if cfg.get("data_seed") is None else cfg.data_seed
     if seed == run_cfg.seed:
         raise ConfigError("data_seed", seed, "is the training seed: that data is not held out")
     n = run_cfg.data.num_examples if cfg.get("num_examples") is None else cfg.num_examples
-    heldout = OmegaConf.merge(run_cfg, {"seed": seed, "data": {"num_examples": n}})
     try:
-        check(heldout)  # ranges and memory, as train checks them
+        check(OmegaConf.merge(run_cfg, {"seed": seed, "data": {"num_examples": n}}))  # ranges and memory, as train
     except ConfigError as err:  # named as this command line names it
         key = {"seed": "data_seed", "data.num_examples": "num_examples"}.get(err.key, err.key)
         raise ConfigError(key, err.value, str(err).partition(": ")[2]) from None
@@ -117,11 +102,8 @@ def evaluate(inputs: Inputs, out: Path) -> dict[str, Any]:
         train = build_datamodule(cfg)
         if model.hparams.in_features != train.in_features:
             raise ConfigError("ckpt_path", str(inputs.ckpt), "its weights do not fit its saved data config")
-
-        def mse(dm: Any) -> float:
-            trainer = build_trainer(cfg, None, [], [], bar=False)
-            return trainer.test(model, datamodule=dm, verbose=False)[0]["test/mse"]
-
+        test = build_trainer(cfg, None, [], [], bar=False).test
+        heldout_mse, train_mse = (test(model, datamodule=dm, verbose=False)[0]["test/mse"] for dm in (heldout, train))
         result = {
             "ckpt_path": str(inputs.ckpt),
             "model": model_name(cfg.model._target_),
@@ -129,15 +111,14 @@ def evaluate(inputs: Inputs, out: Path) -> dict[str, Any]:
             "data_seed": inputs.data_seed,
             "num_examples": inputs.num_examples,
             "train_num_examples": cfg.data.num_examples,
-            "heldout_mse": finite_or_none(mse(heldout)),
-            "train_mse": finite_or_none(mse(train)),
+            "heldout_mse": finite_or_none(heldout_mse),
+            "train_mse": finite_or_none(train_mse),
             "heldout_ols_mse": heldout.ols_mse(),
             "train_ols_mse": train.ols_mse(),
             "weights": finite_or_none(model.weights()),
             "true_weights": list(cfg.data.w),
             "data": OmegaConf.to_container(cfg.data),
         }
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
     return result
 
@@ -146,15 +127,10 @@ class CheckInputs(Callback):
     """Refuses bad input in `on_run_start`, before Hydra makes the run dir: a refused command leaves nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with refusing():
-            against(EvaluateConfig, {k: v for k, v in config.items() if k != "hydra"})  # `+key=...` too
+        with refusing(), naming_key():
+            OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))  # `+key=...` too
             check_inputs(config)
-            room(makeable(config, "hydra.run.dir"), "hydra.run.dir")
-
-
-def fmt(value: float | None) -> str:
-    """An MSE at 6 significant digits, null when it is not finite."""
-    return "null" if value is None or not math.isfinite(value) else f"{value:.6g}"
+            makeable(config, "hydra.run.dir")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
@@ -168,10 +144,8 @@ def main(cfg: DictConfig) -> float:
     except OSError as err:  # a full disk, a read-only dir
         print(f"error: cannot write {err.filename or out}: {err.strerror or err}", file=sys.stderr)
         sys.exit(1)
-    print(
-        f"eval: {result['model']} heldout_mse={fmt(result['heldout_mse'])} train_mse={fmt(result['train_mse'])}"
-        f" -> {out / 'eval.json'}"
-    )
+    shown = " ".join(f"{k}={'null' if result[k] is None else f'{result[k]:.6g}'}" for k in ("heldout_mse", "train_mse"))
+    print(f"eval: {result['model']} {shown} -> {out / 'eval.json'}")
     return math.inf if result["heldout_mse"] is None else result["heldout_mse"]
 
 

@@ -2,42 +2,23 @@
 
 import logging
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
 from linreg.config import CONFIG_DIR
-from linreg.record import RunRecord, shown
+from linreg.record import shown
 from linreg.run import run
 
-
-@dataclass(frozen=True)
-class TutorialFigure:
-    """One experiment of the tutorial: what it printed, and the band a re-run must land in."""
-
-    experiment: str
-    mse: str
-    weights: str
-    band: tuple[float, float]
-
-
-# The tutorial's batch order came from an unseeded random.shuffle: match bands, not digits.
+# Each experiment, what the tutorial printed (MSE, weights) and the band a re-run must land in: the tutorial's batch
+# order came from an unseeded random.shuffle, so bands, not digits.
 TUTORIAL = [
-    TutorialFigure("tutorial_manual", "0.000122/0.000102/0.000101", "[2.0001, -1.0002, 1.0002]", (0.0, 2e-4)),
-    TutorialFigure("tutorial_linear", "0.0001", "[1.9992, -1.0003, 0.9994]", (0.0, 2e-4)),
-    TutorialFigure("deg2", "10.1555", "-", (9.9, 10.9)),
-    TutorialFigure("delta2", "4.0763", "-", (3.9, 4.25)),
+    ("tutorial_manual", "0.000122/0.000102/0.000101", "[2.0001, -1.0002, 1.0002]", (0.0, 2e-4)),
+    ("tutorial_linear", "0.0001", "[1.9992, -1.0003, 0.9994]", (0.0, 2e-4)),
+    ("deg2", "10.1555", "-", (9.9, 10.9)),
+    ("delta2", "4.0763", "-", (3.9, 4.25)),
 ]
-
-
-def run_experiment(name: str, out: Path, overrides: list[str]) -> RunRecord:
-    """Compose `experiment=<name>` as the CLI would and run it in this process."""
-    cfg = compose("train", overrides=[f"experiment={name}", *overrides])
-    return run(cfg, out / name, label=name)
-
-
 HEADER = ("experiment", "model", "MSE per epoch", "OLS floor", "weights", "tutorial MSE", "tutorial weights", "in band")
 
 
@@ -48,14 +29,12 @@ def main(overrides: list[str] | None = None) -> int:
     out = Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     rows, ok = [HEADER], True
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for fig in TUTORIAL:
-            m = run_experiment(fig.experiment, out, overrides or [])
-            inside = m.train_mse is not None and fig.band[0] <= m.train_mse <= fig.band[1]
+        for name, mse, weights, (low, high) in TUTORIAL:
+            m = run(compose("train", overrides=[f"experiment={name}", *(overrides or [])]), out / name, label=name)
+            inside = m.train_mse is not None and low <= m.train_mse <= high
             ok &= inside
-            epochs, floor, weights = shown(m.epoch_mse, ".6f", "/"), shown([m.ols_mse], ".6f"), f"[{shown(m.weights)}]"
-            rows.append(
-                (fig.experiment, m.model, epochs, floor, weights, fig.mse, fig.weights, "yes" if inside else "NO")
-            )
+            learned = (shown(m.epoch_mse, ".6f", "/"), shown([m.ols_mse], ".6f"), f"[{shown(m.weights)}]")
+            rows.append((name, m.model, *learned, mse, weights, "yes" if inside else "NO"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(HEADER))]
     for r in [rows[0], tuple("-" * w for w in widths), *rows[1:]]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))

@@ -1,8 +1,5 @@
-"""One run: check, lock the run dir, build DataModule, model and Trainer, fit (or resume), write metrics.json.
-
-`train`, `evaluate`, `reproduce` and the stacked launcher all build their Trainer here (`build_trainer`).
-Lightning takes seconds to import: this module is imported only once a run is about to train.
-"""
+"""One run: check, lock the run dir, build DataModule, model and Trainer (here only), fit or resume, record.
+Lightning's import takes seconds: imported once a run is about to train."""
 
 import contextlib
 import csv
@@ -82,8 +79,7 @@ def build_datamodule(cfg: DictConfig, seed: int | None = None, num_examples: int
 
 
 def build_model(cfg: DictConfig, dm: RegressionDataModule) -> RegressionModule:
-    """The configured model, its arguments checked by building it, seeded as a single run is (nn.Linear's init)."""
-    model_class(cfg.model._target_)
+    """The configured model (its class checked by `build_datamodule`, its arguments by building it), seeded."""
     L.seed_everything(cfg.seed, verbose=False)
     try:
         return instantiate(cfg.model, in_features=dm.in_features, bias=cfg.data.bias)
@@ -108,20 +104,15 @@ def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:
-    """A Trainer lean enough for a 3-parameter model: no summary, no sanity run; the run's accelerator."""
-    t = cfg.trainer
+    """A Trainer lean enough for a 3-parameter model (no summary, no sanity run), given the `trainer` group."""
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        max_epochs=t.max_epochs,
+        **{**cfg.trainer, "enable_progress_bar": bar},
         logger=loggers or False,
         callbacks=callbacks,
         log_every_n_steps=1,  # the module samples train/loss itself
         enable_checkpointing=out is not None,
-        enable_progress_bar=bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        deterministic=t.deterministic,
         default_root_dir=str(out) if out is not None else None,
     )
 
@@ -153,17 +144,14 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
     ckpt = out / "checkpoints" / "last.ckpt"
     if not cfg.resume or not os.path.lexists(ckpt):
         return None, 0
-    if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load, a link leads elsewhere, and
-        # Lightning's checkpoints could not be saved there: nothing a run may write over
+    if not stat.S_ISREG(os.lstat(ckpt).st_mode):  # a FIFO would block torch.load, a link leads elsewhere
         raise RunDirBusy("hydra.run.dir", str(out), "its checkpoints/last.ckpt is not a file; move it away")
+    why = "not a Lightning checkpoint of linreg.train"
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        ok = isinstance(state, dict) and "state_dict" in state and "linreg_config" in state
     except Exception as err:  # truncated, empty, random bytes, a directory, pickled code
-        ok, why = False, f"{type(err).__name__}: {err}"
-    else:
-        why = "not a Lightning checkpoint of linreg.train"
-    if not ok:
+        state, why = None, f"{type(err).__name__}: {err}"
+    if not (isinstance(state, dict) and "state_dict" in state and "linreg_config" in state):
         log.warning("resume: %s cannot be read (%s); training from scratch", ckpt, why)
         return None, 0
     if state["linreg_config"] != resumable(identity(cfg)):  # the config saved with the weights decides
@@ -180,8 +168,7 @@ def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
             continue
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        # Up to the checkpoint; at its step only what its epoch's end logged (train/mse, params/*): not the
-        # next epoch's first train/loss (logged again when it runs), nor a finished run's train_end/*.
+        # At the checkpoint's step only its epoch's end: not the next epoch's first train/loss, nor train_end/*.
         for row in rows:
             step = row.pop("step", math.inf)
             if step == upto_step:
@@ -207,17 +194,14 @@ def torch_threads(n: int) -> Iterator[None]:
 def run(
     cfg: DictConfig, out: Path | None = None, label: str = "defaults", progress: bool = False, in_sweep: bool = False
 ) -> RunRecord:
-    """Check `cfg`, then fit (or resume, or keep a finished run) in `out` under its lock; return the record.
-
-    `out` defaults to `hydra.run.dir`: no Hydra state is needed, so scripts and notebooks can call it.
-    """
+    """Check `cfg`, then fit (or resume, or keep a finished run) in `out` (default `hydra.run.dir`) under its lock."""
     out = Path(cfg.hydra.run.dir) if out is None else out
     check(cfg)
     if out.is_dir():
         refuse_other_runs(out, cfg)  # before anything is written there; looked at again under the lock
     out.mkdir(parents=True, exist_ok=True)
     room(out, "hydra.sweep.dir" if in_sweep else "hydra.run.dir")
-    with RunDirLock(out):
+    with RunDirLock(out), torch_threads(cfg.threads):
         if cfg.resume and (done := finished(out, cfg)) is not None:
             log.info("resume: %s already finished with this config; nothing to train", out)
             return done
@@ -225,37 +209,31 @@ def run(
         job_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if HydraConfig.initialized() else None
         if job_dir == str(out):  # a Hydra job's run
             write_job_files(out, cfg)
-        with torch_threads(cfg.threads):
-            return fit(cfg, out, label, progress, in_sweep)
-
-
-def fit(cfg: DictConfig, out: Path, label: str, progress: bool, in_sweep: bool) -> RunRecord:
-    """Build the DataModule, the model and the Trainer; fit; write the record."""
-    dm = build_datamodule(cfg)
-    model = build_model(cfg, dm)
-    ckpt, step = resume_point(out, cfg)
-    bar = cfg.trainer.enable_progress_bar
-    if bar is None:  # automatic: a long single run on a terminal
-        steps = cfg.trainer.max_epochs * -(-cfg.data.num_examples // cfg.data.batch_size)
-        bar = progress and sys.stderr.isatty() and steps >= PROGRESS_MIN_STEPS
-    loggers = build_loggers(cfg, out, label)
-    if ckpt is not None:
-        keep_csv_history(loggers, step)
-    trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    pruned = next((c.pruned_epoch for c in trainer.callbacks if isinstance(c, ReportToStudy)), None)
-    record = RunRecord.of(
-        cfg,
-        "diverged" if model.diverged_epoch is not None else "pruned" if pruned else "ok",
-        epoch_mse=model.epoch_mse,
-        train_mse=model.epoch_mse[-1] if model.epoch_mse else None,
-        weights=model.weights(),
-        ols_mse=dm.ols_mse(),
-        steps=trainer.global_step,
-        fit_seconds=time.perf_counter() - start,
-        diverged_epoch=model.diverged_epoch,
-        pruned_epoch=pruned,
-    )
-    record.write(out)
-    return record
+        dm = build_datamodule(cfg)
+        model = build_model(cfg, dm)
+        ckpt, step = resume_point(out, cfg)
+        bar = cfg.trainer.enable_progress_bar
+        if bar is None:  # automatic: a long single run on a terminal
+            steps = cfg.trainer.max_epochs * -(-cfg.data.num_examples // cfg.data.batch_size)
+            bar = progress and sys.stderr.isatty() and steps >= PROGRESS_MIN_STEPS
+        loggers = build_loggers(cfg, out, label)
+        if ckpt is not None:
+            keep_csv_history(loggers, step)
+        trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        pruned = next((c.pruned_epoch for c in trainer.callbacks if isinstance(c, ReportToStudy)), None)
+        record = RunRecord.of(
+            cfg,
+            "diverged" if model.diverged_epoch is not None else "pruned" if pruned else "ok",
+            epoch_mse=model.epoch_mse,
+            train_mse=model.epoch_mse[-1] if model.epoch_mse else None,
+            weights=model.weights(),
+            ols_mse=dm.ols_mse(),
+            steps=trainer.global_step,
+            fit_seconds=time.perf_counter() - start,
+            diverged_epoch=model.diverged_epoch,
+            pruned_epoch=pruned,
+        )
+        record.write(out)
+        return record

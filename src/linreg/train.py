@@ -17,15 +17,6 @@ from linreg.record import RunDirBusy, RunRecord, shown, write_job_files
 log = logging.getLogger("linreg.train")
 
 
-def result_line(r: RunRecord) -> str:
-    """`manual: status=ok train_mse=0.000101 weights=[2.0006, -0.9999, 1.0007]`."""
-    weights = f"[{shown(r.weights)}]" if r.weights else "n/a"
-    text = f"{r.model}: status={r.status} train_mse={'n/a' if r.train_mse is None else f'{r.train_mse:.6g}'}"
-    if r.status == "diverged":
-        text += f" (diverged in epoch {r.diverged_epoch + 1} of {r.epochs})"
-    return f"{text} weights={weights}"
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep: its train MSE (inf without one) for the sweeper."""
@@ -43,7 +34,7 @@ def main(cfg: DictConfig) -> float:
     out = Path(hc.runtime.output_dir)
     try:
         swept = read_plan(Path(hc.sweep.dir))["swept"] if sweep else None  # a sweep's runs are named by what varies
-        record = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
+        r = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
         if sweep:  # the sweep's own process (the basic launcher): the table of what finished, one line
             raise SystemExit(stopped(Path(hc.sweep.dir), f"job {out} stopped by SIGTERM")) from None
@@ -75,9 +66,12 @@ def main(cfg: DictConfig) -> float:
         log.error("job failed: %s", failed.error)  # in a sweep a failed job is a row, not the end of it
         return math.inf
     if not sweep:
-        print(result_line(record))
+        mse = "n/a" if r.train_mse is None else f"{r.train_mse:.6g}"
+        diverged = f" (diverged in epoch {r.diverged_epoch + 1} of {r.epochs})" if r.status == "diverged" else ""
+        weights = f"[{shown(r.weights)}]" if r.weights else "n/a"
+        print(f"{r.model}: status={r.status} train_mse={mse}{diverged} weights={weights}")  # weights=[2.0006, ...]
         print(f"run dir: {out}")
-    return math.inf if record.train_mse is None else record.train_mse
+    return math.inf if r.train_mse is None else r.train_mse
 
 
 if __name__ == "__main__":
