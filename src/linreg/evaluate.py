@@ -89,8 +89,10 @@ def check_inputs(cfg: DictConfig) -> Inputs:
 
 def evaluate(inputs: Inputs, out: Path) -> dict[str, Any]:
     """The checkpoint's MSE on held-out and on training data by `Trainer.test`; eval.json's content."""
+    from linreg import fastpath
     from linreg.run import build_datamodule, build_trainer, model_class, torch_threads
 
+    fastpath.freeze_imports()
     cfg = inputs.run_cfg
     with torch_threads(cfg.threads):
         cls = model_class(cfg.model._target_)

@@ -22,12 +22,14 @@ def main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep: its train MSE (inf without one) for the sweeper."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from linreg import fastpath
     from linreg.callbacks import SweepGone
     from linreg.checks import one_report_per_write_error
     from linreg.dashboard import run_label
     from linreg.results import read_plan, stopped
     from linreg.run import run
 
+    fastpath.freeze_imports()  # the libraries just imported: no collection walks them again
     one_report_per_write_error()  # in a sweep's worker process too
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
