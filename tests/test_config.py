@@ -2,6 +2,7 @@
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
 
 from linreg.config import ConfigError, check
 from tests.conftest import run_cli
@@ -44,6 +45,15 @@ def test_check_names_the_key_the_schema_lets_through(make_cfg, override, key):
     with pytest.raises(ConfigError) as err:
         check(make_cfg(override))
     assert err.value.key == key
+
+
+def test_a_group_that_is_no_mapping_is_refused(make_cfg):
+    cfg = make_cfg()
+    with open_dict(cfg):
+        cfg.model = None  # an experiment's `model: null` composes: the schema's field is Any
+    with pytest.raises(ConfigError, match="missing: choose an option") as err:
+        check(cfg)
+    assert err.value.key == "model"
 
 
 def test_a_user_models_arguments_are_checked_by_building_it(make_cfg, tmp_path):

@@ -199,7 +199,10 @@ def check(cfg: DictConfig, schema: bool = True) -> None:
         known = MODELS.get(model.get("_target_")) if isinstance(model, dict) else None
         with naming_key():  # another model's arguments are checked by building it
             OmegaConf.merge(OmegaConf.structured(TrainConfig(model=known()) if known else TrainConfig), plain_cfg)
-        for key in ("data", "model", "trainer", "seed", "resume", "threads"):
+        for group in ("data", "model", "trainer"):  # `model: null` in an experiment passes the schema's Any
+            if not isinstance(plain_cfg.get(group), dict):
+                raise ConfigError(group, plain_cfg.get(group), f"missing: choose an option, e.g. {group}=<name>")
+        for key in ("seed", "resume", "threads"):
             if key not in plain_cfg:  # `~seed`: the schema's default would hide it, but the run reads the config
                 raise ConfigError(key, None, "missing: conf/train.yaml sets it; give a value instead of removing it")
     within(RANGES, plain_cfg)

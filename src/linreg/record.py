@@ -65,12 +65,18 @@ def write_job_files(out: Path, cfg: DictConfig) -> None:
 
 
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it: 5x faster
+MAX_DEPTH = 100  # nesting a YAML file may have (Hydra's are < 10 deep); libyaml < 0.2.6 recurses without a limit
 
 
 def load_yaml(text: bytes) -> Any:
-    """YAML without aliases: Hydra writes none, and a few bytes of them expand past any size limit."""
-    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=YAML_LOADER)):
-        raise yaml.YAMLError("aliases are not allowed")
+    """YAML without aliases (a few bytes of them expand past any size limit) and at most MAX_DEPTH deep."""
+    depth = 0
+    for event in yaml.parse(text, Loader=YAML_LOADER):  # the parser keeps its own stack: no recursion here
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not allowed")
+        depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_DEPTH:
+            raise yaml.YAMLError(f"nested more than {MAX_DEPTH} deep")
     return yaml.load(text, Loader=YAML_LOADER)
 
 
