@@ -18,8 +18,7 @@ from matplotlib.figure import Figure
 
 from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars, log_step
-from linreg.plots import param_names
-from linreg.record import RunRecord
+from linreg.record import RunRecord, param_names
 
 # The HParams metrics: every job logs these keys, so TensorBoard lines the runs up (after params/, train/ by name).
 HP_METRICS = ("train_end/mse", "train_end/ols_gap")

@@ -17,18 +17,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator
 
 from linreg.config import override_key
-from linreg.record import is_number
+from linreg.record import is_number, param_names
 
 GAP_FLOOR = 1e-9  # gaps below this (float32 training against a float64 floor) are drawn at it: a log axis
 MAX_PANELS = 24  # a 1,000-job sweep stays one readable figure; results.md lists every job
 MAX_TICKS = 8  # swept values as the x ticks up to this many, matplotlib's own beyond
 Row = dict[str, Any]
 BEST = {"color": "k", "marker": "*", "mfc": "none", "ls": "", "ms": 10, "label": "best job (smallest gap)"}
-
-
-def param_names(count: int, bias: bool) -> list[str]:
-    """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
-    return [f"w{i + 1}" for i in range(count - bias)] + ["b"] * bias
 
 
 def num(value: Any) -> float | None:

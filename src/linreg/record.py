@@ -150,6 +150,11 @@ def is_number(v: Any) -> bool:
     return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
 
 
+def param_names(count: int, bias: bool) -> list[str]:
+    """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
+    return [f"w{i + 1}" for i in range(count - bias)] + ["b"] * bias
+
+
 KINDS = {  # metrics.json's typed fields: (test, what it must be); None is always allowed here
     "number": (is_number, "a finite number"),
     "mse": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
