@@ -52,10 +52,12 @@ class EndWithSweep(L.Callback):
     """
 
     def __init__(self, sweep_pid: int) -> None:
-        self.sweep_pid, self.pidfd, self.gone = sweep_pid, None, False
+        self.sweep_pid, self.pidfd, self.poller, self.gone = sweep_pid, -1, None, False
         self.parent = os.getppid()  # without a pidfd, a parent that changes says so too (a reused pid would not)
         try:
             self.pidfd = os.pidfd_open(sweep_pid)
+            self.poller = select.poll()  # not select(): that refuses fds past 1024
+            self.poller.register(self.pidfd, select.POLLIN)  # readable once the process has exited
         except ProcessLookupError:
             self.gone = True  # killed already: the first check ends the job
         except (AttributeError, OSError):
@@ -63,8 +65,8 @@ class EndWithSweep(L.Callback):
 
     def check(self) -> None:
         """Raise `SweepGone` once the sweep's process has exited."""
-        if self.pidfd is not None:
-            self.gone = bool(select.select([self.pidfd], [], [], 0)[0])  # readable once the process has exited
+        if self.poller is not None:
+            self.gone = bool(self.poller.poll(0))
         elif not self.gone:
             try:
                 os.kill(self.sweep_pid, 0)
@@ -83,9 +85,9 @@ class EndWithSweep(L.Callback):
         self.check()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.pidfd is not None:
+        if self.poller is not None:
             os.close(self.pidfd)
-            self.pidfd = None
+            self.poller = None
 
 
 def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bool:
