@@ -78,7 +78,8 @@ def test_several_batches_per_call_give_exactly_the_plain_updates(name):
     assert fast.global_step_seen == plain.global_step_seen == 200
 
 
-def test_manual_weight_stays_a_leaf_on_the_lean_path_and_linear_uses_torch_parts():
+def test_manual_weight_stays_a_leaf_on_the_lean_path_and_linear_uses_torch_parts(monkeypatch):
+    monkeypatch.delenv("LINREG_FASTPATH", raising=False)  # the lean path, whatever the shell says
     manual = fit("manual", max_epochs=1)
     assert manual.lean_steps and manual.w.is_leaf and manual.w.requires_grad and manual.w.shape == (3, 1)
     assert manual.weights() == pytest.approx([2, -1, 1], abs=0.01)  # one epoch, on the lean path

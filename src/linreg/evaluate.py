@@ -89,10 +89,8 @@ def check_inputs(cfg: DictConfig) -> Inputs:
 
 def evaluate(inputs: Inputs, out: Path) -> dict[str, Any]:
     """The checkpoint's MSE on held-out and on training data by `Trainer.test`; eval.json's content."""
-    from linreg import fastpath
     from linreg.run import build_datamodule, build_trainer, model_class, torch_threads
 
-    fastpath.freeze_imports()
     cfg = inputs.run_cfg
     with torch_threads(cfg.threads):
         cls = model_class(cfg.model._target_)
@@ -138,6 +136,9 @@ class CheckInputs(Callback):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.evaluate ckpt_path=PATH [data_seed=N] [num_examples=N]`."""
+    from linreg import fastpath
+
+    fastpath.freeze_imports()  # the command's process only: evaluate() may run in a user's
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = evaluate(check_inputs(cfg), out)

@@ -26,11 +26,8 @@ def enabled() -> bool:
 
 
 def freeze_imports() -> None:
-    """Leave the objects alive now (the imported libraries, ~370,000) out of every later garbage collection.
-
-    Each full collection walks all of them, and Python runs several as it exits: ~1 s a process here.
-    Called once the run's libraries are imported; a process freezes once (what it creates later is collected).
-    """
+    """`gc.freeze` once a process: the imported libraries (~370,000 objects) left out of every later collection."""
+    # Each full collection walks them all, and Python runs several as it exits (~1 s a run here).
     if enabled() and gc.get_freeze_count() == 0:
         gc.freeze()
 
