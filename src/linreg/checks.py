@@ -33,19 +33,19 @@ from linreg.config import (
 )
 from linreg.record import RunDirLock, read_or_none, refuse_other_runs, room, write_json
 
-PREVIOUS_HOOK = threading.excepthook
-
-
-def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
-    """No traceback for TensorBoard's writer thread's OSError: it hands the error to the run at its next flush."""
-    if not issubclass(args.exc_type, OSError):
-        PREVIOUS_HOOK(args)
-
 
 def one_report_per_write_error() -> None:
     """A failed write (a full disk) is reported once, by the run that made it, not by a log handler or a thread."""
     logging.raiseExceptions = False  # the documented switch: a log line that cannot be written is dropped
-    threading.excepthook = quiet_write_errors
+    previous = threading.excepthook  # whatever hook is set now (pytest's, a library's) still gets the rest
+
+    def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
+        # TensorBoard's writer thread hands its OSError to the run at the next flush: no traceback from the thread.
+        if not issubclass(args.exc_type, OSError):
+            previous(args)
+
+    if getattr(previous, "__name__", "") != "quiet_write_errors":  # once: a sweep's jobs call it again
+        threading.excepthook = quiet_write_errors
 
 
 class CheckConfig(Callback):

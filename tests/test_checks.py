@@ -1,0 +1,24 @@
+"""linreg.checks beyond the refusals tested through the command line (tests/test_config.py)."""
+
+import logging
+import threading
+
+from linreg.checks import one_report_per_write_error
+
+
+def test_a_threads_write_error_leaves_no_traceback_and_other_errors_reach_the_hook_set_before(monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type.__name__))
+    monkeypatch.setattr(logging, "raiseExceptions", True)  # restored after: the call turns it off
+    one_report_per_write_error()
+    one_report_per_write_error()  # a sweep's next job: installed once, still chained
+
+    def fail(exc: type[Exception]) -> None:
+        raise exc("boom")
+
+    for exc in (OSError, ValueError):
+        thread = threading.Thread(target=fail, args=(exc,))
+        thread.start()
+        thread.join()
+    assert seen == ["ValueError"]  # the OSError is the run's to report, at its next flush
+    assert logging.raiseExceptions is False
