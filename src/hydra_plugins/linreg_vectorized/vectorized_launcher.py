@@ -98,7 +98,7 @@ class VectorizedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no banners a group
-        loader = self.hydra_context.config_loader  # the grid sweeper's cached one, or Hydra's
+        loader = self.hydra_context.config_loader  # the grid sweeper's (duck-typed: Hydra may load a plugin twice)
         self.loader = loader if hasattr(loader, "split") else CachedConfigLoader(loader)
         self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
         self.parts: dict[tuple[Any, ...], str] = {}  # `.hydra/*.yaml` text that jobs of one kind share
