@@ -24,7 +24,7 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, is_int, override_key, refusing
 from linreg.record import write_atomic
@@ -118,9 +118,9 @@ def apply(cfg: DictConfig, parsed: list[Override], plain: Plain) -> bool:
     task = [o for o in parsed if not o.is_hydra_override()]
     options = cfg.hydra.job.config.override_dirname  # as Hydra 1.3 records them
     dirname = sorted(str(o.input_line) for o in task if o.key_or_group not in options.exclude_keys)
-    with open_dict(cfg.hydra):
-        cfg.hydra.overrides.task = [o.input_line for o in task]
-        cfg.hydra.job.override_dirname = re.sub("=", options.kv_sep, options.item_sep.join(dirname))
+    # Existing keys (Hydra's schema has them): set without `open_dict`, whose flag change walks the whole subtree.
+    cfg.hydra.overrides.task = [o.input_line for o in task]
+    cfg.hydra.job.override_dirname = re.sub("=", options.kv_sep, options.item_sep.join(dirname))
     return True
 
 

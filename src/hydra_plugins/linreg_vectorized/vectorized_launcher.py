@@ -26,7 +26,7 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import CachedConfigLoader, apply
@@ -126,10 +126,9 @@ class VectorizedLauncher(Launcher):
         if not apply(config, job.parsed, job.plain):
             del self.kinds[job.kind]  # a value that does not apply: Hydra composes the job (and says why)
             config = self.loader.inner.load_sweep_config(self.config, [str(o.input_line) for o in job.parsed])
-        with open_dict(config):
-            config.hydra.job.id, config.hydra.job.num = job.num, job.num
-            job.out = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute()
-            config.hydra.runtime.output_dir = str(job.out)
+        config.hydra.job.id, config.hydra.job.num = job.num, job.num  # keys Hydra's schema has: no `open_dict`
+        job.out = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute()
+        config.hydra.runtime.output_dir = str(job.out)
         HydraConfig.instance().cfg = config  # for its `${hydra:...}` values, as `run_job` sets it
         return config
 
