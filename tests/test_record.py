@@ -44,6 +44,8 @@ def test_deep_yaml_is_refused_too(tmp_path):
         {"status": "fine"},
         {"train_mse": "0.1"},
         {"train_mse": None},
+        {"train_mse": 10**400},  # an integer past float's range (JSON has them)
+        {"epoch_mse": [0.1, -(10**400)]},
         {"weights": [2.0, "x", 1.0]},
         {"weights": [2.0] * 50},  # shapes disagree with the true weights
         {"steps": 1.5},

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,9 @@ def model_name(target: Any) -> str | None:
 
 def is_number(v: Any) -> bool:
     """A finite int or float, not a bool."""
-    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)))
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) <= sys.float_info.max  # NaN and inf fail this too, and so does an integer past float's range
 
 
 def param_names(count: int, bias: bool) -> list[str]:

@@ -91,7 +91,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
             record = RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
         fields, data = record.as_json(), record.data or {}
         row.update({k: fields[k] for k in COLUMNS if k in fields}, gap=record.gap)
-    except (CorruptRecord, OverflowError) as err:  # OverflowError: an integer MSE past float's range (the gap)
+    except CorruptRecord as err:
         return row | {"status": "corrupt", "error": one_line(err)}
     row.update({k: data.get(k) for k in ("deg", "delta", "bias")}, error=record.error and one_line(record.error))
     return row
