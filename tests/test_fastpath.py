@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from linreg import fastpath
@@ -100,9 +101,17 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
 
 
 def test_the_seam_holds_every_private_use_and_at_most_four():
-    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step"}
+    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step", "_utils"}
     outside = {p.name: private_names(p) - OWN_NAMES for p in sorted(SRC.glob("*.py")) if p.name != "fastpath.py"}
     assert {name: names for name, names in outside.items() if names} == {}, "move private uses into fastpath.py"
+
+
+def test_yaml_is_the_text_omegaconf_writes(monkeypatch):
+    monkeypatch.delenv(fastpath.SWITCH, raising=False)
+    strings = ["true", "1", "1e5", "${a.b}", "ü ✓", "a: b", "", "null", "on", "0x10", "~", " x", "two\nlines", "'q'"]
+    numbers = [1, -2.5, 1e-7, 1e20, float("nan"), float("-inf"), True, None]
+    for data in ({"s": strings, "n": numbers, "d": {"e": {}, "l": [], "x": [[1], {"y": "z"}]}}, ["seed=1"], []):
+        assert fastpath.to_yaml(data) == OmegaConf.to_yaml(data)
 
 
 def test_the_heap_is_frozen_once_and_only_on_the_fast_path():

@@ -82,10 +82,16 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
             self.save()
 
     def write_pending(self) -> None:
-        """Hand the held scalars to TensorBoard's writer in the order they were logged."""
-        pending, self.pending = self.pending, []
-        for tag, value, step, walltime in pending:
-            self.experiment.add_scalar(tag, value, step, walltime=walltime)
+        """Hand the held scalars to TensorBoard's writer: a step's scalars in one event, each as `add_scalar` has it."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        steps: dict[int | None, list[tuple[str, float, int | None, float]]] = {}
+        for held in self.pending:  # in the order of each step's first scalar
+            steps.setdefault(held[2], []).append(held)
+        self.pending = []
+        for step, held in steps.items():  # each event costs the writer thread more than its values do
+            values = [Summary.Value(tag=tag, simple_value=value) for tag, value, _, _ in held]
+            self.experiment.file_writer.add_summary(Summary(value=values), step, held[0][3])
         self.written_at = time.monotonic()
 
     @rank_zero_only

@@ -2,7 +2,7 @@
 
 `LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit
 (tests/test_fastpath.py). A piece stays only while it carries a measured gain (benchmarks/README.md).
-Private uses (2 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`.
+Private uses (3 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper.
 Process-wide (1): `gc.freeze` once the libraries are imported.
 """
 
@@ -12,9 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from omegaconf import OmegaConf
+from omegaconf._utils import get_omega_conf_dumper
 from torch import Tensor
 
 SWITCH = "LINREG_FASTPATH"  # the environment variable: 0 (or false, off, no) turns the fast path off
@@ -48,3 +51,20 @@ def lean_backward_and_step(loss: Tensor, opt: LightningOptimizer, update: Callab
     opt._on_before_step()  # private: the profiler's "optimizer_step" section opens
     update()
     opt._on_after_step()  # private: the step is counted (what `trainer.global_step` reads)
+
+
+def is_plain(data: Any) -> bool:
+    """Strings, numbers, bools and None, in lists and string-keyed dicts: what OmegaConf keeps as it is."""
+    if isinstance(data, dict):
+        return all(type(k) is str and is_plain(v) for k, v in data.items())
+    if isinstance(data, list):
+        return all(map(is_plain, data))
+    return data is None or type(data) in (str, int, float, bool)
+
+
+def to_yaml(data: Any) -> str:
+    """`OmegaConf.to_yaml(data)`, for plain data without building an OmegaConf object first (~10x faster)."""
+    if not (enabled() and isinstance(data, (dict, list)) and is_plain(data)):  # else as OmegaConf does
+        return OmegaConf.to_yaml(data)
+    dumper = get_omega_conf_dumper()  # private: the dumper `OmegaConf.to_yaml` uses, with its quoting of strings
+    return yaml.dump(data, Dumper=dumper, default_flow_style=False, allow_unicode=True, sort_keys=False)

@@ -322,11 +322,11 @@ def refuse_other_runs(out: Path, cfg: DictConfig, lock_held: bool = False) -> No
         raise RunDirBusy("hydra.run.dir", str(out), "another run is using it")
     if os.path.lexists(out / ".sweep.json"):
         raise RunDirBusy("hydra.run.dir", str(out), "is a sweep's dir; use a dir of its own")
-    record, wanted = finished(out), resumable(identity(cfg))
+    record = finished(out)
     if record is not None:
         if not cfg.resume:
             raise RunDirBusy("hydra.run.dir", str(out), "holds a finished run; resume=true keeps it, or use a new dir")
-        if resumable(record.config) != wanted:
+        if resumable(record.config) != resumable(identity(cfg)):
             raise RunDirBusy("hydra.run.dir", str(out), "holds a finished run of another config; use another dir")
         if len(record.epoch_mse) > cfg.trainer.max_epochs:
             why = f"the run in {out} already has {len(record.epoch_mse)} epochs; kept as is"
@@ -336,5 +336,5 @@ def refuse_other_runs(out: Path, cfg: DictConfig, lock_held: bool = False) -> No
         return
     if not cfg.resume:
         raise RunDirBusy("hydra.run.dir", str(out), "holds an unfinished run; resume=true continues it")
-    if (config := read_or_none(saved)) is not None and config != wanted:
+    if (config := read_or_none(saved)) is not None and config != resumable(identity(cfg)):
         raise RunDirBusy("hydra.run.dir", str(out), "holds a checkpoint of another config; use another dir")

@@ -3,7 +3,9 @@ Lightning's import takes seconds: imported once a run is about to train."""
 
 import contextlib
 import csv
+import functools
 import importlib
+import json
 import logging
 import math
 import os
@@ -11,7 +13,7 @@ import stat
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +99,16 @@ def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
         try:
             if issubclass(get_class(lcfg._target_), TensorBoardLogger) and "version" not in lcfg:
                 given["version"] = label  # TensorBoard names a run by its path: <run dir>/tensorboard/<label>
-            loggers.append(instantiate(lcfg, **given))
+            loggers.append(logger_maker(json.dumps(OmegaConf.to_container(lcfg, resolve=True)))(**given))
         except Exception as err:
             raise ConfigError(f"logger.{key}", None, str(err.__cause__ or err).splitlines()[0]) from None
     return loggers
+
+
+@functools.lru_cache(maxsize=16)
+def logger_maker(resolved: str) -> Callable[..., Any]:
+    """A logger config's class with its arguments: instantiated once (a stacked group's members share it)."""
+    return instantiate(json.loads(resolved), _partial_=True)
 
 
 def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:

@@ -203,7 +203,9 @@ class Member:
         for lg in loggers:
             lg.log_hyperparams(self.hparams)
         if tb is not None:  # as the Dashboard writes them
-            end = start_hparams(tb, hparams(RunRecord.of(self.cfg, "running")))
+            end = start_hparams(tb, hparams(r))  # of its config: the same as its single run's at its start
+            saved = Path(tb.log_dir) / tb.NAME_HPARAMS_FILE  # what Lightning's `save` writes (OmegaConf's YAML)
+            saved.write_text(fastpath.to_yaml(dict(tb.hparams)), encoding="utf-8")
         params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
         rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
         rows.append((r.steps, hp_metrics(self.curves["train/mse"][-1][1][0], r.ols_mse)))  # once, at the end

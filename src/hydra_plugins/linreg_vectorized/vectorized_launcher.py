@@ -215,13 +215,15 @@ class VectorizedLauncher(Launcher):
 
     def finish(self, job: Job, result: Any, first: bool) -> JobReturn:
         """What `run_job` does for a job (its .hydra/, log and callbacks) around writing the member's results."""
+        from linreg import fastpath
+
         config = self.compose(job)
         self.job_logging(job, config, first)
         (job.out / ".hydra").mkdir(exist_ok=True)  # as `linreg.record.write_job_files` (hydra.output_subdir: null)
         for name, text in (
             ("config.yaml", self.yaml(job, config)),
             ("hydra.yaml", self.yaml(job, config.hydra, ("hydra",))),
-            ("overrides.yaml", OmegaConf.to_yaml(config.hydra.overrides.task)),
+            ("overrides.yaml", fastpath.to_yaml(OmegaConf.to_container(config.hydra.overrides.task))),
         ):
             write_atomic(job.out / ".hydra" / name, text.encode())
         return self.around(config, lambda: self.write(job, config, result))
@@ -303,6 +305,11 @@ class VectorizedLauncher(Launcher):
 
 def under(parents: tuple[str, ...], mapping: dict[str, Any]) -> str:
     """`OmegaConf.to_yaml` of the mapping's entries under its parents' keys, less the parents' own lines."""
+    from linreg import fastpath
+
+    mapping = {
+        k: OmegaConf.to_container(v, enum_to_str=True) if OmegaConf.is_config(v) else v for k, v in mapping.items()
+    }
     for key in reversed(parents):
         mapping = {key: mapping}
-    return OmegaConf.to_yaml(mapping).split("\n", len(parents))[-1]
+    return fastpath.to_yaml(mapping).split("\n", len(parents))[-1]
