@@ -94,11 +94,13 @@ def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
 
 @pytest.fixture(scope="module")
 def joblib_sweep(tmp_path_factory: pytest.TempPathFactory) -> Ran:
-    """The smoke sweep (4 jobs) with joblib's 2 workers: the one parallel sweep of `make test`."""
-    sweep = tmp_path_factory.mktemp("joblib") / "sweep"
-    proc = run_cli("--multirun", "sweep=smoke", *LAUNCHERS["joblib"], f"hydra.sweep.dir={sweep}")
+    """The smoke sweep (4 jobs) with joblib's 2 workers: the one parallel sweep of `make test`. Each job runs in its
+    own dir (`hydra.job.chdir=true`), the sweep dir given relative to where the sweep starts."""
+    cwd = tmp_path_factory.mktemp("joblib")
+    args = ["--multirun", "sweep=smoke", *LAUNCHERS["joblib"], "hydra.job.chdir=true", "hydra.sweep.dir=sweep"]
+    proc = run_cli(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return Ran(sweep, proc)
+    return Ran(cwd / "sweep", proc)
 
 
 def test_a_parallel_sweeps_console_is_a_line_a_job_between_a_header_and_a_footer(joblib_sweep: Ran) -> None:
@@ -106,10 +108,11 @@ def test_a_parallel_sweeps_console_is_a_line_a_job_between_a_header_and_a_footer
     sweep, proc = joblib_sweep.dir, joblib_sweep.proc
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) == 6, lines
-    assert lines[0].endswith(f"sweep: 4 jobs -> {sweep}") and lines[-1].endswith(
-        "4 jobs: 4 ok -> " + str(sweep / "results.md")
-    )
-    assert all("ok train_mse=" in line for line in lines[1:-1])
+    assert lines[0].endswith("sweep: 4 jobs -> sweep") and lines[-1].endswith("4 jobs: 4 ok -> sweep/results.md")
+    # Each its finishing rank and what it varies, also in progress.log: the jobs found the sweep dir from theirs.
+    assert sorted(line.split("[linreg.results][INFO] - ")[1][:4] for line in lines[1:-1]) == [f"[{k}/4" for k in "1234"]
+    assert all(" model=" in line and "ok train_mse=" in line and "data." not in line for line in lines[1:-1])
+    assert len((sweep / "progress.log").read_text().splitlines()) == 4
     assert len(set(lines)) == len(lines)  # every line once
 
 

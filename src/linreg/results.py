@@ -313,7 +313,8 @@ class SweepResults(Callback):
         """One progress line, in the sweep's console and its progress.log."""
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        sweep_dir, out = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
+        # A relative sweep dir is the launching cwd's: a job may run in its own dir (hydra.job.chdir=true).
+        sweep_dir, out = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
         plan, line = read_plan(sweep_dir), None
         try:
             with open(sweep_dir / PROGRESS, "a+") as f:

@@ -33,13 +33,13 @@ def main(cfg: DictConfig) -> float:
     one_report_per_write_error()  # in a sweep's worker process too
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
-    out = Path(hc.runtime.output_dir)
+    out, sweep_dir = Path(hc.runtime.output_dir), Path(hc.runtime.cwd, hc.sweep.dir)  # as typed, or from the cwd
     try:
-        swept = read_plan(Path(hc.sweep.dir))["swept"] if sweep else None  # a sweep's runs are named by what varies
+        swept = read_plan(sweep_dir)["swept"] if sweep else None  # a sweep's runs are named by what varies
         r = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
         if sweep:  # the sweep's own process (the basic launcher): the table of what finished, one line
-            raise SystemExit(stopped(Path(hc.sweep.dir), f"job {out} stopped by SIGTERM")) from None
+            raise SystemExit(stopped(sweep_dir, f"job {out} stopped by SIGTERM")) from None
         print(f"error: {out}: stopped by SIGTERM; resume=true continues it", file=sys.stderr)
         sys.exit(143)
     except SweepGone as err:  # nobody is left to report to: end the worker too (its checkpoint stays for a resume)
