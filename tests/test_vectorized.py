@@ -16,7 +16,9 @@ from linreg.stacked import group_key, member_bytes
 from tests.conftest import run_cli
 
 # Two groups (manual, linear) of 4: lr 100 diverges in the first of two epochs (frozen there), seeds differ.
+# train/loss every 4 SGD steps, params/* at the end of the 3-step call that passes one: at steps of their own.
 GRID = ["model=manual,linear", "model.lr=0.03,100", "seed=1,2", "data.num_examples=100", "trainer.max_epochs=2"]
+GRID += ["data.batches_per_call=3", "model.log_every_sgd_steps=4"]
 VECTORIZED = ["hydra/launcher=vectorized", "+hydra.callbacks.probe._target_=tests.test_vectorized.LockProbe"]
 NUMBERS = ("train_mse", "epoch_mse", "weights")
 
@@ -108,7 +110,8 @@ def test_every_job_has_its_single_runs_tensorboard_run(runs):
         assert got.keys() == want.keys() >= {"train/loss", "train/mse", "params/w1", "params/b", "train_end/mse"}
         assert got.pop("tensors") == want.pop("tensors") == ["custom_scalars__config__"]
         for tag, series in want.items():
-            assert [s for s, _ in got[tag]] == [s for s, _ in series], tag
+            steps = [s for s, _ in got[tag]]
+            assert steps == [s for s, _ in series] and steps == sorted(set(steps)), tag  # in step order, once each
             assert close([v for _, v in got[tag]], [v for _, v in series]), tag
         assert (vec / "hparams.yaml").read_text() == (basic / "hparams.yaml").read_text()
 
@@ -116,6 +119,10 @@ def test_every_job_has_its_single_runs_tensorboard_run(runs):
 def test_resume_skips_finished_jobs_and_a_locked_dir_is_refused(runs, tmp_path):
     vec, _ = runs["vec"]
     (vec / "6" / "metrics.json").unlink()  # a job a kill interrupted: trained again
+    [hparams] = (vec / "6" / "tensorboard").glob("*/hparams.yaml")
+    hparams.unlink()
+    hparams.symlink_to(tmp_path / "precious.txt")  # a link there is neither followed nor replaced
+    (tmp_path / "precious.txt").write_text("mine\n")
     busy = vec / "7"  # another run's dir, in use: nothing may be written there
     for p in sorted(busy.rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
@@ -127,6 +134,7 @@ def test_resume_skips_finished_jobs_and_a_locked_dir_is_refused(runs, tmp_path):
     assert {j: (vec / j / "metrics.json").stat().st_mtime_ns for j in "012345"} == kept
     assert sorted(p.name for p in busy.iterdir()) == [".lock", "notes.txt"]
     assert "job refused: hydra.run.dir=" in proc.stdout + proc.stderr
+    assert hparams.is_symlink() and (tmp_path / "precious.txt").read_text() == "mine\n"
     same_runs(records(vec)["6"], records(runs["basic"][0])["6"])
 
 

@@ -4,6 +4,7 @@ Tags (a contract; the module writes `train/loss`, `train/mse`): `params/<name>` 
 `train_end/ols_gap` and the image `train_end/fit`, each at the run's SGD step count (`global_step`).
 """
 
+import itertools
 import math
 import re
 import time
@@ -85,11 +86,9 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         """Hand the held scalars to TensorBoard's writer: a step's scalars in one event, each as `add_scalar` has it."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        steps: dict[int | None, list[tuple[str, float, int | None, float]]] = {}
-        for held in self.pending:  # in the order of each step's first scalar
-            steps.setdefault(held[2], []).append(held)
-        self.pending = []
-        for step, held in steps.items():  # each event costs the writer thread more than its values do
+        pending, self.pending = self.pending, []
+        for step, run in itertools.groupby(pending, key=lambda held: held[2]):  # in logged order, never reordered
+            held = list(run)  # each event costs the writer thread more than its values do
             values = [Summary.Value(tag=tag, simple_value=value) for tag, value, _, _ in held]
             self.experiment.file_writer.add_summary(Summary(value=values), step, held[0][3])
         self.written_at = time.monotonic()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from linreg.config import ConfigError
 from linreg.dashboard import hp_metrics, hparams, param_names, start_hparams
 from linreg.data import EpochBatchSampler
 from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
-from linreg.record import RunRecord, identity
+from linreg.record import RunRecord, identity, write_atomic
 from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
 
 Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
@@ -90,7 +91,8 @@ class StackedRegression(L.LightningModule):
         self.batch_loss = vmap(lambda p, x, y: model.loss(functional_call(model, p, (x,)), y))
         self.full_mse = vmap(lambda p, x, y: squared_loss(functional_call(model, p, (x,)), y))  # validation_step's
         self.every = log_interval(model.hparams.log_every_sgd_steps, x.shape[1], batches.batch_size)
-        self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"params": [], "train/loss": [], "train/mse": []}
+        # In the order a single run logs them within a step (a member's logs are written step by step in this order).
+        self.curves: dict[str, list[tuple[int, int, Tensor]]] = {"params": [], "train/mse": [], "train/loss": []}
         self.diverged: list[int | None] = [None] * len(models)
         self.pruned: list[int | None] = [None] * len(models)  # the epoch (from 1) after which its pruner stopped it
         self.at = list(range(len(models)))  # stacked position -> member: pruned members leave the stack
@@ -204,10 +206,12 @@ class Member:
             lg.log_hyperparams(self.hparams)
         if tb is not None:  # as the Dashboard writes them
             end = start_hparams(tb, hparams(r))  # of its config: the same as its single run's at its start
-            saved = Path(tb.log_dir) / tb.NAME_HPARAMS_FILE  # what Lightning's `save` writes (OmegaConf's YAML)
-            saved.write_text(fastpath.to_yaml(dict(tb.hparams)), encoding="utf-8")
+            saved = Path(tb.log_dir) / tb.NAME_HPARAMS_FILE  # what Lightning's `save` writes unless it is there
+            if not os.path.lexists(saved):  # a link is not followed, and is left as Lightning leaves it
+                write_atomic(saved, fastpath.to_yaml(dict(tb.hparams)).encode())
         params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
         rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
+        rows.sort(key=lambda row: row[0])  # by step (stable): its single run's order, a step's scalars in one event
         rows.append((r.steps, hp_metrics(self.curves["train/mse"][-1][1][0], r.ols_mse)))  # once, at the end
         for lg in loggers:
             for step, metrics in rows:
