@@ -243,8 +243,17 @@ def test_resolvers_hydra_accepts_reach_the_jobs_as_values(tmp_path):
     assert [(float(r["delta"]), r["accelerator"]) for r in read_csv(sweep)] == [(0.5, "cpu")] * 2
 
 
-@pytest.mark.system  # ~10 s: a job long enough to be stopped after its first checkpoint
-def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path):
+def catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler (Lightning installs one for a fit)."""
+    import signal
+
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & 1 << (signal.SIGTERM - 1))
+
+
+@pytest.mark.system  # ~10 s each: a job long enough to be stopped after its first checkpoint, or in its group's fit
+@pytest.mark.parametrize("launcher", ["basic", "vectorized"])
+def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path, launcher):
     import signal
     import subprocess
     import sys
@@ -252,14 +261,20 @@ def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path):
 
     sweep = tmp_path / "sweep"
     args = ["data.num_examples=200000", "trainer.max_epochs=5", "~logger", "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    args += ["hydra/launcher=vectorized"] * (launcher == "vectorized")
     cmd = [sys.executable, "-m", "linreg.train", "--multirun", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (sweep / "0" / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)  # the basic launcher runs the job in the sweep's own process
+    if launcher == "basic":
+        while not (sweep / "0" / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
+            time.sleep(0.1)
+    else:  # the two jobs train as one group in the sweep's own process
+        while not (sweep / "0" / ".lock").exists() or not catches_sigterm(proc.pid):
+            assert proc.poll() is None
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # both launchers run the jobs in the sweep's own process
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1] == (
-        f"error: sweep {sweep}: stopped: job {sweep / '0'} stopped by SIGTERM; once it can, resume=true goes on"
-    )
+    what = f"job {sweep / '0'}" if launcher == "basic" else "jobs 0-1"
+    what += " stopped by SIGTERM" + " while training" * (launcher == "vectorized")
+    assert err.strip().splitlines()[-1] == f"error: sweep {sweep}: stopped: {what}; once it can, resume=true goes on"
     assert [r["status"] for r in read_csv(sweep)] == ["missing", "missing"]
