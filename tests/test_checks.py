@@ -3,7 +3,10 @@
 import logging
 import threading
 
-from linreg.checks import one_report_per_write_error
+import pytest
+
+from linreg.checks import one_report_per_write_error, own_sweep_dir
+from linreg.config import ConfigError
 
 
 def test_a_threads_write_error_leaves_no_traceback_and_other_errors_reach_the_hook_set_before(monkeypatch):
@@ -22,3 +25,13 @@ def test_a_threads_write_error_leaves_no_traceback_and_other_errors_reach_the_ho
         thread.join()
     assert seen == ["ValueError"]  # the OSError is the run's to report, at its next flush
     assert logging.raiseExceptions is False
+
+
+def test_a_sweep_dir_holding_files_that_are_not_a_sweeps_is_refused_untouched(make_cfg, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "results.md").write_text("notes")  # a sweep would write its table over it
+    with pytest.raises(ConfigError, match="holds files that are not a sweep's; use a new dir") as err:
+        own_sweep_dir(make_cfg(), sweep)
+    assert err.value.key == "hydra.sweep.dir"
+    assert [(p.name, p.read_text()) for p in sweep.iterdir()] == [("results.md", "notes")]  # no .lock either

@@ -117,6 +117,9 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
         names = ("metrics.json", "checkpoints", ".hydra") + ((".sweep.json",) if where != sweep_dir else ())
         if any(os.path.lexists(where / n) for n in names):
             raise ConfigError("hydra.sweep.dir", str(sweep_dir), f"{what}; use a dir of its own")
+    # A sweep writes results.md, progress.log, ... over whatever is there: only its own dir (.sweep.json) is reused.
+    if not os.path.lexists(sweep_dir / ".sweep.json") and any(p.name != ".lock" for p in sweep_dir.iterdir()):
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds files that are not a sweep's; use a new dir")
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     sweeper, typed = OmegaConf.to_container(config.hydra.sweeper), OmegaConf.to_container(config.hydra.overrides.task)
     wanted = {  # as typed: sweeper, overrides less resume, params, study, and the config its jobs start from
