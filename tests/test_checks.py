@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from linreg.checks import one_report_per_write_error, own_sweep_dir
+from linreg.checks import one_report_per_write_error, own_sweep_dir, separate_job_dirs
 from linreg.config import ConfigError
 
 
@@ -35,3 +35,19 @@ def test_a_sweep_dir_holding_files_that_are_not_a_sweeps_is_refused_untouched(ma
         own_sweep_dir(make_cfg(), sweep)
     assert err.value.key == "hydra.sweep.dir"
     assert [(p.name, p.read_text()) for p in sweep.iterdir()] == [("results.md", "notes")]  # no .lock either
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "logger.tensorboard.name=x/../../../escaped",
+        "hydra.sweeper.params={logger.tensorboard.name:'a/b,c'}",
+        "hydra.job.config.override_dirname.item_sep=/",
+    ],
+)
+def test_a_dir_named_by_overrides_holding_a_slash_is_refused(make_cfg, given):
+    subdir = "hydra.sweep.subdir=${hydra.job.override_dirname}"
+    separate_job_dirs(make_cfg(subdir, "model.lr=0.1", "resume=true"))  # `/` nowhere: one level down
+    with pytest.raises(ConfigError, match=r"holds '/'.*use \$\{hydra.job.num\}") as err:
+        separate_job_dirs(make_cfg(subdir, "model.lr=0.1", given))
+    assert err.value.key == "hydra.sweep.subdir"

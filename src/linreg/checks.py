@@ -101,13 +101,22 @@ def makeable(config: DictConfig, key: str) -> Path:
 def separate_job_dirs(config: DictConfig) -> None:
     """`hydra.sweep.subdir` must give every job a dir of its own, one level below the sweep dir."""
     subdir = str(OmegaConf.to_container(config.hydra.sweep).get("subdir"))  # as typed: `${hydra.job.num}`
-    excluded = OmegaConf.to_container(config.hydra.job.config.override_dirname).get("exclude_keys") or []
+    named = OmegaConf.to_container(config.hydra.job.config.override_dirname)  # exclude_keys, kv_sep, item_sep
+    excluded = named.get("exclude_keys") or []
     hidden = "override_dirname" in subdir and set(excluded) - {"resume"}
     jobs = [re.sub(r"\$\{hydra\.job\.(num|id|override_dirname)\}", job, subdir) for job in "01"]
     names = [os.path.normpath(re.sub(r"\$\{[^}]*\}", "x", name)) for name in jobs]  # two jobs' dirs, all else fixed
     if names[0] == names[1] or any(os.sep in n or n.startswith("..") for n in names) or hidden:
         why = "must give each job a dir of its own, one level down: ${hydra.job.num}, ${hydra.job.id}, "
         raise ConfigError("hydra.sweep.subdir", subdir, why + "${hydra.job.override_dirname} (exclude_keys: [resume])")
+    if "override_dirname" in subdir:  # a `/` in what names the dir nests job dirs, or leaves the sweep dir (`../`)
+        params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
+        typed = [*OmegaConf.to_container(config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
+        kept = [o for o in typed if override_key(o) not in excluded]
+        for given in [named.get("kv_sep"), named.get("item_sep"), *kept]:
+            if "/" in str(given):
+                why = f"{given!r} holds '/', which would nest job dirs or leave the sweep dir; use ${{hydra.job.num}}"
+                raise ConfigError("hydra.sweep.subdir", subdir, why)
 
 
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
