@@ -101,3 +101,25 @@ def test_a_forged_seed_is_refused_in_process(trained, tmp_path):
 def test_help_shows_evaluates_own_options():
     proc = evaluate("--help")
     assert proc.returncode == 0 and "data_seed" in proc.stdout and "model:" not in proc.stdout
+
+
+def test_a_run_dir_holding_a_training_run_or_a_sweep_is_refused_untouched(trained, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from linreg.evaluate import CheckInputs
+
+    def on_run_start(out: Path) -> None:
+        given = {"ckpt_path": str(trained), "data_seed": None, "num_examples": None}
+        CheckInputs().on_run_start(OmegaConf.create({**given, "hydra": {"run": {"dir": str(out)}}}))
+
+    killed = tmp_path / "killed"  # a training run stopped before its first checkpoint: only .hydra/
+    (killed / ".hydra").mkdir(parents=True)
+    for out in (trained.parents[1], killed):
+        before = sorted(out.rglob("*"))
+        with pytest.raises(SystemExit) as exit_:
+            on_run_start(out)
+        assert exit_.value.code == 2 and sorted(out.rglob("*")) == before
+        why = "holds a training run or a sweep; give the evaluation its own dir"
+        assert capsys.readouterr().err == f"error: hydra.run.dir='{out}': {why}\n"
+    (killed / "eval.json").write_text("{}")  # an earlier evaluate's dir: evaluated again
+    on_run_start(killed)

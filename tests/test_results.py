@@ -188,6 +188,17 @@ def test_the_cli_refuses_what_is_no_sweep_dir_in_one_line_and_writes_nothing(tmp
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_the_cli_leaves_a_running_sweeps_table_to_it(sweep, capsys):
+    from linreg.record import RunDirLock
+
+    with RunDirLock(sweep, "hydra.sweep.dir", "another sweep"):  # as the sweep's process holds it for its life
+        before = sorted(sweep.rglob("*"))
+        assert main([str(sweep)]) == 2
+        assert sorted(sweep.rglob("*")) == before and not (sweep / "results.md").exists()
+    why = "a sweep is still running there (it holds .lock); its table is written when it ends"
+    assert capsys.readouterr().err == f"error: {sweep}: {why}\n"
+
+
 def test_an_optuna_sweep_keeps_every_trial_and_a_failed_sweep_exits_from_the_callback(tmp_path):
     d = tmp_path / "s"
     job(d, 0, ["model.lr=0.01"], {})

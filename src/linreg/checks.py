@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +60,7 @@ class CheckConfig(Callback):
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
                 raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
             refuse_other_runs(makeable(config, "hydra.run.dir"), config)  # before Hydra rewrites a kept run's .hydra/
+            check_loggers(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
@@ -72,11 +74,15 @@ class CheckConfig(Callback):
             else:  # SLURM's nodes may have a GPU
                 check_swept_devices(config)
             within(LAUNCHER, OmegaConf.to_container(config.hydra.launcher, resolve=True), prefix="hydra.launcher.")
+            here = config.hydra.launcher._target_.endswith(IN_PROCESS)  # else Lightning's import would cost seconds
+            if here and not any(k == "logger" or k.startswith(("logger.", "logger/")) for k in swept_keys(config)):
+                check_loggers(OmegaConf.create({"logger": sweep_values(config).get("logger")}))
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if slurm else str(os.getpid())
 
 
+IN_PROCESS = (".BasicLauncher", ".VectorizedLauncher")  # launchers whose jobs run in the sweep's own process
 SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's process until it exits
 
 
@@ -101,13 +107,22 @@ def makeable(config: DictConfig, key: str) -> Path:
 def separate_job_dirs(config: DictConfig) -> None:
     """`hydra.sweep.subdir` must give every job a dir of its own, one level below the sweep dir."""
     subdir = str(OmegaConf.to_container(config.hydra.sweep).get("subdir"))  # as typed: `${hydra.job.num}`
-    excluded = OmegaConf.to_container(config.hydra.job.config.override_dirname).get("exclude_keys") or []
+    named = OmegaConf.to_container(config.hydra.job.config.override_dirname)  # exclude_keys, kv_sep, item_sep
+    excluded = named.get("exclude_keys") or []
     hidden = "override_dirname" in subdir and set(excluded) - {"resume"}
     jobs = [re.sub(r"\$\{hydra\.job\.(num|id|override_dirname)\}", job, subdir) for job in "01"]
     names = [os.path.normpath(re.sub(r"\$\{[^}]*\}", "x", name)) for name in jobs]  # two jobs' dirs, all else fixed
     if names[0] == names[1] or any(os.sep in n or n.startswith("..") for n in names) or hidden:
         why = "must give each job a dir of its own, one level down: ${hydra.job.num}, ${hydra.job.id}, "
         raise ConfigError("hydra.sweep.subdir", subdir, why + "${hydra.job.override_dirname} (exclude_keys: [resume])")
+    if "override_dirname" in subdir:  # a `/` in what names the dir nests job dirs, or leaves the sweep dir (`../`)
+        params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
+        typed = [*OmegaConf.to_container(config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
+        kept = [o for o in typed if override_key(o) not in excluded]
+        for given in [named.get("kv_sep"), named.get("item_sep"), *kept]:
+            if "/" in str(given):
+                why = f"{given!r} holds '/', which would nest job dirs or leave the sweep dir; use ${{hydra.job.num}}"
+                raise ConfigError("hydra.sweep.subdir", subdir, why)
 
 
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
@@ -117,6 +132,9 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
         names = ("metrics.json", "checkpoints", ".hydra") + ((".sweep.json",) if where != sweep_dir else ())
         if any(os.path.lexists(where / n) for n in names):
             raise ConfigError("hydra.sweep.dir", str(sweep_dir), f"{what}; use a dir of its own")
+    # A sweep writes results.md, progress.log, ... over whatever is there: only its own dir (.sweep.json) is reused.
+    if not os.path.lexists(sweep_dir / ".sweep.json") and any(p.name != ".lock" for p in sweep_dir.iterdir()):
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds files that are not a sweep's; use a new dir")
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     sweeper, typed = OmegaConf.to_container(config.hydra.sweeper), OmegaConf.to_container(config.hydra.overrides.task)
     wanted = {  # as typed: sweeper, overrides less resume, params, study, and the config its jobs start from
@@ -138,6 +156,28 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     write_json(sweep_dir / ".sweep.json", wanted)
 
 
+def check_loggers(config: DictConfig) -> None:
+    """Each logger built with its writer in a temp dir (then gone): a bad argument is one line, not a fit traceback."""
+    from linreg.run import build_loggers  # Lightning: imported once the rest of the input is good
+
+    keys = [k for k, v in (config.get("logger") or {}).items() if v is not None]  # build_loggers' order
+    errors: list[BaseException] = []
+    before = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)  # TensorBoard's writer thread (`flush_secs`)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, logger in zip(keys, build_loggers(config, Path(tmp), "check")):
+                try:  # TensorBoard's SummaryWriter takes the logger's other arguments, and is only made at fit
+                    _ = logger.experiment
+                    logger.finalize("success")  # closed: its thread has ended, its error is in `errors`
+                except Exception as err:
+                    errors.append(err)
+                if errors:
+                    raise ConfigError(f"logger.{key}", None, f"{type(errors[0]).__name__}: {errors[0]}")
+    finally:
+        threading.excepthook = before
+
+
 def sweep_values(node: DictConfig) -> dict[str, Any]:
     """The sweep's config resolved, less `hydra` and what only a job resolves (`${hydra:job.num}`; its job checks)."""
     kept: dict[str, Any] = {}
@@ -147,6 +187,14 @@ def sweep_values(node: DictConfig) -> dict[str, Any]:
             value = sweep_values(value) if isinstance(value, DictConfig) else value
             kept[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     return kept
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: its sweeper's params, and the command line's sweeps (`a=1,2`, `interval(...)`)."""
+    params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
+    typed = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
+    parsed = OverridesParser.create().parse_overrides(typed)
+    return [*params, *(override_key(o.get_key_element()) for o in parsed if o.is_sweep_override())]
 
 
 def check_swept_devices(config: DictConfig) -> None:

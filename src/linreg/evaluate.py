@@ -4,6 +4,7 @@ alone (`weights_only=True`, the run's config inside it); its model class must be
 
 import json
 import math
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -130,7 +131,15 @@ class CheckInputs(Callback):
         with refusing(), naming_key():
             OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))  # `+key=...` too
             check_inputs(config)
-            makeable(config, "hydra.run.dir")
+            own_eval_dir(makeable(config, "hydra.run.dir"))
+
+
+def own_eval_dir(out: Path) -> None:
+    """A dir holding a training run or a sweep is refused: Hydra would rewrite the `.hydra/` files it is read by."""
+    theirs = ("metrics.json", "checkpoints", ".sweep.json")
+    earlier_eval = os.path.lexists(out / "eval.json")  # an earlier evaluate's .hydra/ may be rewritten
+    if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not earlier_eval):
+        raise ConfigError("hydra.run.dir", str(out), "holds a training run or a sweep; give the evaluation its own dir")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

@@ -34,6 +34,7 @@ from linreg.record import (
     RunRecord,
     finished,
     identity,
+    is_locked,
     is_number,
     read_file,
     read_or_none,
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         why = "no such directory" if not d.exists() else "not a directory" if not d.is_dir() else None
         if not why and not (((d / PLAN).is_file() or (d / "multirun.yaml").is_file()) and job_dirs(d)):
             why = "not a sweep dir (no job dirs with a sweep plan or multirun.yaml)"  # e.g. a dir of single runs
+        if not why and is_locked(d):  # the sweep writes its own table when it ends
+            why = "a sweep is still running there (it holds .lock); its table is written when it ends"
     except OSError as err:
         why = f"cannot read: {err.strerror}"
     if why:
