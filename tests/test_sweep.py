@@ -169,6 +169,7 @@ def test_submitit_local_runs_the_jobs_through_submitit(tmp_path):
 def test_a_sweep_without_overrides_is_named_defaults_and_a_blocked_table_exits_1(tmp_path):
     sweep = tmp_path / "sweep"
     (sweep / "results.csv").mkdir(parents=True)  # the table cannot be written there
+    (sweep / ".sweep.json").write_text("{}")  # a sweep's dir (another dir is refused before any job runs)
     proc = run_cli("--multirun", f"hydra.sweep.dir={sweep}")
     progress = (sweep / "progress.log").read_text().strip()
     assert re.fullmatch(r"\[1/1 [\dhms]+\] defaults: ok train_mse=[\d.e-]+", progress)
