@@ -9,7 +9,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
-from linreg.checks import CheckConfig, one_report_per_write_error, own_sweep_dir, separate_job_dirs
+from linreg.checks import CheckConfig, one_report_per_write_error, own_sweep_dir, separate_job_dirs, swept_keys
 from linreg.config import CONFIG_DIR, ConfigError
 
 
@@ -98,6 +98,5 @@ def test_a_sweep_checks_its_loggers_once_unless_it_varies_them(tmp_path, capsys,
         CheckConfig().on_multirun_start(multirun_cfg("seed=1,2", "+logger.tensorboard.foo=1", sweep))
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: logger.tensorboard: TypeError")
     assert not (tmp_path / "sweep").exists()
-    varied = ["logger.tensorboard.max_queue=abc,5", "hydra.sweeper.params={data.deg:'1,2'}", sweep]
-    CheckConfig().on_multirun_start(multirun_cfg(*varied))  # what a sweep varies is each job's to check (a row)
-    assert (tmp_path / "sweep" / ".sweep.json").is_file()
+    varied = multirun_cfg("logger.tensorboard.max_queue=abc,5", "hydra.sweeper.params={data.deg:'1,2'}")
+    assert swept_keys(varied) == ["data.deg", "logger.tensorboard.max_queue"]  # each job's to check: a row

@@ -33,7 +33,6 @@ from linreg.config import (
     within,
 )
 from linreg.record import RunDirLock, read_or_none, refuse_other_runs, room, write_json
-from linreg.results import planned
 
 
 def one_report_per_write_error() -> None:
@@ -76,9 +75,7 @@ class CheckConfig(Callback):
                 check_swept_devices(config)
             within(LAUNCHER, OmegaConf.to_container(config.hydra.launcher, resolve=True), prefix="hydra.launcher.")
             here = config.hydra.launcher._target_.endswith(IN_PROCESS)  # else Lightning's import would cost seconds
-            if here and not any(
-                k == "logger" or k.startswith(("logger.", "logger/")) for k in planned(config)["swept"]
-            ):
+            if here and not any(k == "logger" or k.startswith(("logger.", "logger/")) for k in swept_keys(config)):
                 check_loggers(OmegaConf.create({"logger": sweep_values(config).get("logger")}))
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
@@ -190,6 +187,14 @@ def sweep_values(node: DictConfig) -> dict[str, Any]:
             value = sweep_values(value) if isinstance(value, DictConfig) else value
             kept[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     return kept
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: its sweeper's params, and the command line's sweeps (`a=1,2`, `interval(...)`)."""
+    params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
+    typed = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
+    parsed = OverridesParser.create().parse_overrides(typed)
+    return [*params, *(override_key(o.get_key_element()) for o in parsed if o.is_sweep_override())]
 
 
 def check_swept_devices(config: DictConfig) -> None:
