@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -60,7 +59,6 @@ class CheckConfig(Callback):
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
                 raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
             refuse_other_runs(makeable(config, "hydra.run.dir"), config)  # before Hydra rewrites a kept run's .hydra/
-            check_loggers(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
@@ -74,15 +72,11 @@ class CheckConfig(Callback):
             else:  # SLURM's nodes may have a GPU
                 check_swept_devices(config)
             within(LAUNCHER, OmegaConf.to_container(config.hydra.launcher, resolve=True), prefix="hydra.launcher.")
-            here = config.hydra.launcher._target_.endswith(IN_PROCESS)  # else Lightning's import would cost seconds
-            if here and not any(k == "logger" or k.startswith(("logger.", "logger/")) for k in swept_keys(config)):
-                check_loggers(OmegaConf.create({"logger": sweep_values(config).get("logger")}))
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if slurm else str(os.getpid())
 
 
-IN_PROCESS = (".BasicLauncher", ".VectorizedLauncher")  # launchers whose jobs run in the sweep's own process
 SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's process until it exits
 
 
@@ -156,28 +150,6 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     write_json(sweep_dir / ".sweep.json", wanted)
 
 
-def check_loggers(config: DictConfig) -> None:
-    """Each logger built with its writer in a temp dir (then gone): a bad argument is one line, not a fit traceback."""
-    from linreg.run import build_loggers  # Lightning: imported once the rest of the input is good
-
-    keys = [k for k, v in (config.get("logger") or {}).items() if v is not None]  # build_loggers' order
-    errors: list[BaseException] = []
-    before = threading.excepthook
-    threading.excepthook = lambda args: errors.append(args.exc_value)  # TensorBoard's writer thread (`flush_secs`)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for key, logger in zip(keys, build_loggers(config, Path(tmp), "check")):
-                try:  # TensorBoard's SummaryWriter takes the logger's other arguments, and is only made at fit
-                    _ = logger.experiment
-                    logger.finalize("success")  # closed: its thread has ended, its error is in `errors`
-                except Exception as err:
-                    errors.append(err)
-                if errors:
-                    raise ConfigError(f"logger.{key}", None, f"{type(errors[0]).__name__}: {errors[0]}")
-    finally:
-        threading.excepthook = before
-
-
 def sweep_values(node: DictConfig) -> dict[str, Any]:
     """The sweep's config resolved, less `hydra` and what only a job resolves (`${hydra:job.num}`; its job checks)."""
     kept: dict[str, Any] = {}
@@ -187,14 +159,6 @@ def sweep_values(node: DictConfig) -> dict[str, Any]:
             value = sweep_values(value) if isinstance(value, DictConfig) else value
             kept[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
     return kept
-
-
-def swept_keys(config: DictConfig) -> list[str]:
-    """The keys a sweep varies: its sweeper's params, and the command line's sweeps (`a=1,2`, `interval(...)`)."""
-    params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
-    typed = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
-    parsed = OverridesParser.create().parse_overrides(typed)
-    return [*params, *(override_key(o.get_key_element()) for o in parsed if o.is_sweep_override())]
 
 
 def check_swept_devices(config: DictConfig) -> None:
