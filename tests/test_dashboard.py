@@ -139,6 +139,9 @@ def test_scalars_are_held_until_a_save_and_kept_when_a_run_fails(tmp_path):
     live.log_metrics({"a": 1.0}, step=0)  # write_every_s has passed: saved to the event file at once
     assert [(e.step, e.value) for e in accumulator(tmp_path / "tb" / "live").Scalars("a")] == [(0, 1.0)]
     live.finalize("success")
+    live.log_metrics({"a": 2.0, "b": 3.0}, step=1)  # after a finalize (a fit, then a test with the same logger)
+    live.finalize("success")
+    assert [(e.step, e.value) for e in accumulator(tmp_path / "tb" / "live").Scalars("b")] == [(1, 3.0)]
 
 
 def test_a_prefix_names_the_tags_as_lightnings_logger_does(tmp_path):

@@ -114,6 +114,7 @@ def test_a_run_dir_holding_a_training_run_or_a_sweep_is_refused_untouched(traine
 
     killed = tmp_path / "killed"  # a training run stopped before its first checkpoint: only .hydra/
     (killed / ".hydra").mkdir(parents=True)
+    (killed / ".hydra" / "config.yaml").write_text("seed: 1\n")
     for out in (trained.parents[1], killed):
         before = sorted(out.rglob("*"))
         with pytest.raises(SystemExit) as exit_:
@@ -121,5 +122,5 @@ def test_a_run_dir_holding_a_training_run_or_a_sweep_is_refused_untouched(traine
         assert exit_.value.code == 2 and sorted(out.rglob("*")) == before
         why = "holds a training run or a sweep; give the evaluation its own dir"
         assert capsys.readouterr().err == f"error: hydra.run.dir='{out}': {why}\n"
-    (killed / "eval.json").write_text("{}")  # an earlier evaluate's dir: evaluated again
-    on_run_start(killed)
+    (killed / ".hydra" / "config.yaml").write_text("ckpt_path: x\n")  # an earlier evaluate's, failed or not
+    on_run_start(killed)  # evaluated again

@@ -69,6 +69,21 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
     assert list(disk.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("+logger.tensorboard.foo=1", "unexpected keyword argument 'foo'"),  # SummaryWriter's, made at once
+        ("logger.tensorboard._target_=builtins.dict", "builtins.dict is not a Lightning logger"),  # it builds
+    ],
+)
+def test_a_bad_logger_argument_is_refused_before_the_run_writes(make_cfg, given, says):
+    cfg = make_cfg("data.num_examples=100", "trainer.max_epochs=1", given)
+    with pytest.raises(ConfigError, match=says) as err:
+        run(cfg)
+    assert err.value.key == "logger.tensorboard"
+    assert not (Path(cfg.hydra.run.dir) / "metrics.json").exists()  # the command line then removes the new dir
+
+
 def test_the_cli_prints_the_result_and_the_run_dir(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("model=linear", *SMALL, f"hydra.run.dir={out}")

@@ -87,6 +87,9 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         pending, self.pending = self.pending, []
+        if pending and self.experiment.file_writer is None:  # closed by a finalize: `add_scalar` opens it again
+            self.experiment.add_scalar(*pending[0][:3], walltime=pending[0][3])
+            pending = pending[1:]
         for step, run in itertools.groupby(pending, key=lambda held: held[2]):  # in logged order, never reordered
             held = list(run)  # each event costs the writer thread more than its values do
             values = [Summary.Value(tag=tag, simple_value=value) for tag, value, _, _ in held]

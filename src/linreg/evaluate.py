@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from linreg.checks import makeable
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
-from linreg.record import finite_or_none, model_name, write_json
+from linreg.record import finite_or_none, model_name, read_or_none, write_json
 
 
 class Inputs(NamedTuple):
@@ -137,8 +137,9 @@ class CheckInputs(Callback):
 def own_eval_dir(out: Path) -> None:
     """A dir holding a training run or a sweep is refused: Hydra would rewrite the `.hydra/` files it is read by."""
     theirs = ("metrics.json", "checkpoints", ".sweep.json")
-    earlier_eval = os.path.lexists(out / "eval.json")  # an earlier evaluate's .hydra/ may be rewritten
-    if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not earlier_eval):
+    saved = read_or_none(out / ".hydra" / "config.yaml")  # an earlier evaluate's (a ckpt_path) may be rewritten
+    evaluated = isinstance(saved, dict) and "ckpt_path" in saved
+    if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not evaluated):
         raise ConfigError("hydra.run.dir", str(out), "holds a training run or a sweep; give the evaluation its own dir")
 
 

@@ -2,10 +2,10 @@
 Lightning's import takes seconds: imported once a run is about to train."""
 
 import contextlib
+import copy
 import csv
 import functools
 import importlib
-import json
 import logging
 import math
 import os
@@ -13,7 +13,7 @@ import stat
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.callbacks import EndWithSweep, EpochLines, ReportToStudy, SaveRunConfig
@@ -99,16 +99,29 @@ def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
         try:
             if issubclass(get_class(lcfg._target_), TensorBoardLogger) and "version" not in lcfg:
                 given["version"] = label  # TensorBoard names a run by its path: <run dir>/tensorboard/<label>
-            loggers.append(logger_maker(json.dumps(OmegaConf.to_container(lcfg, resolve=True)))(**given))
+            make = logger_maker(lcfg)
+            logger = make.func(*make.args, **{**copy.deepcopy(make.keywords), **given})  # its own argument objects
+            if not isinstance(logger, Logger):  # `_target_: builtins.dict` builds, then fails inside the Trainer
+                raise TypeError(f"{lcfg._target_} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
+            if isinstance(logger, TensorBoardLogger):  # its SummaryWriter, which takes the other arguments, now
+                _ = logger.experiment
+            loggers.append(logger)
         except Exception as err:
             raise ConfigError(f"logger.{key}", None, str(err.__cause__ or err).splitlines()[0]) from None
     return loggers
 
 
-@functools.lru_cache(maxsize=16)
-def logger_maker(resolved: str) -> Callable[..., Any]:
-    """A logger config's class with its arguments: instantiated once (a stacked group's members share it)."""
-    return instantiate(json.loads(resolved), _partial_=True)
+MAKERS: dict[str, functools.partial[Any]] = {}  # a logger config, resolved (its repr) -> its class and arguments
+
+
+def logger_maker(lcfg: DictConfig) -> functools.partial[Any]:
+    """A logger config's class with its arguments, instantiated once per config (a stacked group's members share it)."""
+    key = repr(OmegaConf.to_container(lcfg, resolve=True))
+    if key not in MAKERS:
+        if len(MAKERS) >= 16:  # bounded: a sweep may vary a logger's arguments
+            MAKERS.clear()
+        MAKERS[key] = instantiate(lcfg, _partial_=True)
+    return MAKERS[key]
 
 
 def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:
@@ -214,6 +227,7 @@ def run(
             log.info("resume: %s already finished with this config; nothing to train", out)
             return done
         refuse_other_runs(out, cfg, lock_held=True)
+        loggers = build_loggers(cfg, out, label)  # a bad logger argument is refused before anything else is written
         job_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if HydraConfig.initialized() else None
         if job_dir == str(out):  # a Hydra job's run
             write_job_files(out, cfg)
@@ -224,7 +238,6 @@ def run(
         if bar is None:  # automatic: a long single run on a terminal
             steps = cfg.trainer.max_epochs * -(-cfg.data.num_examples // cfg.data.batch_size)
             bar = progress and sys.stderr.isatty() and steps >= PROGRESS_MIN_STEPS
-        loggers = build_loggers(cfg, out, label)
         if ckpt is not None:
             keep_csv_history(loggers, step)
         trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)

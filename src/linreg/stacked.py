@@ -12,6 +12,7 @@ as a single run) leaves the stack: its rows of parameters, data and lr and its s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -208,7 +209,8 @@ class Member:
             end = start_hparams(tb, hparams(r))  # of its config: the same as its single run's at its start
             saved = Path(tb.log_dir) / tb.NAME_HPARAMS_FILE  # what Lightning's `save` writes unless it is there
             if not os.path.lexists(saved):  # a link is not followed, and is left as Lightning leaves it
-                write_atomic(saved, fastpath.to_yaml(dict(tb.hparams)).encode())
+                with contextlib.suppress(Exception):  # what OmegaConf cannot hold: Lightning's `save` writes it
+                    write_atomic(saved, fastpath.to_yaml(dict(tb.hparams)).encode())
         params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
         rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
         rows.sort(key=lambda row: row[0])  # by step (stable): its single run's order, a step's scalars in one event
