@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from linreg.record import write_json
+from linreg.record import sweep_dir_of, write_json
 
 log = logging.getLogger("linreg.train")
 
@@ -110,7 +110,7 @@ class ReportToStudy(L.Callback):
     def __init__(self, hc: DictConfig) -> None:
         import optuna
 
-        url = hc.sweeper.storage or f"sqlite:///{Path(hc.runtime.cwd, hc.sweep.dir).resolve() / 'optuna.db'}"
+        url = hc.sweeper.storage or f"sqlite:///{sweep_dir_of(hc).resolve() / 'optuna.db'}"
         engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {}  # as the sweeper waits
         self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
         pruner = instantiate(hc.sweeper.pruner) if hc.sweeper.pruner else optuna.pruners.NopPruner()

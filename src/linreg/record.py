@@ -110,6 +110,11 @@ def read_or_none(path: Path) -> Any:
         return None
 
 
+def sweep_dir_of(hydra: DictConfig) -> Path:
+    """A job's sweep dir (`hydra` its Hydra config): a relative one is the launching cwd's (hydra.job.chdir=true)."""
+    return Path(hydra.runtime.cwd, hydra.sweep.dir)
+
+
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """What a run computes: its config less `hydra` and `resume` (how it is run), resolved."""
     return plain(cfg, ("hydra", "resume"))

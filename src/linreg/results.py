@@ -38,6 +38,7 @@ from linreg.record import (
     is_number,
     read_file,
     read_or_none,
+    sweep_dir_of,
     write_atomic,
     write_json,
 )
@@ -316,8 +317,7 @@ class SweepResults(Callback):
         """One progress line, in the sweep's console and its progress.log."""
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        # A relative sweep dir is the launching cwd's: a job may run in its own dir (hydra.job.chdir=true).
-        sweep_dir, out = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
+        sweep_dir, out = sweep_dir_of(config.hydra), Path(config.hydra.runtime.output_dir)
         plan, line = read_plan(sweep_dir), None
         try:
             with open(sweep_dir / PROGRESS, "a+") as f:

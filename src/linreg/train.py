@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from linreg.config import CONFIG_DIR, ConfigError, full_error, refuse
-from linreg.record import RunDirBusy, RunRecord, shown, write_job_files
+from linreg.record import RunDirBusy, RunRecord, shown, sweep_dir_of, write_job_files
 
 log = logging.getLogger("linreg.train")
 
@@ -33,13 +33,13 @@ def main(cfg: DictConfig) -> float:
     one_report_per_write_error()  # in a sweep's worker process too
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
-    out, sweep_dir = Path(hc.runtime.output_dir), Path(hc.runtime.cwd, hc.sweep.dir)  # as typed, or from the cwd
+    out = Path(hc.runtime.output_dir)
     try:
-        swept = read_plan(sweep_dir)["swept"] if sweep else None  # a sweep's runs are named by what varies
+        swept = read_plan(sweep_dir_of(hc))["swept"] if sweep else None  # a sweep's runs are named by what varies
         r = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
         if sweep:  # the sweep's own process (the basic launcher): the table of what finished, one line
-            raise SystemExit(stopped(sweep_dir, f"job {out} stopped by SIGTERM")) from None
+            raise SystemExit(stopped(sweep_dir_of(hc), f"job {out} stopped by SIGTERM")) from None
         print(f"error: {out}: stopped by SIGTERM; resume=true continues it", file=sys.stderr)
         sys.exit(143)
     except SweepGone as err:  # nobody is left to report to: end the worker too (its checkpoint stays for a resume)
