@@ -8,7 +8,6 @@ import io
 import json
 import math
 import statistics
-import sys
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,7 +27,7 @@ BEST = {"color": "k", "marker": "*", "mfc": "none", "ls": "", "ms": 10, "label":
 
 def num(value: Any) -> float | None:
     """A finite number as a float, else None (text, bools, NaN, an integer past float's range)."""
-    return float(value) if is_number(value) and abs(value) <= sys.float_info.max else None
+    return float(value) if is_number(value) else None
 
 
 def value_of(row: Row, key: str | None) -> Any:
