@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 
 from linreg.config import override_key
-from linreg.models import RegressionModule, log_scalars, log_step
+from linreg.models import RegressionModule, log_scalars
 from linreg.record import RunRecord, param_names
 
 # The HParams metrics: every job logs these keys, so TensorBoard lines the runs up (after params/, train/ by name).
@@ -116,7 +116,7 @@ class Dashboard(L.Callback):
 
     def log_params(self, trainer: L.Trainer, module: RegressionModule) -> None:
         """One point per coefficient at the current step (once per step)."""
-        step = log_step(trainer)
+        step = trainer.global_step
         if step != self.logged_at:
             weights = module.weights()
             names = param_names(len(weights), bool(module.hparams.bias))
@@ -127,14 +127,14 @@ class Dashboard(L.Callback):
         self.tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if self.tb is not None:
             self.end_summary = start_hparams(self.tb, self.hparams)  # the HParams session's end, for the run's end
-        if log_step(trainer) > 0:  # a resume: its history up to here is in the logs already
-            self.logged_at = log_step(trainer)
+        if trainer.global_step > 0:  # a resume: its history up to here is in the logs already
+            self.logged_at = trainer.global_step
         else:
             self.log_params(trainer, pl_module)  # the starting weights
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         # At the end of the call that passes a multiple of train/loss's N: its steps, unless a call straddles one.
-        if log_step(trainer) // pl_module.every > self.logged_at // pl_module.every:
+        if trainer.global_step // pl_module.every > self.logged_at // pl_module.every:
             self.log_params(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,7 +144,8 @@ class Dashboard(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         mse = pl_module.epoch_mse[-1]  # validation (train/mse) ends every epoch; a resume restores the list
-        log_scalars(trainer, hp_metrics(mse, trainer.datamodule.ols_mse()), log_step(trainer))
+        step = trainer.global_step
+        log_scalars(trainer, hp_metrics(mse, trainer.datamodule.ols_mse()), step)
         if self.tb is None:
             return
         self.tb.experiment.file_writer.add_summary(self.end_summary)  # status: finished
@@ -154,7 +155,7 @@ class Dashboard(L.Callback):
             x, y = x[::stride], y[::stride]
             with torch.no_grad():
                 y_hat = pl_module(x.to(pl_module.device)).reshape(-1).cpu()
-            self.tb.experiment.add_figure("train_end/fit", fit_figure(x, y.reshape(-1), y_hat, mse), log_step(trainer))
+            self.tb.experiment.add_figure("train_end/fit", fit_figure(x, y.reshape(-1), y_hat, mse), step)
 
 
 def hp_metrics(mse: float, ols_mse: float) -> dict[str, float]:

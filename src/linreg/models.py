@@ -28,11 +28,6 @@ def sgd(params: list[Tensor], lr: float) -> None:
         p.grad.zero_()
 
 
-def log_step(trainer: L.Trainer) -> int:
-    """The x axis of every curve: SGD steps so far (`global_step`), whatever `data.batches_per_call` is."""
-    return trainer.global_step
-
-
 def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
     """Write scalars straight to every logger: no per-step bookkeeping in Lightning's result collection."""
     for logger in trainer.loggers:
@@ -106,7 +101,7 @@ class RegressionModule(L.LightningModule):
             return
         value = mse.item()
         self.epoch_mse.append(value)
-        log_scalars(self.trainer, {"train/mse": value}, log_step(self.trainer))
+        log_scalars(self.trainer, {"train/mse": value}, self.trainer.global_step)
         if not (math.isfinite(value) and all(math.isfinite(v) for v in self.weights())):
             self.diverged_epoch = self.current_epoch  # an outcome to record, not something to train on
             self.trainer.should_stop = True
