@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
 from linreg.config import ConfigError
 from linreg.record import write_atomic
 from linreg.results import stopped, summarize
@@ -114,28 +115,19 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
     return space
 
 
-class SeedPerTrial(BaseSampler):
-    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point."""
+class SeedPerTrial(Proxy):
+    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point.
+
+    Optuna only calls a sampler's methods (it checks no class): all but `before_trial` are the current sampler's.
+    """
 
     def __init__(self, config: dict[str, Any], seed: int) -> None:
+        super().__init__(make("sampler", config, BaseSampler, seed=seed))
         self.config, self.seed = config, seed
-        self.sampler = make("sampler", config, BaseSampler, seed=seed)
 
     def before_trial(self, study: Any, trial: Any) -> None:
-        self.sampler = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
-        self.sampler.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
-        return self.sampler.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return self.sampler.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: Any, trial: Any, name: str, distribution: BaseDistribution) -> Any:
-        return self.sampler.sample_independent(study, trial, name, distribution)
-
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
-        self.sampler.after_trial(study, trial, state, values)
+        self.inner = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
+        self.inner.before_trial(study, trial)
 
 
 def make(key: str, config: dict[str, Any], base: type, **given: Any) -> Any:
