@@ -115,9 +115,8 @@ class RegressionDataModule(L.LightningDataModule):
 
     @property
     def in_features(self) -> int:
-        """Number of model inputs in the view this DataModule serves."""
-        w, bias, ones = self.hparams.w, self.hparams.bias, self.hparams.ones_column
-        return len(w) if (not bias or ones) else len(w) - 1
+        """Number of model inputs in the view this DataModule serves: the intercept's input only as a ones column."""
+        return len(self.hparams.w) - bool(self.hparams.bias and not self.hparams.ones_column)
 
     def setup(self, stage: str | None = None) -> None:
         """Make the data once; later calls (fit after fit, resume) keep it."""
