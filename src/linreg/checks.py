@@ -42,8 +42,8 @@ def one_report_per_write_error() -> None:
     previous = threading.excepthook  # whatever hook is set now (pytest's, a library's) still gets the rest
 
     def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
-        # TensorBoard's writer thread hands its OSError to the run at the next flush: no traceback from the thread.
-        if not issubclass(args.exc_type, OSError):
+        # TensorBoard's writer thread hands its error (a full disk, a bad flush_secs) to the run at its next write.
+        if not (issubclass(args.exc_type, OSError) or type(args.thread).__module__.startswith("tensorboard.")):
             previous(args)
 
     if getattr(previous, "__name__", "") != "quiet_write_errors":  # once: a sweep's jobs call it again
