@@ -1,6 +1,7 @@
 """`linreg.evaluate`: a checkpoint on held-out data, reading nothing but the checkpoint, refusing in one line."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,24 +104,34 @@ def test_help_shows_evaluates_own_options():
     assert proc.returncode == 0 and "data_seed" in proc.stdout and "model:" not in proc.stdout
 
 
-def test_a_run_dir_holding_a_training_run_or_a_sweep_is_refused_untouched(trained, tmp_path, capsys):
-    from omegaconf import OmegaConf
-
-    from linreg.evaluate import CheckInputs
-
-    def on_run_start(out: Path) -> None:
-        given = {"ckpt_path": str(trained), "data_seed": None, "num_examples": None}
-        CheckInputs().on_run_start(OmegaConf.create({**given, "hydra": {"run": {"dir": str(out)}}}))
+def test_a_dir_holding_a_training_run_or_a_sweep_is_refused(trained, tmp_path):
+    from linreg.config import ConfigError
+    from linreg.evaluate import own_eval_dir
 
     killed = tmp_path / "killed"  # a training run stopped before its first checkpoint: only .hydra/
     (killed / ".hydra").mkdir(parents=True)
     (killed / ".hydra" / "config.yaml").write_text("seed: 1\n")
     for out in (trained.parents[1], killed):
-        before = sorted(out.rglob("*"))
-        with pytest.raises(SystemExit) as exit_:
-            on_run_start(out)
-        assert exit_.value.code == 2 and sorted(out.rglob("*")) == before
-        why = "holds a training run or a sweep; give the evaluation its own dir"
-        assert capsys.readouterr().err == f"error: hydra.run.dir='{out}': {why}\n"
+        with pytest.raises(ConfigError, match="holds a training run or a sweep; give the evaluation its own dir"):
+            own_eval_dir(out, "hydra.run.dir")
     (killed / ".hydra" / "config.yaml").write_text("ckpt_path: x\n")  # an earlier evaluate's, failed or not
-    on_run_start(killed)  # evaluated again
+    own_eval_dir(killed, "hydra.run.dir")  # evaluated again
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        (["hydra.run.dir={run}"], "hydra.run.dir"),
+        (["--multirun", "hydra.sweep.dir={run}"], "hydra.sweep.dir"),  # before Hydra writes multirun.yaml there
+        (["--multirun", "hydra.sweep.dir={run.parent}", "hydra.sweep.subdir={run.name}"], "hydra.sweep.subdir"),
+    ],
+)
+def test_an_evaluation_into_a_training_runs_dir_is_refused_untouched(trained, tmp_path, where, key):
+    run = tmp_path / "runs" / "a"
+    shutil.copytree(trained.parents[1], run)
+    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
+    proc = evaluate(*(w.format(run=run) for w in where), f"ckpt_path={trained}")
+    assert proc.returncode == 2, proc.stderr
+    why = "holds a training run or a sweep; give the evaluation its own dir"
+    assert proc.stderr == f"error: {key}='{run}': {why}\n"
+    assert sorted((p, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before

@@ -176,6 +176,7 @@ def test_an_interval_is_refused_in_one_line_before_any_job_runs(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: model.lr='interval(0.01,0.1)': a grid takes a,b,c, range() or glob()")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "sweep" / "0").exists()
+    assert proc.stdout == ""  # no `sweep: N jobs -> DIR` for a sweep that never starts
 
 
 @pytest.fixture(scope="module")

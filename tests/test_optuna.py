@@ -164,6 +164,7 @@ def test_a_bad_sweeper_value_on_the_command_line_is_refused_without_a_traceback(
     proc = run_cli(*optuna_sweep(tmp_path / "sweep", *args, *SMALL))
     assert proc.returncode == code and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "sweep").exists()
+    assert proc.stdout == ""  # no `sweep: N jobs -> DIR` for a sweep that never starts
     if code == 2:
         assert proc.stderr.count("\n") == 1
 

@@ -275,7 +275,20 @@ def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path, l
     proc.send_signal(signal.SIGTERM)  # both launchers run the jobs in the sweep's own process
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
-    what = f"job {sweep / '0'}" if launcher == "basic" else "jobs 0-1"
-    what += " stopped by SIGTERM" + " while training" * (launcher == "vectorized")
-    assert err.strip().splitlines()[-1] == f"error: sweep {sweep}: stopped: {what}; once it can, resume=true goes on"
+    assert err.strip().splitlines()[-1] == f"error: sweep {sweep}: {STOPPED}"
     assert [r["status"] for r in read_csv(sweep)] == ["missing", "missing"]
+
+
+STOPPED = "stopped: by SIGTERM; once it can, resume=true goes on"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "vectorized"])
+def test_a_sweep_stopped_by_sigterm_between_fits_ends_with_its_table_and_one_line(tmp_path, launcher):
+    # Job 1's logger sends it: as the job is set up (basic), or as its group's results are written (vectorized).
+    sweep = tmp_path / "sweep"
+    args = [*SMALL, "seed=1,2", "logger=csv", "logger.csv._target_=tests.user_classes.SigtermCSVLogger"]
+    args += ["hydra/launcher=vectorized"] * (launcher == "vectorized")
+    proc = run_cli("--multirun", *args, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == f"error: sweep {sweep}: {STOPPED}"
+    assert [r["status"] for r in read_csv(sweep)] == ["ok", "missing"]

@@ -84,6 +84,14 @@ def test_a_bad_logger_argument_is_refused_before_the_run_writes(make_cfg, given,
     assert not (Path(cfg.hydra.run.dir) / "metrics.json").exists()  # the command line then removes the new dir
 
 
+def test_a_logger_argument_that_fails_in_its_writer_thread_is_one_line(tmp_path):
+    proc = run_cli(*SMALL, "+logger.tensorboard.flush_secs=abc", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    why = "unsupported operand type(s) for +: 'float' and 'str'"  # in TensorBoard's writer thread, handed to the run
+    assert proc.stderr.splitlines() == [f"error: logger.tensorboard: {why}"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_cli_prints_the_result_and_the_run_dir(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("model=linear", *SMALL, f"hydra.run.dir={out}")

@@ -6,11 +6,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -40,8 +42,8 @@ def one_report_per_write_error() -> None:
     previous = threading.excepthook  # whatever hook is set now (pytest's, a library's) still gets the rest
 
     def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
-        # TensorBoard's writer thread hands its OSError to the run at the next flush: no traceback from the thread.
-        if not issubclass(args.exc_type, OSError):
+        # TensorBoard's writer thread hands its error (a full disk, a bad flush_secs) to the run at its next write.
+        if not (issubclass(args.exc_type, OSError) or type(args.thread).__module__.startswith("tensorboard.")):
             previous(args)
 
     if getattr(previous, "__name__", "") != "quiet_write_errors":  # once: a sweep's jobs call it again
@@ -75,6 +77,17 @@ class CheckConfig(Callback):
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if slurm else str(os.getpid())
+        signal.signal(signal.SIGTERM, lambda *_: end_sweep(Path(str(config.hydra.sweep.dir))))
+
+
+def end_sweep(sweep_dir: Path) -> NoReturn:
+    """A SIGTERM to a sweep's process, between fits or in one (Lightning's handler calls this one too): the table of
+    what finished, one line, exit 1."""
+    from linreg.results import stopped  # imported already, by its callback
+
+    print(stopped(sweep_dir, "by SIGTERM"), file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)  # not an exception: unwinding whatever it interrupted half-way (a config being set) can raise anew
 
 
 SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's process until it exits

@@ -13,11 +13,12 @@ from typing import Any, NamedTuple
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.checks import makeable
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
-from linreg.record import finite_or_none, model_name, read_or_none, write_json
+from linreg.record import finite_or_none, model_name, read_or_none, write_job_files, write_json
 
 
 class Inputs(NamedTuple):
@@ -125,22 +126,26 @@ def evaluate(inputs: Inputs, out: Path) -> dict[str, Any]:
 
 
 class CheckInputs(Callback):
-    """Refuses bad input in `on_run_start`, before Hydra makes the run dir: a refused command leaves nothing."""
+    """Refuses bad input before Hydra makes the run dir, or a sweep's: a refused command leaves nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with refusing(), naming_key():
             OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))  # `+key=...` too
             check_inputs(config)
-            own_eval_dir(makeable(config, "hydra.run.dir"))
+            makeable(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with refusing():  # before Hydra's sweeper writes multirun.yaml there
+            own_eval_dir(makeable(config, "hydra.sweep.dir"), "hydra.sweep.dir")
 
 
-def own_eval_dir(out: Path) -> None:
-    """A dir holding a training run or a sweep is refused: Hydra would rewrite the `.hydra/` files it is read by."""
+def own_eval_dir(out: Path, key: str) -> None:
+    """A dir holding a training run or a sweep is refused: an evaluation's files would be written among theirs."""
     theirs = ("metrics.json", "checkpoints", ".sweep.json")
     saved = read_or_none(out / ".hydra" / "config.yaml")  # an earlier evaluate's (a ckpt_path) may be rewritten
     evaluated = isinstance(saved, dict) and "ckpt_path" in saved
     if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not evaluated):
-        raise ConfigError("hydra.run.dir", str(out), "holds a training run or a sweep; give the evaluation its own dir")
+        raise ConfigError(key, str(out), "holds a training run or a sweep; give the evaluation its own dir")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
@@ -149,9 +154,14 @@ def main(cfg: DictConfig) -> float:
     from linreg import fastpath
 
     fastpath.freeze_imports()  # the command's process only: evaluate() may run in a user's
-    out = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
     try:
-        result = evaluate(check_inputs(cfg), out)
+        inputs = check_inputs(cfg)
+        # Each job's dir, a sweep's too: Hydra writes nothing there first (hydra.output_subdir: null).
+        own_eval_dir(out, "hydra.sweep.subdir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir")
+        write_job_files(out, cfg)
+        result = evaluate(inputs, out)
     except ConfigError as err:  # a sweep's job (no on_run_start there), or a file changed since the check
         refuse(err)
     except OSError as err:  # a full disk, a read-only dir

@@ -200,6 +200,11 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
+def announce(sweep_dir: Path, jobs: int | None) -> None:
+    """A sweep's first line, `sweep: 48 jobs -> DIR`, once its sweeper has taken the sweep (it refuses before)."""
+    log.info(f"sweep: {n_jobs(jobs)} -> {sweep_dir}")
+
+
 def stopped(sweep_dir: Path, err: OSError | str) -> str:
     """The line a sweep ends with when it cannot go on (a write failed, a SIGTERM): after the table of what finished."""
     with contextlib.suppress(Exception):
@@ -311,7 +316,6 @@ class SweepResults(Callback):
             write_atomic(sweep_dir / PROGRESS, b"")  # a resumed sweep counts from 1 again
         except OSError as err:  # Hydra would make it a warning and run the sweep without its progress file
             refuse(ConfigError("hydra.sweep.dir", str(sweep_dir), f"cannot write {err.filename}: {err.strerror}"))
-        log.info(f"sweep: {n_jobs(plan['jobs'])} -> {sweep_dir}")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """One progress line, in the sweep's console and its progress.log."""

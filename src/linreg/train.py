@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> float:
         swept = read_plan(sweep_dir_of(hc))["swept"] if sweep else None  # a sweep's runs are named by what varies
         r = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
-        if sweep:  # the sweep's own process (the basic launcher): the table of what finished, one line
+        if sweep:  # a worker (joblib, submitit): the table of what finished, one line (the sweep's process: end_sweep)
             raise SystemExit(stopped(sweep_dir_of(hc), f"job {out} stopped by SIGTERM")) from None
         print(f"error: {out}: stopped by SIGTERM; resume=true continues it", file=sys.stderr)
         sys.exit(143)

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
 from linreg.config import ConfigError
 from linreg.record import write_atomic
-from linreg.results import stopped, summarize
+from linreg.results import announce, stopped, summarize
 
 from .optuna_sweeper import OptunaConfig
 
@@ -246,6 +246,7 @@ class StudySweep:
             left = f"trials {', '.join(str(t.number) for t in mine)} of {self.sweep_dir} were left running by a kill"
             raise ConfigError("resume", False, f"{left}: add resume=true to run them again and go on")
         stale = [(t.number, space.overrides(t.params)) for t in mine]
+        announce(Path(str(self.config.hydra.sweep.dir)), self.n_trials)
         try:
             for start in range(0, len(stale), self.n_jobs):  # in their own dirs, from their checkpoints
                 self.run_batch(study, stale[start : start + self.n_jobs])

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, is_int, override_key, refusing
 from linreg.record import write_atomic
-from linreg.results import stopped
+from linreg.results import announce, stopped
 
 Plain = list[Override]  # a job's plain `key=value` overrides
 KEPT = 32  # composed configs kept: a grid varies its first (group) keys slowest
@@ -159,6 +159,7 @@ class GridSweeper(Sweeper):
             write_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config).encode())
         except OSError as err:
             raise SystemExit(f"error: cannot write {sweep_dir / 'multirun.yaml'}: {err.strerror or err}") from None
+        announce(sweep_dir, len(jobs))
         returns = []
         try:
             for first in range(0, len(jobs), size):

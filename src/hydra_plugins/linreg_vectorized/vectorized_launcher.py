@@ -69,10 +69,7 @@ class VectorizedLauncher(Launcher):
 
     def launch_jobs(self, numbered: list[tuple[int, list[str]]]) -> list[JobReturn]:
         """Plan the numbered jobs, run those that do not stack, and train the groups, here."""
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         from linreg import fastpath
-        from linreg.results import jobs_label, stopped
         from linreg.stacked import train_group
 
         fastpath.freeze_imports()  # before the jobs' configs: those are collected when done
@@ -83,9 +80,6 @@ class VectorizedLauncher(Launcher):
                 try:
                     report = self.report(members)  # with linreg's Optuna sweeper: to each member's trial
                     results: list[Any] = train_group([job.cfg for job in members], report) if members else []
-                except SIGTERMException:  # Lightning's, a SystemExit that would exit 0: the table, one line, exit 1
-                    why = f"{jobs_label([str(job.num) for job in members])} stopped by SIGTERM while training"
-                    raise SystemExit(stopped(Path(str(self.config.hydra.sweep.dir)), why)) from None
                 except Exception as err:  # the group's fit failed: every member is a failed row
                     log.error("stacked fit failed: %s: %s", type(err).__name__, err)
                     results = [err] * len(members)
