@@ -1,13 +1,15 @@
 """`make run`: the tutorial's four experiments, side by side with the tutorial's own figures."""
 
+import argparse
 import logging
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
-from linreg.config import CONFIG_DIR
+from linreg.config import CONFIG_DIR, refusing
 from linreg.record import shown
 from linreg.run import run
 
@@ -22,19 +24,27 @@ TUTORIAL = [
 HEADER = ("experiment", "model", "MSE per epoch", "OLS floor", "weights", "tutorial MSE", "tutorial weights", "in band")
 
 
-def main(overrides: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run every experiment, print one table, return 1 if any result leaves the tutorial's band."""
+    parser = argparse.ArgumentParser(prog="python -m linreg.reproduce", description=__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every experiment, e.g. trainer.max_epochs=5")
+    overrides = parser.parse_args(argv).overrides
     # The table is the output: no Lightning banners, tips or "fit stopped" lines above it.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     out = Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
     rows, ok = [HEADER], True
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for name, mse, weights, (low, high) in TUTORIAL:
-            m = run(compose("train", overrides=[f"experiment={name}", *(overrides or [])]), out / name, label=name)
-            inside = m.train_mse is not None and low <= m.train_mse <= high
-            ok &= inside
-            learned = (shown(m.epoch_mse, ".6f", "/"), shown([m.ols_mse], ".6f"), f"[{shown(m.weights)}]")
-            rows.append((name, m.model, *learned, mse, weights, "yes" if inside else "NO"))
+    try:
+        with refusing(), initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # one line, exit 2
+            for name, mse, weights, (low, high) in TUTORIAL:
+                m = run(compose("train", overrides=[f"experiment={name}", *overrides]), out / name, label=name)
+                inside = m.train_mse is not None and low <= m.train_mse <= high
+                ok &= inside
+                learned = (shown(m.epoch_mse, ".6f", "/"), shown([m.ols_mse], ".6f"), f"[{shown(m.weights)}]")
+                rows.append((name, m.model, *learned, mse, weights, "yes" if inside else "NO"))
+    except HydraException as err:  # an override Hydra cannot parse or compose: its message, as `linreg.train` shows
+        cause = f"\n{err.__cause__}" if err.__cause__ else ""
+        print(f"error: {err}{cause}", file=sys.stderr)
+        return 2
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(HEADER))]
     for r in [rows[0], tuple("-" * w for w in widths), *rows[1:]]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
