@@ -175,7 +175,7 @@ def test_a_table_that_cannot_be_written_is_not_pointed_to(sweep, monkeypatch, ca
     [
         (lambda d: None, "no such directory"),
         (lambda d: d.write_text("x"), "not a directory"),
-        (lambda d: d.mkdir(), "not a sweep dir (no job dirs with a sweep plan or multirun.yaml)"),
+        (lambda d: d.mkdir(), "not a sweep dir (no sweep plan or multirun.yaml)"),
         (lambda d: job(d, "2026-01-01_10-00-00", [], {}), "not a sweep dir"),  # outputs/runs: single runs
     ],
 )
@@ -186,6 +186,16 @@ def test_the_cli_refuses_what_is_no_sweep_dir_in_one_line_and_writes_nothing(tmp
     assert main([str(d)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {d}: {why}")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_cli_tables_a_sweep_killed_before_any_job_wrote_its_files(tmp_path, capsys):
+    d = tmp_path / "sweep"
+    for j in (0, 1):  # a vectorized group killed in its fit: its members' dirs hold only their locks
+        (d / str(j)).mkdir(parents=True)
+        (d / str(j) / ".lock").touch()
+    plan(d, 2, ["model.lr"])
+    assert main([str(d)]) == 1
+    assert capsys.readouterr().out == f"2 jobs: 2 missing -> {d / 'results.md'}\n"
 
 
 def test_the_cli_leaves_a_running_sweeps_table_to_it(sweep, capsys):

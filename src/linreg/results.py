@@ -62,7 +62,9 @@ def one_line(text: Any) -> str:
 
 def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
     """The sweep's job dirs in job-number order; with `jobs` (a grid's count), its numbers 0..jobs-1, run or not."""
-    found = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir() or os.path.lexists(p / "metrics.json")]
+    # A job's dir: Hydra's record, a run's, or (a group killed before its members' files) its run-dir lock.
+    signs = (".hydra", "metrics.json", ".lock")
+    found = [p for p in sweep_dir.iterdir() if p.is_dir() and any(os.path.lexists(p / n) for n in signs)]
     if jobs is not None and all(p.name.isdigit() for p in found):
         # Dirs a larger earlier grid left are not this sweep's; a job that never started is a missing row.
         found = [sweep_dir / str(i) for i in range(jobs)]
@@ -220,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     d = parser.parse_args(argv).sweep_dir
     try:
         why = "no such directory" if not d.exists() else "not a directory" if not d.is_dir() else None
-        if not why and not (((d / PLAN).is_file() or (d / "multirun.yaml").is_file()) and job_dirs(d)):
-            why = "not a sweep dir (no job dirs with a sweep plan or multirun.yaml)"  # e.g. a dir of single runs
+        if not why and not ((d / PLAN).is_file() or (d / "multirun.yaml").is_file()):
+            why = "not a sweep dir (no sweep plan or multirun.yaml)"  # e.g. a dir of single runs
         if not why and is_locked(d):  # the sweep writes its own table when it ends
             why = "a sweep is still running there (it holds .lock); its table is written when it ends"
     except OSError as err:
