@@ -157,6 +157,9 @@ def test_resume_continues_to_the_same_numbers(make_cfg, tmp_path):
         "data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out
     )
     assert train(again) == resumed
+    before = snapshot(out)  # another logger is no reason to train a finished run again, nor to rewrite its record
+    only_logger = make_cfg("data.num_examples=200", "trainer.max_epochs=2", "~logger", "resume=true", run_dir=out)
+    assert train(only_logger) == resumed and snapshot(out) == before
     with pytest.raises(RunDirBusy, match="another config"):
         train(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "seed=1", "resume=true", run_dir=out))
 

@@ -271,14 +271,17 @@ class RunRecord:
 
 
 def finished(out: Path, cfg: DictConfig | None = None) -> RunRecord | None:
-    """The finished (ok or diverged) record in `out`, of this very config when `cfg` is given."""
+    """The finished (ok or diverged) record in `out`; when `cfg` is given, of its run (its loggers aside)."""
     try:
         record = RunRecord.read(out)
     except (OSError, CorruptRecord):
         return None
-    if record.status not in FINISHED or (cfg is not None and record.config != identity(cfg)):
+    if record.status not in FINISHED:
         return None
-    return record
+    if cfg is None:
+        return record
+    same = resumable(record.config) == resumable(identity(cfg)) and record.epochs == cfg.trainer.max_epochs
+    return record if same else None
 
 
 class RunDirLock:
