@@ -31,7 +31,7 @@ def test_a_sweep_dir_holding_files_that_are_not_a_sweeps_is_refused_untouched(ma
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "results.md").write_text("notes")  # a sweep would write its table over it
-    with pytest.raises(ConfigError, match="holds files that are not a sweep's; use a new dir") as err:
+    with pytest.raises(ConfigError, match="holds files that are not a run's or a sweep's; use a new dir") as err:
         own_sweep_dir(make_cfg(), sweep)
     assert err.value.key == "hydra.sweep.dir"
     assert [(p.name, p.read_text()) for p in sweep.iterdir()] == [("results.md", "notes")]  # no .lock either
@@ -51,3 +51,41 @@ def test_a_dir_named_by_overrides_holding_a_slash_is_refused(make_cfg, given):
     with pytest.raises(ConfigError, match=r"holds '/'.*use \$\{hydra.job.num\}") as err:
         separate_job_dirs(make_cfg(subdir, "model.lr=0.1", given))
     assert err.value.key == "hydra.sweep.subdir"
+
+
+@pytest.mark.parametrize(
+    ("plant", "says"),
+    [
+        ({"notes.txt": "mine"}, "holds files that are not a run's or a sweep's; use a new dir"),  # e.g. hydra.run.dir=.
+        ({"metrics.json": '{"my": "precious"}', ".hydra/config.yaml": "x: 1"}, "its metrics.json: not a run record"),
+        ({"../.sweep.json": "{}"}, "is inside a run's or a sweep's dir"),  # a sweep's table would count it as a job
+    ],
+)
+def test_a_run_dir_that_is_not_a_runs_own_is_refused_untouched(make_cfg, tmp_path, capsys, plant, says):
+    from linreg.checks import CheckConfig
+
+    out = tmp_path / "sweep" / "run"
+    for name, text in plant.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    out.mkdir(exist_ok=True)
+    before = sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    with pytest.raises(SystemExit) as exit_:
+        CheckConfig().on_run_start(make_cfg(run_dir=out))
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["hydra.sweeper.params={model.lr:'0.1,0.2,0.1'}"],  # a value listed twice
+        ["sweep=optuna"],  # a point its sampler draws twice
+    ],
+)
+def test_jobs_named_by_overrides_that_could_repeat_are_refused(make_cfg, given):
+    subdir = "hydra.sweep.subdir=${hydra.job.override_dirname}"
+    with pytest.raises(ConfigError, match="two jobs could get one dir") as err:
+        separate_job_dirs(make_cfg(subdir, *given))
+    assert err.value.key == "hydra.sweep.subdir"
+    separate_job_dirs(make_cfg(subdir, "hydra.sweeper.params={model.lr:'0.1,0.2'}"))  # each job its own

@@ -116,6 +116,8 @@ def test_a_dir_holding_a_training_run_or_a_sweep_is_refused(trained, tmp_path):
             own_eval_dir(out, "hydra.run.dir")
     (killed / ".hydra" / "config.yaml").write_text("ckpt_path: x\n")  # an earlier evaluate's, failed or not
     own_eval_dir(killed, "hydra.run.dir")  # evaluated again
+    with pytest.raises(ConfigError, match="is inside a run's or a sweep's dir"):  # a sweep's table would count it
+        own_eval_dir(trained.parents[1] / "eval", "hydra.run.dir")
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,9 @@ class CheckConfig(Callback):
             check(config)
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
                 raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
-            refuse_other_runs(makeable(config, "hydra.run.dir"), config)  # before Hydra rewrites a kept run's .hydra/
+            out = makeable(config, "hydra.run.dir")
+            own_dir(out, "hydra.run.dir", ("metrics.json", ".hydra", ".lock"))
+            refuse_other_runs(out, config)  # before Hydra rewrites a kept run's .hydra/
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
@@ -130,18 +132,24 @@ def separate_job_dirs(config: DictConfig) -> None:
             if "/" in str(given):
                 why = f"{given!r} holds '/', which would nest job dirs or leave the sweep dir; use ${{hydra.job.num}}"
                 raise ConfigError("hydra.sweep.subdir", subdir, why)
+        # Jobs of equal overrides would share a dir: a value listed twice, or a point Optuna's sampler draws again.
+        for line in kept:
+            try:
+                o = OverridesParser.create().parse_overrides([line])[0]
+                values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else []
+            except Exception:  # a glob of groups, or what the sweeper refuses itself
+                continue
+            if len(set(values)) < len(values) or (o.is_sweep_override() and "n_trials" in config.hydra.sweeper):
+                why = f"{line!r}: two jobs could get one dir (a value twice, or Optuna's); use ${{hydra.job.num}}"
+                raise ConfigError("hydra.sweep.subdir", subdir, why)
 
 
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     """One owner per sweep dir: a lock for the sweep's life, and `.sweep.json`, what the sweep is."""
     separate_job_dirs(config)
-    for where, what in ((sweep_dir, "is a run's dir"), (sweep_dir.parent, "is inside a run's or a sweep's dir")):
-        names = ("metrics.json", "checkpoints", ".hydra") + ((".sweep.json",) if where != sweep_dir else ())
-        if any(os.path.lexists(where / n) for n in names):
-            raise ConfigError("hydra.sweep.dir", str(sweep_dir), f"{what}; use a dir of its own")
-    # A sweep writes results.md, progress.log, ... over whatever is there: only its own dir (.sweep.json) is reused.
-    if not os.path.lexists(sweep_dir / ".sweep.json") and any(p.name != ".lock" for p in sweep_dir.iterdir()):
-        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "holds files that are not a sweep's; use a new dir")
+    if any(os.path.lexists(sweep_dir / n) for n in ("metrics.json", "checkpoints", ".hydra")):
+        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "is a run's dir; use a dir of its own")
+    own_dir(sweep_dir, "hydra.sweep.dir", (".sweep.json",))
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     sweeper, typed = OmegaConf.to_container(config.hydra.sweeper), OmegaConf.to_container(config.hydra.overrides.task)
     wanted = {  # as typed: sweeper, overrides less resume, params, study, and the config its jobs start from
@@ -161,6 +169,20 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
             why = "holds this sweep run on another config (a config file changed); use a new dir"
         raise ConfigError("hydra.sweep.dir", str(sweep_dir), why)
     write_json(sweep_dir / ".sweep.json", wanted)
+
+
+def outside_others(path: Path, key: str) -> None:
+    """A run's, evaluation's or sweep's dir is not inside a run's or a sweep's: their tables would count it."""
+    if any(os.path.lexists(path.parent / n) for n in ("metrics.json", "checkpoints", ".hydra", ".sweep.json")):
+        raise ConfigError(key, str(path), "is inside a run's or a sweep's dir; use a dir of its own")
+
+
+def own_dir(path: Path, key: str, signs: tuple[str, ...]) -> None:
+    """A run's or sweep's dir: outside others, and new, empty or holding one of its kind's `signs` (its files would
+    go over whatever else is there)."""
+    outside_others(path, key)
+    if not any(os.path.lexists(path / n) for n in signs) and any(p.name != ".lock" for p in path.iterdir()):
+        raise ConfigError(key, str(path), "holds files that are not a run's or a sweep's; use a new dir")
 
 
 def sweep_values(node: DictConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.checks import makeable
+from linreg.checks import makeable, outside_others
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
 from linreg.record import finite_or_none, model_name, read_or_none, write_job_files, write_json
 
@@ -77,7 +77,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
         why = "is a directory; give the checkpoint file (checkpoints/last.ckpt)" if ckpt.is_dir() else "no such file"
         raise ConfigError("ckpt_path", value, why)
     run_cfg = run_config(ckpt.resolve())
-    seed = run_cfg.seed + 1 if cfg.get("data_seed") is None else cfg.data_seed
+    seed = (run_cfg.seed + 1) % 2**32 if cfg.get("data_seed") is None else cfg.data_seed  # within numpy's range
     if seed == run_cfg.seed:
         raise ConfigError("data_seed", seed, "is the training seed: that data is not held out")
     n = run_cfg.data.num_examples if cfg.get("num_examples") is None else cfg.num_examples
@@ -146,6 +146,7 @@ def own_eval_dir(out: Path, key: str) -> None:
     evaluated = isinstance(saved, dict) and "ckpt_path" in saved
     if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not evaluated):
         raise ConfigError(key, str(out), "holds a training run or a sweep; give the evaluation its own dir")
+    outside_others(out, key)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

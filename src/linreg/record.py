@@ -330,8 +330,13 @@ def refuse_other_runs(out: Path, cfg: DictConfig, lock_held: bool = False) -> No
         raise RunDirBusy("hydra.run.dir", str(out), "another run is using it")
     if os.path.lexists(out / ".sweep.json"):
         raise RunDirBusy("hydra.run.dir", str(out), "is a sweep's dir; use a dir of its own")
-    record = finished(out)
-    if record is not None:
+    try:
+        record = RunRecord.read(out)
+    except FileNotFoundError:
+        record = None
+    except CorruptRecord as err:  # not a record this project wrote (its writes are atomic): nothing goes over it
+        raise RunDirBusy("hydra.run.dir", str(out), f"its {err}; move it away or use another dir") from None
+    if record is not None and record.status in FINISHED:
         if not cfg.resume:
             raise RunDirBusy("hydra.run.dir", str(out), "holds a finished run; resume=true keeps it, or use a new dir")
         if resumable(record.config) != resumable(identity(cfg)):
