@@ -86,6 +86,17 @@ def test_a_row_per_planned_job_with_its_status_and_the_exit_status_says_which_fa
             img.verify()
 
 
+def test_a_swept_key_the_table_has_no_column_for_gets_one(tmp_path):
+    d = tmp_path / "s"
+    for j, seed in enumerate((1, 2)):
+        job(d, j, [f"seed={seed}", "model.lr=0.03"], {"seed": seed})
+    plan(d, 2, ["seed"])
+    assert main([str(d)]) == 0
+    md = (d / "results.md").read_text()  # else the rows of a seed sweep differ only in their numbers
+    assert "| job | model | deg | delta | lr | batch_size | seed | status |" in md
+    assert "| 1 | manual | 1 | 0.01 | 0.03 | 10 | 2 | ok |" in md
+
+
 def test_jobs_failing_alike_are_one_group_and_distinct_errors_are_capped(tmp_path, capsys):
     d = tmp_path / "s"
     for i in range(48):

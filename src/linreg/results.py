@@ -144,18 +144,22 @@ def cell(value: Any) -> str:
     return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
 
-def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
-    """The counts, each failure once with its jobs, the table and the plots."""
+def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]], swept: list[str]) -> str:
+    """The counts, each failure once with its jobs, the table (a column for each swept key it lacks), the plots."""
     lines = [f"# Sweep {sweep_dir.name}", "", f"{counts(rows)}.", ""]
     failed = [
         f"- **{s}** {jobs_label(js)}: {cell(e)}" for s, errors in failures(rows).items() for e, js in errors.items()
     ]
     lines += [*failed, ""] if failed else []
-    lines += ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
+    extra = [k for k in swept if k not in ("model", "data.deg", "data.delta", "model.lr", "data.batch_size")]
+    columns = [*MD_COLUMNS[:6], *extra, *MD_COLUMNS[6:]]  # e.g. seed, as typed, after the columns of settings
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         status = f"**{r['status']}**" if r["status"] in VERBS else r["status"]
         status += f" at epoch {r['pruned_epoch']}" if r["pruned_epoch"] else ""
-        lines.append("| " + " | ".join(cell(r[k]) if k != "status" else status for k in MD_COLUMNS) + " |")
+        given = {override_key(o): cell(o.partition("=")[2]) for o in r["overrides"]}
+        cells = {**given, **{k: cell(r[k]) for k in MD_COLUMNS}, "status": status}
+        lines.append("| " + " | ".join(cells.get(k, "") for k in columns) + " |")
     return "\n".join([*lines, "", *(f"![{name}]({name})" for name in PLOTS)]) + "\n"
 
 
@@ -181,7 +185,7 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     swept, clauses, where = plan["swept"] or swept_keys(rows), [], f" -> {sweep_dir / 'results.md'}"
     for name, make in {  # in this order: the table first, so that a plot failing cannot cost it
         "results.csv": lambda: to_csv(rows).encode(),
-        "results.md": lambda: to_markdown(sweep_dir, rows).encode(),
+        "results.md": lambda: to_markdown(sweep_dir, rows, swept).encode(),
         "mse.png": lambda: png(mse_figure(rows, swept)),
         "weights.png": lambda: png(weights_figure(rows, swept)),
     }.items():
