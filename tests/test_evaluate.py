@@ -33,7 +33,14 @@ def evaluate(*args: str, cwd: Path | None = None):
 
 def test_a_trained_model_is_as_good_on_held_out_data(trained, tmp_path):
     out = tmp_path / "eval"
-    proc = evaluate(f"ckpt_path={trained}", "num_examples=500", f"hydra.run.dir={out}")
+    relative = trained.relative_to(trained.parents[2])  # from where it is launched, also with hydra.job.chdir
+    proc = evaluate(
+        f"ckpt_path={relative}",
+        "num_examples=500",
+        f"hydra.run.dir={out}",
+        "hydra.job.chdir=true",
+        cwd=trained.parents[2],
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "eval.json").read_text())
     assert result["data_seed"] == 421 and result["num_examples"] == 500 and result["model"] == "linear"

@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.checks import makeable, outside_others
@@ -72,7 +73,7 @@ def check_inputs(cfg: DictConfig) -> Inputs:
     value = cfg.get("ckpt_path")
     if not value:
         raise ConfigError("ckpt_path", value, "required: ckpt_path=<run dir>/checkpoints/last.ckpt")
-    ckpt = Path(str(value)).expanduser()
+    ckpt = Path(to_absolute_path(os.path.expanduser(str(value))))  # the launching dir's, with hydra.job.chdir too
     if not ckpt.is_file():
         why = "is a directory; give the checkpoint file (checkpoints/last.ckpt)" if ckpt.is_dir() else "no such file"
         raise ConfigError("ckpt_path", value, why)
