@@ -89,3 +89,14 @@ def test_jobs_named_by_overrides_that_could_repeat_are_refused(make_cfg, given):
         separate_job_dirs(make_cfg(subdir, *given))
     assert err.value.key == "hydra.sweep.subdir"
     separate_job_dirs(make_cfg(subdir, "hydra.sweeper.params={model.lr:'0.1,0.2'}"))  # each job its own
+
+
+def test_a_refusal_never_removes_a_dir_it_did_not_make(make_cfg, tmp_path):
+    from linreg.checks import CheckConfig
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "notes.txt").write_text("mine")
+    cfg = make_cfg(run_dir=tmp_path / "proj" / "missing" / "..")  # leads to proj, which is there
+    with pytest.raises(SystemExit):
+        CheckConfig().on_run_start(cfg)  # refused: proj holds files that are not a run's
+    assert (tmp_path / "proj" / "notes.txt").read_text() == "mine"

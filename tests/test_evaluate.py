@@ -123,8 +123,15 @@ def test_a_dir_holding_a_training_run_or_a_sweep_is_refused(trained, tmp_path):
             own_eval_dir(out, "hydra.run.dir")
     (killed / ".hydra" / "config.yaml").write_text("ckpt_path: x\n")  # an earlier evaluate's, failed or not
     own_eval_dir(killed, "hydra.run.dir")  # evaluated again
-    with pytest.raises(ConfigError, match="is inside a run's or a sweep's dir"):  # a sweep's table would count it
+    with pytest.raises(ConfigError, match="is inside .*, a run's or a sweep's dir"):  # a sweep's table would count it
         own_eval_dir(trained.parents[1] / "eval", "hydra.run.dir")
+
+
+def test_a_refused_job_of_an_evaluation_sweep_keeps_the_finished_ones(trained, tmp_path):
+    sweep = tmp_path / "ev"
+    proc = evaluate("--multirun", f"ckpt_path={trained}", "data_seed=7,420", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2 and "data_seed=420: is the training seed" in proc.stderr
+    assert json.loads((sweep / "0" / "eval.json").read_text())["data_seed"] == 7
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's 
 def makeable(config: DictConfig, key: str) -> Path:
     """The run or sweep dir, made now (a refusal removes it again) with room for a run; else one line naming `key`."""
     try:
-        path = Path(str(OmegaConf.select(config, key, throw_on_missing=True))).absolute()
+        path = Path(str(OmegaConf.select(config, key, throw_on_missing=True))).resolve()  # `x/..` is where it leads
     except OmegaConfBaseException as err:  # `hydra.run.dir=${nope}`
         raise ConfigError(key, None, f"cannot be resolved: {str(err).splitlines()[0]}") from None
     if not path.exists():

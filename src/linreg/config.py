@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the checkout, or its copy in the wheel
-NEW_DIRS: set[Path] = set()  # run and sweep dirs this process set out to make: a refusal removes them again
+NEW_DIRS: set[Path] = set()  # run and sweep dirs this process made (resolved): a refusal removes them again
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_DEG = 20  # higher powers of N(0, 1) features overflow float32 in any sizeable sample
 
@@ -114,9 +114,9 @@ def refuse(err: Exception) -> NoReturn:
 
 
 def discard_new_dirs() -> None:
-    """Remove the dirs this process made for work it refuses, unless a run has left a result in one."""
+    """Remove the dirs this process made for work it refuses, unless a run or an evaluation left a result there."""
     for made in NEW_DIRS:
-        if made.is_dir() and not any(made.rglob("metrics.json")):
+        if made.is_dir() and not any(p.name in ("metrics.json", "eval.json") for p in made.rglob("*.json")):
             shutil.rmtree(made, ignore_errors=True)
 
 
