@@ -58,20 +58,27 @@ def test_a_dir_named_by_overrides_holding_a_slash_is_refused(make_cfg, given):
     [
         ({"notes.txt": "mine"}, "holds files that are not a run's or a sweep's; use a new dir"),  # e.g. hydra.run.dir=.
         ({"metrics.json": '{"my": "precious"}', ".hydra/config.yaml": "x: 1"}, "its metrics.json: not a run record"),
-        ({"../.sweep.json": "{}"}, "is inside a run's or a sweep's dir"),  # a sweep's table would count it as a job
+        ({"../.sweep.json": "{}"}, ", a run's or a sweep's dir; use a dir of its own"),  # its table would count it
+        ({"../../metrics.json": "{}"}, ", a run's or a sweep's dir; use a dir of its own"),  # however deep
+        ({"eval.json": "{}", ".hydra/config.yaml": "ckpt_path: x"}, "is another kind's dir"),  # an evaluation's
+        ({"{job}.log": ""}, None),  # Hydra's log of a run killed before its lock: its dir is still a run's
     ],
 )
 def test_a_run_dir_that_is_not_a_runs_own_is_refused_untouched(make_cfg, tmp_path, capsys, plant, says):
     from linreg.checks import CheckConfig
 
     out = tmp_path / "sweep" / "run"
+    cfg = make_cfg(run_dir=out)
     for name, text in plant.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(text)
+        (out / name.format(job=cfg.hydra.job.name)).write_text(text)
     out.mkdir(exist_ok=True)
     before = sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    if says is None:
+        CheckConfig().on_run_start(cfg)
+        return
     with pytest.raises(SystemExit) as exit_:
-        CheckConfig().on_run_start(make_cfg(run_dir=out))
+        CheckConfig().on_run_start(cfg)
     assert exit_.value.code == 2 and says in capsys.readouterr().err
     assert sorted((p, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
 

@@ -61,7 +61,8 @@ class CheckConfig(Callback):
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
                 raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
             out = makeable(config, "hydra.run.dir")
-            own_dir(out, "hydra.run.dir", ("metrics.json", ".hydra", ".lock"))
+            log = f"{config.hydra.job.name}.log"  # Hydra's, made before the run's lock (a run killed that early)
+            own_dir(out, "hydra.run.dir", ("metrics.json", ".hydra", ".lock", log), (".sweep.json", "eval.json"))
             refuse_other_runs(out, config)  # before Hydra rewrites a kept run's .hydra/
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -147,9 +148,7 @@ def separate_job_dirs(config: DictConfig) -> None:
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     """One owner per sweep dir: a lock for the sweep's life, and `.sweep.json`, what the sweep is."""
     separate_job_dirs(config)
-    if any(os.path.lexists(sweep_dir / n) for n in ("metrics.json", "checkpoints", ".hydra")):
-        raise ConfigError("hydra.sweep.dir", str(sweep_dir), "is a run's dir; use a dir of its own")
-    own_dir(sweep_dir, "hydra.sweep.dir", (".sweep.json",))
+    own_dir(sweep_dir, "hydra.sweep.dir", (".sweep.json",), ("metrics.json", "checkpoints", ".hydra", "eval.json"))
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     sweeper, typed = OmegaConf.to_container(config.hydra.sweeper), OmegaConf.to_container(config.hydra.overrides.task)
     wanted = {  # as typed: sweeper, overrides less resume, params, study, and the config its jobs start from
@@ -172,15 +171,21 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
 
 
 def outside_others(path: Path, key: str) -> None:
-    """A run's, evaluation's or sweep's dir is not inside a run's or a sweep's: their tables would count it."""
-    if any(os.path.lexists(path.parent / n) for n in ("metrics.json", "checkpoints", ".hydra", ".sweep.json")):
-        raise ConfigError(key, str(path), "is inside a run's or a sweep's dir; use a dir of its own")
+    """A run's, evaluation's or sweep's dir is not inside a run's or a sweep's (their tables and dashboards would
+    take it for theirs), however deep."""
+    for where in path.parents:
+        if any(os.path.lexists(where / n) for n in (".sweep.json", "metrics.json", "checkpoints/last.ckpt")):
+            raise ConfigError(key, str(path), f"is inside {where}, a run's or a sweep's dir; use a dir of its own")
 
 
-def own_dir(path: Path, key: str, signs: tuple[str, ...]) -> None:
-    """A run's or sweep's dir: outside others, and new, empty or holding one of its kind's `signs` (its files would
-    go over whatever else is there)."""
+def own_dir(path: Path, key: str, signs: tuple[str, ...], theirs: tuple[str, ...]) -> None:
+    """A run's or sweep's dir: outside others, none of another kind's `theirs` in it, and new, empty or holding one
+    of its own kind's `signs` (its files would go over whatever else is there)."""
     outside_others(path, key)
+    if any(os.path.lexists(path / n) for n in theirs):
+        raise ConfigError(
+            key, str(path), "is another kind's dir (a run's, a sweep's or an evaluation's); use a new dir"
+        )
     if not any(os.path.lexists(path / n) for n in signs) and any(p.name != ".lock" for p in path.iterdir()):
         raise ConfigError(key, str(path), "holds files that are not a run's or a sweep's; use a new dir")
 
