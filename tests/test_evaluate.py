@@ -123,8 +123,26 @@ def test_a_dir_holding_a_training_run_or_a_sweep_is_refused(trained, tmp_path):
             own_eval_dir(out, "hydra.run.dir")
     (killed / ".hydra" / "config.yaml").write_text("ckpt_path: x\n")  # an earlier evaluate's, failed or not
     own_eval_dir(killed, "hydra.run.dir")  # evaluated again
+    with pytest.raises(ConfigError, match="give the evaluation its own dir"):  # not a sweep's, whose jobs it holds
+        own_eval_dir(killed, "hydra.sweep.dir", sweep=True)
     with pytest.raises(ConfigError, match="is inside .*, a run's or a sweep's dir"):  # a sweep's table would count it
         own_eval_dir(trained.parents[1] / "eval", "hydra.run.dir")
+
+
+def test_an_evaluation_sweep_whose_jobs_would_share_a_dir_is_refused(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from linreg.evaluate import CheckInputs
+    from linreg.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        given = [f"hydra.sweep.dir={tmp_path / 'ev'}", "hydra.sweep.subdir=same"]
+        cfg = compose("evaluate", overrides=given, return_hydra_config=True)
+    with pytest.raises(SystemExit):
+        CheckInputs().on_multirun_start(cfg)
+    assert "hydra.sweep.subdir='same': must give each job a dir of its own" in capsys.readouterr().err
 
 
 def test_a_refused_job_of_an_evaluation_sweep_keeps_the_finished_ones(trained, tmp_path):
@@ -139,11 +157,11 @@ def test_a_refused_job_of_an_evaluation_sweep_keeps_the_finished_ones(trained, t
     [
         (["hydra.run.dir={run}"], "hydra.run.dir"),
         (["--multirun", "hydra.sweep.dir={run}"], "hydra.sweep.dir"),  # before Hydra writes multirun.yaml there
-        (["--multirun", "hydra.sweep.dir={run.parent}", "hydra.sweep.subdir={run.name}"], "hydra.sweep.subdir"),
+        (["--multirun", "hydra.sweep.dir={run.parent}"], "hydra.sweep.subdir"),  # job 0's dir: the run
     ],
 )
 def test_an_evaluation_into_a_training_runs_dir_is_refused_untouched(trained, tmp_path, where, key):
-    run = tmp_path / "runs" / "a"
+    run = tmp_path / "runs" / "0"
     shutil.copytree(trained.parents[1], run)
     before = sorted((p, p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
     proc = evaluate(*(w.format(run=run) for w in where), f"ckpt_path={trained}")

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.checks import makeable, outside_others
+from linreg.checks import makeable, outside_others, separate_job_dirs
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
 from linreg.record import finite_or_none, model_name, read_or_none, write_job_files, write_json
 
@@ -137,14 +137,16 @@ class CheckInputs(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with refusing():  # before Hydra's sweeper writes multirun.yaml there
-            own_eval_dir(makeable(config, "hydra.sweep.dir"), "hydra.sweep.dir")
+            separate_job_dirs(config)
+            own_eval_dir(makeable(config, "hydra.sweep.dir"), "hydra.sweep.dir", sweep=True)
 
 
-def own_eval_dir(out: Path, key: str) -> None:
-    """A dir holding a training run or a sweep is refused: an evaluation's files would be written among theirs."""
-    theirs = ("metrics.json", "checkpoints", ".sweep.json")
+def own_eval_dir(out: Path, key: str, sweep: bool = False) -> None:
+    """A dir holding a training run or a sweep (or, for a sweep, one evaluation) is refused: an evaluation's files
+    would be written among theirs."""
+    theirs = ("metrics.json", "checkpoints", ".sweep.json") + (("eval.json",) if sweep else ())
     saved = read_or_none(out / ".hydra" / "config.yaml")  # an earlier evaluate's (a ckpt_path) may be rewritten
-    evaluated = isinstance(saved, dict) and "ckpt_path" in saved
+    evaluated = not sweep and isinstance(saved, dict) and "ckpt_path" in saved
     if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not evaluated):
         raise ConfigError(key, str(out), "holds a training run or a sweep; give the evaluation its own dir")
     outside_others(out, key)
