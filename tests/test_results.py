@@ -270,6 +270,7 @@ def multirun_cfg(*overrides: str):
         (["sweep=tutorial", "model.lr=0.1", "trainer.accelerator=cpu,gpu"], 32, True, None),
         (["model.lr=0.03,100", "data.batch_size=range(10,50,10)"], 8, True, ["model.lr", "data.batch_size"]),
         (["sweep=optuna"], 20, False, ["model.lr", "data.batch_size"]),
+        (["sweep=optuna", "seed=1,2,3", "data.batch_size=10"], 20, False, ["model.lr", "seed"]),  # a list: a choice
         (["data.deg=1"], 1, True, []),
     ],
 )

@@ -247,17 +247,21 @@ def planned(config: DictConfig) -> dict[str, Any]:
     sweeper = config.hydra.sweeper
     params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
     typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: `${...}` is each job's
-    if sweeper.get("n_trials") is not None:  # Optuna: a job per trial, numbered by trial
-        searched = [override_key(o) for o in typed if "(" in o.partition("=")[2]]  # choice(), interval(), range()
-        return {"jobs": int(sweeper.n_trials), "grid": False, "swept": [*params, *searched]}  # type: ignore[arg-type]
     lines = [f"{k}={v}" for k, v in params.items()] + list(typed)  # type: ignore[union-attr, arg-type]
     loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
     try:
-        final = {override_key(o.get_key_element()): o for o in OverridesParser.create(loader).parse_overrides(lines)}
-        sizes = {k: len(list(o.sweep_string_iterator())) for k, o in final.items() if o.is_sweep_override()}
-    except Exception:  # an interval, or a glob without Hydra's loader: progress shows k/?
-        return {"jobs": None, "grid": False, "swept": list(params)}
-    return {"jobs": math.prod(sizes.values()), "grid": True, "swept": list(sizes)}
+        parsed = OverridesParser.create(loader).parse_overrides(lines)
+    except Exception:  # what the sweeper refuses itself
+        parsed = None
+    final = {override_key(o.get_key_element()): o for o in parsed or []}  # the command line's value wins over params
+    swept = [k for k, o in final.items() if o.is_sweep_override()] or list(params)
+    if sweeper.get("n_trials") is not None:  # Optuna: a job per trial, numbered by trial
+        return {"jobs": int(sweeper.n_trials), "grid": False, "swept": swept}
+    jobs = None
+    with contextlib.suppress(Exception):  # an interval, or a glob without Hydra's loader: progress shows k/?
+        if parsed is not None:
+            jobs = math.prod(len(list(o.sweep_string_iterator())) for o in final.values() if o.is_sweep_override())
+    return {"jobs": jobs, "grid": jobs is not None, "swept": swept}
 
 
 def read_plan(sweep_dir: Path) -> dict[str, Any]:
