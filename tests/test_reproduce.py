@@ -22,6 +22,7 @@ def test_make_run_reproduces_the_tutorial_in_one_table(tmp_path):
         ("data.batch_size=0", "error: data.batch_size=0: must be a positive integer\n"),
         ("model.lr=abc", "error: Error merging override model.lr=abc\nValue 'abc'"),  # Hydra's own message
         ("nope=1", "error: Could not override 'nope'."),
+        ("experiment=deg2", "error: experiment='deg2': reproduce runs each of the tutorial's experiments"),
     ],
 )
 def test_a_bad_override_is_refused_without_a_traceback(tmp_path, monkeypatch, capsys, given, says):

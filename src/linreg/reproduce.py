@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from linreg.config import CONFIG_DIR, refusing
+from linreg.config import CONFIG_DIR, ConfigError, override_key, refuse, refusing
 from linreg.record import shown
 from linreg.run import run
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linreg.reproduce", description=__doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every experiment, e.g. trainer.max_epochs=5")
     overrides = parser.parse_args(argv).overrides
+    if given := [o for o in overrides if override_key(o) == "experiment"]:  # each row sets its own
+        why = "reproduce runs each of the tutorial's experiments; one alone: python -m linreg.train experiment=<name>"
+        refuse(ConfigError("experiment", given[0].partition("=")[2], why))
     # The table is the output: no Lightning banners, tips or "fit stopped" lines above it.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     out = Path("outputs/reproduce") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
