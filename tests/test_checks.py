@@ -107,3 +107,32 @@ def test_a_refusal_never_removes_a_dir_it_did_not_make(make_cfg, tmp_path):
     with pytest.raises(SystemExit):
         CheckConfig().on_run_start(cfg)  # refused: proj holds files that are not a run's
     assert (tmp_path / "proj" / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_ctrl_c_while_a_stopped_sweep_writes_its_table_changes_nothing(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import sys
+
+    from linreg import checks, results
+
+    tables: list[str] = []
+
+    def stopped(sweep_dir, why):  # the table of what finished being written: the key is pressed again
+        tables.append(why)
+        os.kill(os.getpid(), signal.SIGINT)
+        return f"error: sweep {sweep_dir}: stopped: {why}"
+
+    monkeypatch.setattr(results, "stopped", stopped)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    monkeypatch.setattr(os, "_exit", sys.exit)  # its exit, as an exception here
+    kept = {s: signal.getsignal(s) for s in checks.STOP_SIGNALS}
+    try:  # as a sweep's process has it (CheckConfig.on_multirun_start)
+        signal.signal(signal.SIGINT, lambda signum, _: checks.end_sweep(tmp_path, signum))
+        with pytest.raises(SystemExit) as ended:
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+    assert ended.value.code == 1 and tables == ["by SIGINT (Ctrl-C)"]  # once: not again from the second
+    assert capsys.readouterr().err == f"error: sweep {tmp_path}: stopped: by SIGINT (Ctrl-C)\n"

@@ -60,13 +60,15 @@ def lock_holders(sweep_pid: int, locks: list[Path]) -> dict[Path, int]:
 
 
 @pytest.mark.system
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["SIGKILL", "SIGINT"])
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
+def test_workers_of_a_killed_sweep_end(tmp_path, launcher, ctrl_c):
     sweep = tmp_path / "sweep"
     args = [*LAUNCHERS[launcher], "data.num_examples=20000", "seed=1,2", "~logger"]
     long = ["trainer.max_epochs=200"]  # minutes: both jobs are still training when the sweep is killed
     cmd = [sys.executable, "-m", "linreg.train", "-m", *args, *long, f"hydra.sweep.dir={sweep}"]
-    sweeper = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = (tmp_path / "stderr").open("w+")
+    sweeper = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     locks = [sweep / j / ".lock" for j in ("0", "1")]
     try:
         deadline = time.monotonic() + 180
@@ -77,9 +79,16 @@ def test_workers_of_a_killed_sweep_end(tmp_path, launcher):
         assert sweeper.pid not in workers  # jobs run in the launcher's worker processes
         others = [p.pid for p in psutil.Process(sweeper.pid).children(recursive=True)]
     finally:
-        if sweeper.poll() is None:
+        if sweeper.poll() is None and ctrl_c:  # a terminal's Ctrl-C: the whole group, workers too; the sweep ends
+            os.killpg(sweeper.pid, signal.SIGINT)
+        elif sweeper.poll() is None:
             os.kill(sweeper.pid, signal.SIGKILL)  # the sweep's own process only: its workers are orphaned
         sweeper.wait()
+        err.close()
+    if ctrl_c:  # joblib's resource tracker may add its "leaked semlock objects" warning after the sweep's line
+        said = Path(err.name).read_text()
+        assert sweeper.returncode == 1 and "Traceback" not in said, said[-2000:]
+        assert f"error: sweep {sweep}: stopped: by SIGINT (Ctrl-C); once it can, resume=true goes on" in said
     deadline = time.monotonic() + 180  # a loaded machine: a worker notices at its next training call
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, [Path(f"/proc/{p}/status").read_text()[:300] for p in workers if alive(p)]

@@ -253,8 +253,9 @@ def catches_sigterm(pid: int) -> bool:
 
 
 @pytest.mark.system  # ~10 s each: a job long enough to be stopped after its first checkpoint, or in its group's fit
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("launcher", ["basic", "vectorized"])
-def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path, launcher):
+def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path, launcher, sig):
     import signal
     import subprocess
     import sys
@@ -264,7 +265,8 @@ def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path, l
     args = ["data.num_examples=200000", "trainer.max_epochs=5", "~logger", "seed=1,2", f"hydra.sweep.dir={sweep}"]
     args += ["hydra/launcher=vectorized"] * (launcher == "vectorized")
     cmd = [sys.executable, "-m", "linreg.train", "--multirun", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
+    proc = subprocess.Popen(cmd, cwd=REPO, **popen)
     if launcher == "basic":
         while not (sweep / "0" / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
             time.sleep(0.1)
@@ -272,23 +274,25 @@ def test_a_sweep_stopped_by_sigterm_ends_with_its_table_and_one_line(tmp_path, l
         while not (sweep / "0" / ".lock").exists() or not catches_sigterm(proc.pid):
             assert proc.poll() is None
             time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # both launchers run the jobs in the sweep's own process
+    os.killpg(proc.pid, getattr(signal, sig))  # as Ctrl-C sends SIGINT: to the group (the jobs run in the sweep's)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1] == f"error: sweep {sweep}: {STOPPED}"
+    assert err.strip().splitlines()[-1] == f"error: sweep {sweep}: {STOPPED.replace('SIGTERM', BY[sig])}"
     assert [r["status"] for r in read_csv(sweep)] == ["missing", "missing"]
 
 
 STOPPED = "stopped: by SIGTERM; once it can, resume=true goes on"
+BY = {"SIGTERM": "SIGTERM", "SIGINT": "SIGINT (Ctrl-C)"}  # Ctrl-C: the same end, naming it
 
 
-@pytest.mark.parametrize("launcher", ["basic", "vectorized"])
-def test_a_sweep_stopped_by_sigterm_between_fits_ends_with_its_table_and_one_line(tmp_path, launcher):
+@pytest.mark.parametrize(("launcher", "sig"), [("basic", "SIGTERM"), ("vectorized", "SIGTERM"), ("basic", "SIGINT")])
+def test_a_sweep_stopped_by_sigterm_between_fits_ends_with_its_table_and_one_line(tmp_path, launcher, sig):
     # Job 1's logger sends it: as the job is set up (basic), or as its group's results are written (vectorized).
     sweep = tmp_path / "sweep"
-    args = [*SMALL, "seed=1,2", "logger=csv", "logger.csv._target_=tests.user_classes.SigtermCSVLogger"]
+    logger = f"tests.user_classes.{sig.title()}CSVLogger"
+    args = [*SMALL, "seed=1,2", "logger=csv", f"logger.csv._target_={logger}"]
     args += ["hydra/launcher=vectorized"] * (launcher == "vectorized")
     proc = run_cli("--multirun", *args, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == f"error: sweep {sweep}: {STOPPED}"
+    assert proc.stderr.splitlines()[-1] == f"error: sweep {sweep}: {STOPPED.replace('SIGTERM', BY[sig])}"
     assert [r["status"] for r in read_csv(sweep)] == ["ok", "missing"]

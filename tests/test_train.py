@@ -237,8 +237,9 @@ def test_resume_trusts_the_config_saved_with_the_weights(make_cfg):
     assert stat.S_ISFIFO(os.lstat(out / "checkpoints" / "last.ckpt").st_mode)  # left as it was
 
 
-@pytest.mark.system  # ~10 s: a run long enough to be stopped after its first checkpoint
-def test_a_run_stopped_by_sigterm_says_so_and_exits_143(tmp_path):
+@pytest.mark.system  # ~10 s each: a run long enough to be stopped after its first checkpoint
+@pytest.mark.parametrize(("sig", "by"), [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT (Ctrl-C)")])
+def test_a_run_stopped_by_sigterm_or_sigint_says_so_and_exits_128_plus_it(tmp_path, sig, by):
     import signal
     import subprocess
     import sys
@@ -248,11 +249,20 @@ def test_a_run_stopped_by_sigterm_says_so_and_exits_143(tmp_path):
 
     out = tmp_path / "run"
     args = ["data.num_examples=200000", "trainer.max_epochs=5", "~logger", f"hydra.run.dir={out}"]
-    proc = subprocess.Popen([sys.executable, "-m", "linreg.train", *args], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "linreg.train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
     while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)  # Lightning stops at the next step; without a line it would exit 0
+    os.killpg(proc.pid, getattr(signal, sig))  # Lightning stops at the next step; alone it would exit 0 (SIGINT: 1)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == f"error: {out}: stopped by SIGTERM; resume=true continues it"
-    assert not (out / "metrics.json").exists()
+    assert proc.returncode == 128 + getattr(signal, sig) and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"error: {out}: stopped by {by}; resume=true continues it"
+    assert not (out / "metrics.json").exists() and (out / "checkpoints" / "last.ckpt").is_file()  # resume=true's
+
+
+def test_a_run_stopped_by_sigint_before_its_fit_says_so_and_exits_130(tmp_path):
+    out = tmp_path / "1"  # the logger sends its process a Ctrl-C (SIGINT) as the run builds it
+    logger = "logger.csv._target_=tests.user_classes.SigintCSVLogger"
+    proc = run_cli(*SMALL, "logger=csv", logger, f"hydra.run.dir={out}")
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"error: {out}: stopped by SIGINT (Ctrl-C); resume=true continues it"]

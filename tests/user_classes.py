@@ -25,7 +25,15 @@ class DecayedLinearRegression(LinearRegression):
 class SigtermCSVLogger(CSVLogger):
     """Lightning's CSV logger that sends its own process a SIGTERM when made for job 1's dir: between two fits."""
 
+    signum = signal.SIGTERM
+
     def __init__(self, save_dir: str, **kwargs: Any) -> None:
         if Path(save_dir).name == "1":
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
         super().__init__(save_dir, **kwargs)
+
+
+class SigintCSVLogger(SigtermCSVLogger):
+    """The same with a Ctrl-C (SIGINT): between two fits, or in a single run in a dir named 1 before its fit."""
+
+    signum = signal.SIGINT

@@ -1,6 +1,7 @@
 """The Hydra callback that refuses bad input in one line (exit 2) before a run or sweep dir is touched, and makes a
 sweep its dir's one owner. Not in `linreg.train`, which runs as `__main__`: Hydra would import it anew."""
 
+import _thread
 import contextlib
 import logging
 import os
@@ -80,15 +81,31 @@ class CheckConfig(Callback):
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if slurm else str(os.getpid())
-        signal.signal(signal.SIGTERM, lambda *_: end_sweep(Path(str(config.hydra.sweep.dir))))
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, _: end_sweep(Path(str(config.hydra.sweep.dir)), signum))
+        # A terminal's Ctrl-C goes to the whole process group: this process takes it for all (submitit's controllers
+        # would print a traceback, kill their jobs), and what it started ends once it is gone (EndWithSweep). Not
+        # for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts its resource tracker (joblib's).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by each thread and process started
+        threading.Thread(target=lambda: _thread.interrupt_main(signal.sigwait({signal.SIGINT})), daemon=True).start()
 
 
-def end_sweep(sweep_dir: Path) -> NoReturn:
-    """A SIGTERM to a sweep's process, between fits or in one (Lightning's handler calls this one too): the table of
-    what finished, one line, exit 1."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stopped_by(signum: int) -> str:
+    """The signal as the line a stopped run or sweep ends with names it: `SIGTERM`, `SIGINT (Ctrl-C)`."""
+    return "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def end_sweep(sweep_dir: Path, signum: int = signal.SIGTERM) -> NoReturn:
+    """A SIGTERM or Ctrl-C to a sweep's process, between fits or in one (Lightning's SIGTERM handler calls this one
+    too): the table of what finished, one line, exit 1."""
     from linreg.results import stopped  # imported already, by its callback
 
-    print(stopped(sweep_dir, "by SIGTERM"), file=sys.stderr, flush=True)
+    for ignored in STOP_SIGNALS:  # a second Ctrl-C while the table is written: no second table, no traceback
+        signal.signal(ignored, signal.SIG_IGN)
+    print(stopped(sweep_dir, f"by {stopped_by(signum)}"), file=sys.stderr, flush=True)
     logging.shutdown()
     os._exit(1)  # not an exception: unwinding whatever it interrupted half-way (a config being set) can raise anew
 

@@ -3,8 +3,11 @@
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +23,51 @@ log = logging.getLogger("linreg.train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """One run, or one job of a sweep: its train MSE (inf without one) for the sweeper."""
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN:  # the sweep's process ends the sweep on a SIGTERM or Ctrl-C (checks.end_sweep)
+        if os.environ.get("LINREG_SWEEP_PID") not in (None, "", str(os.getpid())):  # a worker (joblib, submitit):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # its Ctrl-C ends the job with the sweep (EndWithSweep)
+        return job(cfg, hc, out)
+    signal.signal(signal.SIGINT, stop_run)
+    try:
+        mse = job(cfg, hc, out)
+    except Stopped:
+        stopped_run(out)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # done: Hydra's last steps as Python has them
+    return mse
+
+
+class Stopped(BaseException):
+    """A single run's Ctrl-C outside its fit. Not a KeyboardInterrupt: Lightning would end that in `sys.exit(1)`."""
+
+
+STOPPED_BY: list[int] = []  # the signal that stopped a single run (Lightning's SIGTERMException does not say)
+
+
+def stop_run(signum: int, frame: FrameType | None) -> None:
+    """A single run's Ctrl-C: in its fit, as a SIGTERM (Lightning stops after its step; its last checkpoint stays
+    whole), else at once."""
+    STOPPED_BY.append(signum)
+    lightning = signal.getsignal(signal.SIGTERM)  # Lightning's handler while it fits
+    if not callable(lightning):
+        raise Stopped
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").disabled = True  # "SIGTERM: 2"
+    lightning(signum, frame)
+
+
+def stopped_run(out: Path) -> NoReturn:
+    """A single run stopped by SIGTERM or Ctrl-C: one line, exit 143 or 130 (128 + the signal)."""
+    from linreg.checks import stopped_by
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C again: the line still comes, once
+    signum = STOPPED_BY[0] if STOPPED_BY else signal.SIGTERM
+    print(f"error: {out}: stopped by {stopped_by(signum)}; resume=true continues it", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def job(cfg: DictConfig, hc: DictConfig, out: Path) -> float:
+    """The run or job itself."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from linreg import fastpath
@@ -31,17 +79,14 @@ def main(cfg: DictConfig) -> float:
 
     fastpath.freeze_imports()  # the libraries just imported: no collection walks them again
     one_report_per_write_error()  # in a sweep's worker process too
-    hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
-    out = Path(hc.runtime.output_dir)
     try:
         swept = read_plan(sweep_dir_of(hc))["swept"] if sweep else None  # a sweep's runs are named by what varies
         r = run(cfg, out, label=run_label(hc.overrides.task, swept), progress=not sweep, in_sweep=sweep)
     except SIGTERMException:  # Lightning stops at the next step and would exit 0: the run is not done
         if sweep:  # a worker (joblib, submitit): the table of what finished, one line (the sweep's process: end_sweep)
             raise SystemExit(stopped(sweep_dir_of(hc), f"job {out} stopped by SIGTERM")) from None
-        print(f"error: {out}: stopped by SIGTERM; resume=true continues it", file=sys.stderr)
-        sys.exit(143)
+        stopped_run(out)
     except SweepGone as err:  # nobody is left to report to: end the worker too (its checkpoint stays for a resume)
         log.warning("job ended: %s", err)
         logging.shutdown()
