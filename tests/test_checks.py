@@ -127,12 +127,17 @@ def test_a_second_ctrl_c_while_a_stopped_sweep_writes_its_table_changes_nothing(
     monkeypatch.setattr(logging, "shutdown", lambda: None)
     monkeypatch.setattr(os, "_exit", sys.exit)  # its exit, as an exception here
     kept = {s: signal.getsignal(s) for s in checks.STOP_SIGNALS}
+    half = tmp_path / ".metrics.json.1.tmp"  # a write the signal interrupted: its own cleanup will not run
+    half.write_text("{")
+    checks.WRITING.add(half)
     try:  # as a sweep's process has it (CheckConfig.on_multirun_start)
         signal.signal(signal.SIGINT, lambda signum, _: checks.end_sweep(tmp_path, signum))
         with pytest.raises(SystemExit) as ended:
             os.kill(os.getpid(), signal.SIGINT)
     finally:
+        checks.WRITING.discard(half)
         for s, handler in kept.items():
             signal.signal(s, handler)
     assert ended.value.code == 1 and tables == ["by SIGINT (Ctrl-C)"]  # once: not again from the second
+    assert not half.exists()
     assert capsys.readouterr().err == f"error: sweep {tmp_path}: stopped: by SIGINT (Ctrl-C)\n"

@@ -292,7 +292,10 @@ def test_a_sweep_stopped_by_sigterm_between_fits_ends_with_its_table_and_one_lin
     logger = f"tests.user_classes.{sig.title()}CSVLogger"
     args = [*SMALL, "seed=1,2", "logger=csv", f"logger.csv._target_={logger}"]
     args += ["hydra/launcher=vectorized"] * (launcher == "vectorized")
-    proc = run_cli("--multirun", *args, f"hydra.sweep.dir={sweep}")
+    # The Ctrl-C case from a relative sweep dir, its jobs in their own dirs: the table is the sweep dir's still.
+    chdir = ["hydra.job.chdir=true", "hydra.sweep.dir=sweep"] if sig == "SIGINT" else [f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # tests.user_classes from another dir
+    proc = run_cli("--multirun", *args, *chdir, cwd=tmp_path, env=env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == f"error: sweep {sweep}: {STOPPED.replace('SIGTERM', BY[sig])}"
     assert [r["status"] for r in read_csv(sweep)] == ["ok", "missing"]

@@ -34,7 +34,7 @@ from linreg.config import (
     refusing,
     within,
 )
-from linreg.record import RunDirLock, read_or_none, refuse_other_runs, room, write_json
+from linreg.record import WRITING, RunDirLock, read_or_none, refuse_other_runs, room, write_json
 
 
 def one_report_per_write_error() -> None:
@@ -81,8 +81,9 @@ class CheckConfig(Callback):
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if slurm else str(os.getpid())
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()  # jobs may change the cwd (hydra.job.chdir)
         for signum in STOP_SIGNALS:
-            signal.signal(signum, lambda signum, _: end_sweep(Path(str(config.hydra.sweep.dir)), signum))
+            signal.signal(signum, lambda signum, _: end_sweep(sweep_dir, signum))
         # A terminal's Ctrl-C goes to the whole process group: this process takes it for all (submitit's controllers
         # would print a traceback, kill their jobs), and what it started ends once it is gone (EndWithSweep). Not
         # for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts its resource tracker (joblib's).
@@ -107,6 +108,8 @@ def end_sweep(sweep_dir: Path, signum: int = signal.SIGTERM) -> NoReturn:
         signal.signal(ignored, signal.SIG_IGN)
     print(stopped(sweep_dir, f"by {stopped_by(signum)}"), file=sys.stderr, flush=True)
     logging.shutdown()
+    for tmp in list(WRITING):  # what the interrupted write had begun: its own cleanup will not run
+        tmp.unlink(missing_ok=True)
     os._exit(1)  # not an exception: unwinding whatever it interrupted half-way (a config being set) can raise anew
 
 

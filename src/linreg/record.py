@@ -32,9 +32,13 @@ class RunDirBusy(ConfigError):
     """The run dir holds another run, or another process writes it: nothing there may be touched."""
 
 
+WRITING: set[Path] = set()  # temp files being written: a signal handler that ends the process removes them
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write through a temp file and a rename: a crash or a full disk never leaves a torn file (nor the temp)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    WRITING.add(tmp)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -43,6 +47,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         if isinstance(err, OSError):
             err.filename, err.filename2 = str(path), None  # a message names the file, not its temp
         raise
+    finally:
+        WRITING.discard(tmp)
 
 
 def write_json(path: Path, data: Any) -> None:
