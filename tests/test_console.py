@@ -17,6 +17,7 @@ SWEEPS = {
     "submitit_local": [*GRID, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
     "vectorized": [*GRID, "hydra/launcher=vectorized"],
     "optuna": ["sweep=optuna", "hydra.sweeper.n_trials=3"],
+    "hydra_basic_sweeper": [*GRID, "hydra/sweeper=basic"],  # Hydra's own sweeper: its header from SweepResults
 }
 
 

@@ -326,6 +326,8 @@ class SweepResults(Callback):
             write_atomic(sweep_dir / PROGRESS, b"")  # a resumed sweep counts from 1 again
         except OSError as err:  # Hydra would make it a warning and run the sweep without its progress file
             refuse(ConfigError("hydra.sweep.dir", str(sweep_dir), f"cannot write {err.filename}: {err.strerror}"))
+        if not config.hydra.sweeper._target_.startswith("hydra_plugins.linreg_"):  # ours announce once they accept
+            announce(sweep_dir, plan["jobs"])
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """One progress line, in the sweep's console and its progress.log."""
