@@ -59,8 +59,9 @@ def test_a_dir_named_by_overrides_holding_a_slash_is_refused(make_cfg, given):
         ({"notes.txt": "mine"}, "holds files that are not a run's or a sweep's; use a new dir"),  # e.g. hydra.run.dir=.
         ({"metrics.json": '{"my": "precious"}', ".hydra/config.yaml": "x: 1"}, "its metrics.json: not a run record"),
         ({"../.sweep.json": "{}"}, ", a run's or a sweep's dir; use a dir of its own"),  # its table would count it
-        ({"../../metrics.json": "{}"}, ", a run's or a sweep's dir; use a dir of its own"),  # however deep
-        ({"eval.json": "{}", ".hydra/config.yaml": "ckpt_path: x"}, "is another kind's dir"),  # an evaluation's
+        ({"../../checkpoints/config.json": "{}"}, ", a run's or a sweep's dir; use a dir of its own"),  # however deep
+        ({"../../metrics.json": "{}", "../../checkpoints/last.ckpt": ""}, None),  # a project's own: no sign of ours
+        ({"eval.json": "{}", ".hydra/config.yaml": "ckpt_path: x"}, "a dir of another kind"),  # an evaluation's
         ({"{job}.log": ""}, None),  # Hydra's log of a run killed before its lock: its dir is still a run's
     ],
 )
@@ -107,6 +108,10 @@ def test_a_refusal_never_removes_a_dir_it_did_not_make(make_cfg, tmp_path):
     with pytest.raises(SystemExit):
         CheckConfig().on_run_start(cfg)  # refused: proj holds files that are not a run's
     assert (tmp_path / "proj" / "notes.txt").read_text() == "mine"
+    (tmp_path / "proj" / ".sweep.json").write_text("{}")
+    with pytest.raises(SystemExit):  # inside a sweep's dir: refused, and the dirs it made for it go, parents too
+        CheckConfig().on_run_start(make_cfg(run_dir=tmp_path / "proj" / "new" / "run"))
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == [".sweep.json", "notes.txt"]
 
 
 def test_a_second_ctrl_c_while_a_stopped_sweep_writes_its_table_changes_nothing(tmp_path, monkeypatch, capsys):

@@ -125,6 +125,10 @@ def test_a_dir_holding_a_training_run_or_a_sweep_is_refused(trained, tmp_path):
     own_eval_dir(killed, "hydra.run.dir")  # evaluated again
     with pytest.raises(ConfigError, match="give the evaluation its own dir"):  # not a sweep's, whose jobs it holds
         own_eval_dir(killed, "hydra.sweep.dir", sweep=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds files that are not a run's or a sweep's"):  # eval.json would join
+        own_eval_dir(tmp_path / "notes", "hydra.run.dir")
     with pytest.raises(ConfigError, match="is inside .*, a run's or a sweep's dir"):  # a sweep's table would count it
         own_eval_dir(trained.parents[1] / "eval", "hydra.run.dir")
 
@@ -152,20 +156,22 @@ def test_a_refused_job_of_an_evaluation_sweep_keeps_the_finished_ones(trained, t
     assert json.loads((sweep / "0" / "eval.json").read_text())["data_seed"] == 7
 
 
+THEIRS = "holds a training run or a sweep; give the evaluation its own dir"
+
+
 @pytest.mark.parametrize(
-    ("where", "key"),
+    ("where", "refused", "why"),
     [
-        (["hydra.run.dir={run}"], "hydra.run.dir"),
-        (["--multirun", "hydra.sweep.dir={run}"], "hydra.sweep.dir"),  # before Hydra writes multirun.yaml there
-        (["--multirun", "hydra.sweep.dir={run.parent}"], "hydra.sweep.subdir"),  # job 0's dir: the run
+        (["hydra.run.dir={run}"], "hydra.run.dir='{run}'", THEIRS),
+        (["--multirun", "hydra.sweep.dir={run}"], "hydra.sweep.dir='{run}'", THEIRS),  # before multirun.yaml
+        (["--multirun", "hydra.sweep.dir={run.parent}"], "hydra.sweep.dir='{run.parent}'", "holds files that are not"),
     ],
 )
-def test_an_evaluation_into_a_training_runs_dir_is_refused_untouched(trained, tmp_path, where, key):
-    run = tmp_path / "runs" / "0"
+def test_an_evaluation_into_a_training_runs_dir_is_refused_untouched(trained, tmp_path, where, refused, why):
+    run = tmp_path / "runs" / "0"  # the third: job 0's dir would be the run
     shutil.copytree(trained.parents[1], run)
-    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
+    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in run.parent.rglob("*"))
     proc = evaluate(*(w.format(run=run) for w in where), f"ckpt_path={trained}")
     assert proc.returncode == 2, proc.stderr
-    why = "holds a training run or a sweep; give the evaluation its own dir"
-    assert proc.stderr == f"error: {key}='{run}': {why}\n"
-    assert sorted((p, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
+    assert proc.stderr.startswith(f"error: {refused.format(run=run)}: {why}") and len(proc.stderr.splitlines()) == 1
+    assert sorted((p, p.read_bytes() if p.is_file() else None) for p in run.parent.rglob("*")) == before

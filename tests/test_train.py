@@ -260,9 +260,10 @@ def test_a_run_stopped_by_sigterm_or_sigint_says_so_and_exits_128_plus_it(tmp_pa
     assert not (out / "metrics.json").exists() and (out / "checkpoints" / "last.ckpt").is_file()  # resume=true's
 
 
-def test_a_run_stopped_by_sigint_before_its_fit_says_so_and_exits_130(tmp_path):
-    out = tmp_path / "1"  # the logger sends its process a Ctrl-C (SIGINT) as the run builds it
-    logger = "logger.csv._target_=tests.user_classes.SigintCSVLogger"
+@pytest.mark.parametrize(("sig", "code", "says"), [("Sigint", 130, "SIGINT (Ctrl-C)"), ("Sigterm", 143, "SIGTERM")])
+def test_a_run_stopped_before_its_fit_says_so_and_exits_128_plus_the_signal(tmp_path, sig, code, says):
+    out = tmp_path / "1"  # the logger sends its process the signal as the run builds it
+    logger = f"logger.csv._target_=tests.user_classes.{sig}CSVLogger"
     proc = run_cli(*SMALL, "logger=csv", logger, f"hydra.run.dir={out}")
-    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.splitlines() == [f"error: {out}: stopped by SIGINT (Ctrl-C); resume=true continues it"]
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"error: {out}: stopped by {says}; resume=true continues it"]

@@ -99,18 +99,21 @@ def stopped_by(signum: int) -> str:
     return "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
-def end_sweep(sweep_dir: Path, signum: int = signal.SIGTERM) -> NoReturn:
+def end_sweep(sweep_dir: Path, signum: int) -> NoReturn:
     """A SIGTERM or Ctrl-C to a sweep's process, between fits or in one (Lightning's SIGTERM handler calls this one
     too): the table of what finished, one line, exit 1."""
     from linreg.results import stopped  # imported already, by its callback
 
     for ignored in STOP_SIGNALS:  # a second Ctrl-C while the table is written: no second table, no traceback
         signal.signal(ignored, signal.SIG_IGN)
-    print(stopped(sweep_dir, f"by {stopped_by(signum)}"), file=sys.stderr, flush=True)
-    logging.shutdown()
-    for tmp in list(WRITING):  # what the interrupted write had begun: its own cleanup will not run
-        tmp.unlink(missing_ok=True)
-    os._exit(1)  # not an exception: unwinding whatever it interrupted half-way (a config being set) can raise anew
+    try:  # whatever fails here (stderr a closed pipe), the sweep ends: an error would go to the code interrupted
+        with contextlib.suppress(Exception):
+            print(stopped(sweep_dir, f"by {stopped_by(signum)}"), file=sys.stderr, flush=True)
+        logging.shutdown()
+        for tmp in list(WRITING):  # what the interrupted write had begun: its own cleanup will not run
+            tmp.unlink(missing_ok=True)
+    finally:
+        os._exit(1)  # not an exception: unwinding what it interrupted half-way (a config being set) can raise anew
 
 
 SWEEP_LOCKS: list[RunDirLock] = []  # the sweep dir's lock, held by the sweep's process until it exits
@@ -122,8 +125,8 @@ def makeable(config: DictConfig, key: str) -> Path:
         path = Path(str(OmegaConf.select(config, key, throw_on_missing=True))).resolve()  # `x/..` is where it leads
     except OmegaConfBaseException as err:  # `hydra.run.dir=${nope}`
         raise ConfigError(key, None, f"cannot be resolved: {str(err).splitlines()[0]}") from None
-    if not path.exists():
-        NEW_DIRS.add(path)
+    if missing := [p for p in (path, *path.parents) if not p.exists()]:
+        NEW_DIRS.add(missing[-1])  # the outermost dir made now: a refusal removes its parents made with it too
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
@@ -193,8 +196,9 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
 def outside_others(path: Path, key: str) -> None:
     """A run's, evaluation's or sweep's dir is not inside a run's or a sweep's (their tables and dashboards would
     take it for theirs), however deep."""
-    for where in path.parents:
-        if any(os.path.lexists(where / n) for n in (".sweep.json", "metrics.json", "checkpoints/last.ckpt")):
+    for where in path.parents:  # by what linreg writes: a project's own metrics.json or checkpoints are no sign
+        run = all(os.path.lexists(where / n) for n in ("metrics.json", ".hydra/config.yaml"))
+        if run or any(os.path.lexists(where / n) for n in (".sweep.json", "checkpoints/config.json")):
             raise ConfigError(key, str(path), f"is inside {where}, a run's or a sweep's dir; use a dir of its own")
 
 
@@ -202,10 +206,9 @@ def own_dir(path: Path, key: str, signs: tuple[str, ...], theirs: tuple[str, ...
     """A run's or sweep's dir: outside others, none of another kind's `theirs` in it, and new, empty or holding one
     of its own kind's `signs` (its files would go over whatever else is there)."""
     outside_others(path, key)
-    if any(os.path.lexists(path / n) for n in theirs):
-        raise ConfigError(
-            key, str(path), "is another kind's dir (a run's, a sweep's or an evaluation's); use a new dir"
-        )
+    if found := [n for n in theirs if os.path.lexists(path / n)]:
+        why = f"holds {found[0]}: a dir of another kind (a run, a sweep or an evaluation); use a new dir"
+        raise ConfigError(key, str(path), why)
     if not any(os.path.lexists(path / n) for n in signs) and any(p.name != ".lock" for p in path.iterdir()):
         raise ConfigError(key, str(path), "holds files that are not a run's or a sweep's; use a new dir")
 

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.checks import makeable, outside_others, separate_job_dirs
+from linreg.checks import makeable, own_dir, separate_job_dirs
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
 from linreg.record import finite_or_none, model_name, read_or_none, write_job_files, write_json
 
@@ -142,14 +142,14 @@ class CheckInputs(Callback):
 
 
 def own_eval_dir(out: Path, key: str, sweep: bool = False) -> None:
-    """A dir holding a training run or a sweep (or, for a sweep, one evaluation) is refused: an evaluation's files
-    would be written among theirs."""
-    theirs = ("metrics.json", "checkpoints", ".sweep.json") + (("eval.json",) if sweep else ())
+    """An evaluation's dir (`sweep`: an evaluation sweep's): new, empty or its own kind's, never a training run's,
+    a sweep's, or inside one."""
     saved = read_or_none(out / ".hydra" / "config.yaml")  # an earlier evaluate's (a ckpt_path) may be rewritten
-    evaluated = not sweep and isinstance(saved, dict) and "ckpt_path" in saved
-    if any(os.path.lexists(out / n) for n in theirs) or (os.path.lexists(out / ".hydra") and not evaluated):
+    run = os.path.lexists(out / ".hydra") and not (isinstance(saved, dict) and "ckpt_path" in saved)
+    theirs = ("metrics.json", "checkpoints", ".sweep.json") + ((".hydra", "eval.json") if sweep else ())
+    if run or any(os.path.lexists(out / n) for n in theirs):
         raise ConfigError(key, str(out), "holds a training run or a sweep; give the evaluation its own dir")
-    outside_others(out, key)
+    own_dir(out, key, ("multirun.yaml",) if sweep else (".hydra", "eval.json"), ())
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

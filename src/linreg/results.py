@@ -151,7 +151,7 @@ def to_markdown(sweep_dir: Path, rows: list[dict[str, Any]], swept: list[str]) -
         f"- **{s}** {jobs_label(js)}: {cell(e)}" for s, errors in failures(rows).items() for e, js in errors.items()
     ]
     lines += [*failed, ""] if failed else []
-    extra = [k for k in swept if k not in ("model", "data.deg", "data.delta", "model.lr", "data.batch_size")]
+    extra = [k for k in swept if k.rpartition(".")[2] not in MD_COLUMNS]  # data.deg is deg, model.lr lr
     columns = [*MD_COLUMNS[:6], *extra, *MD_COLUMNS[6:]]  # e.g. seed, as typed, after the columns of settings
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -254,7 +254,7 @@ def planned(config: DictConfig) -> dict[str, Any]:
     except Exception:  # what the sweeper refuses itself
         parsed = None
     final = {override_key(o.get_key_element()): o for o in parsed or []}  # the command line's value wins over params
-    swept = [k for k, o in final.items() if o.is_sweep_override()] or list(params)
+    swept = list(params) if parsed is None else [k for k, o in final.items() if o.is_sweep_override()]
     if sweeper.get("n_trials") is not None:  # Optuna: a job per trial, numbered by trial
         return {"jobs": int(sweeper.n_trials), "grid": False, "swept": swept}
     jobs = None

@@ -29,31 +29,34 @@ def main(cfg: DictConfig) -> float:
         if os.environ.get("LINREG_SWEEP_PID") not in (None, "", str(os.getpid())):  # a worker (joblib, submitit):
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # its Ctrl-C ends the job with the sweep (EndWithSweep)
         return job(cfg, hc, out)
-    signal.signal(signal.SIGINT, stop_run)
+    kept = {signum: signal.signal(signum, stop_run) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         mse = job(cfg, hc, out)
     except Stopped:
         stopped_run(out)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # done: Hydra's last steps as Python has them
+    for signum, handler in kept.items():  # done: Hydra's last steps as Python has them
+        signal.signal(signum, handler)
     return mse
 
 
 class Stopped(BaseException):
-    """A single run's Ctrl-C outside its fit. Not a KeyboardInterrupt: Lightning would end that in `sys.exit(1)`."""
+    """A single run's SIGTERM or Ctrl-C outside its fit. Not a KeyboardInterrupt: Lightning would `sys.exit(1)`."""
 
 
 STOPPED_BY: list[int] = []  # the signal that stopped a single run (Lightning's SIGTERMException does not say)
 
 
 def stop_run(signum: int, frame: FrameType | None) -> None:
-    """A single run's Ctrl-C: in its fit, as a SIGTERM (Lightning stops after its step; its last checkpoint stays
-    whole), else at once."""
-    STOPPED_BY.append(signum)
-    lightning = signal.getsignal(signal.SIGTERM)  # Lightning's handler while it fits
-    if not callable(lightning):
+    """A single run's SIGTERM or Ctrl-C: in its fit, Lightning's SIGTERM handler's (it stops after its step; its last
+    checkpoint stays whole), else at once."""
+    lightning = signal.getsignal(signal.SIGTERM)  # while it fits, Lightning's: it calls this one after its own
+    if lightning is stop_run:  # not in the fit
+        STOPPED_BY.append(signum)
         raise Stopped
-    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").disabled = True  # "SIGTERM: 2"
-    lightning(signum, frame)
+    if signum == signal.SIGINT and not STOPPED_BY:  # a Ctrl-C in the fit, as a SIGTERM (not again from Lightning's)
+        STOPPED_BY.append(signum)
+        logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").disabled = True  # "SIGTERM: 2"
+        lightning(signum, frame)
 
 
 def stopped_run(out: Path) -> NoReturn:
