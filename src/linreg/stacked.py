@@ -57,7 +57,8 @@ def member_bytes(cfg: DictConfig) -> int:
 
 
 class StackedBatches:
-    """Each call's mini-batch rows, (members, batch) each: every member's rows drawn by its single run's sampler."""
+    """Each call's rows, (members, rows): every member's rows drawn by its single run's sampler, its mini-batches in
+    order."""
 
     def __init__(self, samplers: Sequence[EpochBatchSampler], batch_size: int) -> None:
         self.samplers, self.batch_size = samplers, batch_size
@@ -70,9 +71,9 @@ class StackedBatches:
     def __len__(self) -> int:
         return len(self.samplers[0]) if self.samplers else 0  # none once every member is pruned
 
-    def __iter__(self) -> Iterator[list[Tensor]]:
+    def __iter__(self) -> Iterator[Tensor]:
         for rows in zip(*self.samplers):
-            yield list(torch.stack(rows).long().split(self.batch_size, 1))
+            yield torch.stack(rows).long()
 
 
 class StackedRegression(L.LightningModule):
@@ -109,11 +110,11 @@ class StackedRegression(L.LightningModule):
         groups = [{"params": [p], "lr": self.lr.view(-1, *[1] * (p.dim() - 1))} for p in self.stacked]
         return HandSGD(groups, lr=self.lr)
 
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> None:
-        opt, params = self.optimizers(), self.params()
-        for step, rows in enumerate(batch, start=self.trainer.global_step):
-            rows = rows.unsqueeze(-1)
-            loss = self.batch_loss(params, self.x.take_along_dim(rows, 1), self.y.take_along_dim(rows, 1))
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        opt, params, size = self.optimizers(), self.params(), self.batches.batch_size
+        xs, ys = gather(self.x, batch).split(size, 1), gather(self.y, batch).split(size, 1)  # as BatchLoader does
+        for step, (x, y) in enumerate(zip(xs, ys), start=self.trainer.global_step):
+            loss = self.batch_loss(params, x, y)
             # d(sum)/d(member j's parameters) = d(member j's loss)/d(them); the step through Lightning, so global_step
             # counts SGD steps as in a single run (the lean step where a single run takes it)
             if self.lean_steps:
@@ -188,6 +189,13 @@ class StackedRegression(L.LightningModule):
         """Member j's curves up to the end of the epoch it stopped in."""
         last = next(e for e in (self.diverged[j], self.pruned[j] and self.pruned[j] - 1, math.inf) if e is not None)
         return {tag: [(s, v[j].tolist()) for e, s, v in rows if e <= last] for tag, rows in self.curves.items()}
+
+
+def gather(data: Tensor, rows: Tensor) -> Tensor:
+    """Each member's rows of its own data, (members, rows, features): one `index_select` of the members' data."""
+    members, n = data.shape[:2]
+    flat = rows + torch.arange(members, device=rows.device).view(-1, 1) * n  # row i of member j: j * n + i
+    return data.reshape(members * n, -1).index_select(0, flat.reshape(-1)).view(members, rows.shape[1], -1)
 
 
 @dataclass
