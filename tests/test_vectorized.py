@@ -174,15 +174,28 @@ def test_hydra_yaml_is_the_text_hydra_writes(make_cfg):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     launcher = VectorizedLauncher()
-    launcher.parts = {}
-    for seed in (3, 4):  # the second job of its kind: the per-job parts dumped anew, the rest kept
-        cfg = make_cfg("hydra/launcher=vectorized", f"seed={seed}", "model.lr=0.5", run_dir=Path("run"))
-        plain = OverridesParser.create().parse_overrides([f"seed={seed}", "model.lr=0.5"])
-        job = Job(seed, ("kind",), plain, plain, Path())
-        assert launcher.yaml(job, cfg.hydra, ("hydra",)) == OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, "hydra"))
-        assert launcher.yaml(job, cfg) == OmegaConf.to_yaml(
-            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        )
+    launcher.templates = {}
+    for seed, lr in ((3, "0.5"), (4, "'1e3'"), (5, "[1, 2]")):  # the kind's text once, each job's values dumped in
+        overrides = [f"seed={seed}", f"data.w={lr}" if "[" in lr else f"model.lr={lr}"]
+        cfg = make_cfg("hydra/launcher=vectorized", *overrides, run_dir=Path("run"))
+        plain = OverridesParser.create().parse_overrides(overrides)
+        job = Job(seed, ("kind", "[" in lr), plain, plain, Path())
+        want = [OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), OmegaConf.masked_copy(cfg, "hydra")]
+        assert launcher.texts(job, cfg) == tuple(map(OmegaConf.to_yaml, want))
+    assert all(launcher.templates.values())  # every kind took the template
+
+
+def test_values_filled_in_without_the_dumper_are_as_it_writes_them():
+    from hydra_plugins.linreg_vectorized.vectorized_launcher import plain_text
+
+    values = [0, -3, 10**30, True, 1.5, None, "a", "/tmp/x/3", "model.lr=0.1,seed=3", "data.w=[1,2]", "a b", "a: b"]
+    values += ["1e3", "1_0", "0x1F", "0o7", "inf", "-.inf", "NaN", "yes", "Off", "y", "null", "~", "", "-x", "é", "#c"]
+    values += ["5", "007", "١٢", "/1e3", "=", "a=", "/yes", "a/ b", "a=#", "x=1:2", "/tmp/" + "x" * 200]
+    for value in values:
+        text = plain_text(value)
+        assert text is None or OmegaConf.to_yaml({"key": value}) == f"key: {text}\n", value
+    fast = [plain_text(v) is not None for v in (7, "12", "/tmp/x/3", "seed=3", "1e3", "yes", "a b")]
+    assert fast == [True] * 4 + [False] * 3
 
 
 # Optuna trials 4 a batch, stacked 2 a group; the median pruner (from epoch 2) stops the slow ones of batch 2 there.

@@ -4,16 +4,19 @@ Jobs that stack (same `linreg.stacked.group_key`) train in groups split by a mem
 each in one `Trainer.fit` under its members' run-dir locks. What Hydra's `run_job` does for a job (its dir,
 `.hydra/*.yaml`, its log, the callbacks) is done here for a member with what its group shares made once: one
 composed config per kind of job with each member's values set in place (the grid sweeper's `apply`), the
-invariant part of `hydra.yaml` dumped once, the job log's handlers configured once a group. Any other job (a
+`.hydra/*.yaml` text of a kind dumped once with each member's values dumped into it, the job log's handlers
+configured once a group. Any other job (a
 value a run refuses, one finished before with resume=true, a model class of one's own) runs as the basic
 launcher runs it; a job whose dir holds another run is a row, with nothing written there. torch and Lightning
 are imported in `launch`.
 """
 
 import copy
+import functools
 import logging
 import math
 import os
+import re
 import resource
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, run_job, setup_globals
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 job_log = logging.getLogger("linreg.train")  # a job's own lines, as `linreg.train.main` writes them
 FILES_KEPT_FREE = 256  # open files left for torch, logs and TensorBoard beside a group's run-dir locks
 BUDGET_SHARE = 4  # the default budget: 1/4 of the memory available at launch
+PLAIN = re.compile(r"[A-Za-z_/][\w./=,+\-]*")  # strings YAML writes as they are, unless they read as another type
+IMPLICIT = functools.partial(yaml.Dumper.resolve, yaml.Dumper, yaml.ScalarNode, implicit=(True, False))
+SLOT = "linreg-slot-"  # a job's own value in its kind's `.hydra/*.yaml` text, until filled in
 PER_JOB = ("overrides.task", "job.id", "job.num", "job.override_dirname", "runtime.output_dir")  # hydra.* by job
 
 
@@ -101,7 +108,7 @@ class VectorizedLauncher(Launcher):
         loader = self.hydra_context.config_loader  # the grid sweeper's (duck-typed: Hydra may load a plugin twice)
         self.loader = loader if hasattr(loader, "split") else CachedConfigLoader(loader)
         self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
-        self.parts: dict[tuple[Any, ...], str] = {}  # `.hydra/*.yaml` text that jobs of one kind share
+        self.templates: dict[tuple[Any, ...], Any] = {}  # `.hydra/*.yaml` text of a kind, its jobs' values left out
         self.checked: set[tuple[Any, ...]] = set()  # kinds (and model classes) whose keys passed `check`
         self.swept = read_plan(Path(str(self.config.hydra.sweep.dir)))["swept"]  # what names a job's TensorBoard run
         self.sweep_config = HydraConfig.instance().cfg
@@ -221,8 +228,7 @@ class VectorizedLauncher(Launcher):
         self.job_logging(job, config, first)
         (job.out / ".hydra").mkdir(exist_ok=True)  # as `linreg.record.write_job_files` (hydra.output_subdir: null)
         for name, text in (
-            ("config.yaml", self.yaml(job, config)),
-            ("hydra.yaml", self.yaml(job, config.hydra, ("hydra",))),
+            *zip(("config.yaml", "hydra.yaml"), self.texts(job, config)),
             ("overrides.yaml", fastpath.to_yaml(OmegaConf.to_container(config.hydra.overrides.task))),
         ):
             write_atomic(job.out / ".hydra" / name, text.encode())
@@ -240,28 +246,15 @@ class VectorizedLauncher(Launcher):
         callbacks.on_job_end(config=config, job_return=ret)
         return ret
 
-    def yaml(self, job: Job, node: Any, path: tuple[str, ...] = ()) -> str:
-        """`OmegaConf.to_yaml` of the node at `path` (under its parents' keys), as Hydra writes `.hydra/*.yaml`: a part
-        no job of its kind changes is dumped once per kind (block YAML is the text of its parts in order)."""
-        varying = [tuple(o.key_or_group.split(".")) for o in job.plain] + [("hydra", *k.split(".")) for k in PER_JOB]
-        if path and not any(v[: len(path)] == path for v in varying):  # no job's value under it: the same text
-            if (job.kind, path) not in self.parts:
-                self.parts[job.kind, path] = under(path[:-1], {path[-1]: node})
-            return self.parts[job.kind, path]
-        if path in varying or not (OmegaConf.is_dict(node) and len(node)):
-            return under(path[:-1], {path[-1]: node})
-        if ("head", path) not in self.parts:  # its own key's line
-            self.parts["head", path] = under(path[:-1], {path[-1]: {"x": 0}}).partition("\n")[0] + "\n" if path else ""
-        text, values = [self.parts["head", path]], {}  # the job's own values next to each other: dumped together
-        for key, value in node.items_ex(resolve=False):
-            if path or key != "hydra":
-                if (*path, key) in varying:
-                    values[key] = value
-                    continue
-                text += [under(path, values)] if values else []
-                text.append(self.yaml(job, value, (*path, key)))
-                values = {}
-        return "".join(text + ([under(path, values)] if values else []))
+    def texts(self, job: Job, config: DictConfig) -> tuple[str, str]:
+        """`.hydra/config.yaml` and `hydra.yaml` as Hydra writes them: its kind's text, the job's values dumped in."""
+        keys = [o.key_or_group for o in job.plain] + [f"hydra.{k}" for k in PER_JOB]
+        if job.kind not in self.templates:  # checked once against the whole dump, else the kind takes the slow path
+            pieces = template(config, keys)
+            good = pieces is not None and fill(pieces, config, keys) == whole(config)
+            self.templates[job.kind] = pieces if good else None
+        pieces = self.templates[job.kind]
+        return whole(config) if pieces is None else fill(pieces, config, keys)
 
     def job_logging(self, job: Job, config: DictConfig, first: bool) -> None:
         """The job's log: Hydra's `job_logging` set up for a group's first member, its log files moved on after."""
@@ -303,13 +296,70 @@ class VectorizedLauncher(Launcher):
         return self.around(config, lambda: job_log.error("job refused: %s", err) or math.inf)
 
 
-def under(parents: tuple[str, ...], mapping: dict[str, Any]) -> str:
-    """`OmegaConf.to_yaml` of the mapping's entries under its parents' keys, less the parents' own lines."""
+def whole(config: DictConfig) -> tuple[str, str]:
+    """`.hydra/config.yaml` and `hydra.yaml` dumped whole, as Hydra's `run_job` dumps them."""
+    return (
+        OmegaConf.to_yaml(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])),
+        OmegaConf.to_yaml(OmegaConf.masked_copy(config, "hydra")),
+    )
+
+
+def template(config: DictConfig, keys: list[str]) -> tuple[list[list[str | int]], dict[int, str]] | None:
+    """Both files' text with key i's entry as i (YAML's block mappings dump an entry the same whatever its
+    siblings), and each entry's text before its value; None when a key is not a mapping's entry."""
     from linreg import fastpath
 
-    mapping = {
-        k: OmegaConf.to_container(v, enum_to_str=True) if OmegaConf.is_config(v) else v for k, v in mapping.items()
-    }
-    for key in reversed(parents):
-        mapping = {key: mapping}
-    return fastpath.to_yaml(mapping).split("\n", len(parents))[-1]
+    data = OmegaConf.to_container(config, resolve=False, enum_to_str=True)
+    for i, key in enumerate(keys):
+        *parents, leaf = key.split(".")
+        node: Any = data
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            return None
+        node[leaf] = f"{SLOT}{i}"  # a plain scalar: dumped as it is, on its key's line
+    hydra = {"hydra": data.pop("hydra")}  # type: ignore[union-attr]
+    pieces: list[list[str | int]] = []
+    prefixes = {}
+    for text in (fastpath.to_yaml(data), fastpath.to_yaml(hydra)):
+        parts = re.split(rf"^([^\n]*?){SLOT}(\d+)\n", text, flags=re.M)  # text, (prefix, i, text)...
+        prefixes.update((int(i), prefix) for prefix, i in zip(parts[1::3], parts[2::3]))
+        pieces.append([p if n % 3 == 0 else int(p) for n, p in enumerate(parts) if n % 3 != 1])
+    return pieces, prefixes
+
+
+def fill(made: tuple[list[list[str | int]], dict[int, str]], config: DictConfig, keys: list[str]) -> tuple[str, str]:
+    """The template's texts with each key's entry as the job's config has it (unresolved)."""
+    pieces, prefixes = made
+    entries = [entry(config, key, prefixes[i]) for i, key in enumerate(keys)]
+    first, second = ("".join(entries[p] if isinstance(p, int) else p for p in text) for text in pieces)
+    return first, second
+
+
+def entry(config: DictConfig, key: str, prefix: str) -> str:
+    """The key's entry in its file (its line, or lines), its value as the config has it, unresolved."""
+    from linreg import fastpath
+
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    [(_, value)] = node.items_ex(resolve=False, keys=[leaf])
+    text = None if OmegaConf.is_config(value) else plain_text(value)
+    if text is not None:
+        return f"{prefix}{text}\n"
+    value = OmegaConf.to_container(value, enum_to_str=True) if OmegaConf.is_config(value) else value
+    for name in reversed(key.split(".")):
+        value = {name: value}
+    return fastpath.to_yaml(value).split("\n", len(parents))[-1]  # less its parents' lines
+
+
+def plain_text(value: Any) -> str | None:
+    """How YAML writes an int, or one of Hydra's per-job strings (a job id, dir or override); else None."""
+    if type(value) is int:
+        return str(value)
+    if type(value) is str and value.isascii() and value.isdigit():  # a job id: quoted, as OmegaConf quotes numbers
+        return f"'{value}'"
+    if type(value) is str and ("/" in value or "=" in value) and PLAIN.fullmatch(value):
+        return value if IMPLICIT(value) == "tag:yaml.org,2002:str" else None
+    return None
