@@ -181,7 +181,7 @@ def naming_key() -> Iterator[None]:
         raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
 
 
-def plain(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
+def plain(cfg: DictConfig | dict[str, Any], skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
     """The config as plain data, resolved, less the `skip` keys (Hydra's own by default)."""
     with naming_key():
         return {
@@ -191,7 +191,7 @@ def plain(cfg: DictConfig, skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]
         }
 
 
-def check(cfg: DictConfig, schema: bool = True) -> None:
+def check(cfg: DictConfig | dict[str, Any], schema: bool = True) -> None:
     """ConfigError for the first value the schema lets through but a run cannot use (`schema`: its keys too)."""
     plain_cfg = plain(cfg)
     if schema:  # keys added with `+` (Hydra lets them past); the vectorized launcher checks them once per group

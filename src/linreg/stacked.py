@@ -41,8 +41,9 @@ Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value pe
 Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, its train/mse) -> its pruner stops it
 
 
-def group_key(cfg: DictConfig) -> str:
-    """What a job shares with the rest of its group: its config less loggers and the numbers members differ in."""
+def group_key(cfg: DictConfig | dict[str, Any]) -> str:
+    """What a job shares with the rest of its group: its config (resolved: changed here) less loggers and the
+    numbers members differ in."""
     plain = identity(cfg)
     plain["data"]["w"] = len(plain["data"]["w"])  # a weight vector of another length is another shape
     for key in ("logger", "seed", "model.lr", "model.init", "data.delta", "data.deg"):  # members' own numbers

@@ -55,7 +55,7 @@ class Job:
     kind: tuple[Any, ...]  # the composed config it shares with jobs of its kind
     parsed: list[Override]
     plain: list[Override]  # the values set on its kind's config
-    out: Path
+    out: Path | None = None  # its dir: set as its config is first composed
     config: DictConfig | None = None  # its own copy of its Hydra config, when it runs as the basic launcher runs it
     cfg: DictConfig | None = None  # its own config, resolved, when it trains in a group
     key: str | None = None  # its group
@@ -134,7 +134,8 @@ class VectorizedLauncher(Launcher):
             del self.kinds[job.kind]  # a value that does not apply: Hydra composes the job (and says why)
             config = self.loader.inner.load_sweep_config(self.config, [str(o.input_line) for o in job.parsed])
         config.hydra.job.id, config.hydra.job.num = job.num, job.num  # keys Hydra's schema has: no `open_dict`
-        job.out = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute()
+        if job.out is None:  # resolved once (`${hydra.job.num}`)
+            job.out = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute()
         config.hydra.runtime.output_dir = str(job.out)
         HydraConfig.instance().cfg = config  # for its `${hydra:...}` values, as `run_job` sets it
         return config
@@ -145,12 +146,13 @@ class VectorizedLauncher(Launcher):
 
         parsed, lines, values = self.loader.split(self.config, overrides)
         kind = (lines, tuple(o.key_or_group for o in values))
-        job = Job(num, kind, parsed, values, Path())
+        job = Job(num, kind, parsed, values)
         config = self.compose(job)
         try:
-            cfg = OmegaConf.create(plain(config))  # plain data, to train outside Hydra
+            data = plain(config)
+            cfg = OmegaConf.create(data)  # to train outside Hydra
             schema = (kind, cfg.model.get("_target_"))  # the keys a kind has, checked once
-            check(cfg, schema=schema not in self.checked)
+            check(data, schema=schema not in self.checked)
             self.checked.add(schema)
         except (ConfigError, OmegaConfBaseException):
             cfg = None  # its single run records why
@@ -162,7 +164,7 @@ class VectorizedLauncher(Launcher):
         except RunDirBusy as err:
             job.refused, job.config = err, copy.deepcopy(config)
             return job
-        job.cfg, job.key = cfg, group_key(cfg)
+        job.cfg, job.key = cfg, group_key(data)
         return job
 
     def report(self, members: list[Job]) -> Any:
