@@ -32,10 +32,21 @@ def test_the_reader_refuses_what_is_not_a_small_regular_file(tmp_path, kind):
         RunRecord.read(tmp_path)
 
 
-def test_deep_yaml_is_refused_too(tmp_path):
-    (tmp_path / "overrides.yaml").write_text("[" * 100_000 + "]" * 100_000)
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b"- " * 101 + b"a\n",  # block sequences on one line
+        b"".join(b" " * i + b"k:\r" for i in range(101)) + b" " * 101 + b"k: 1\r",  # mappings, CR line breaks
+        "".join(" " * i + "k:\u2028" for i in range(101)).encode("utf-16"),  # Unicode line breaks, UTF-16
+    ],
+)
+def test_deep_yaml_is_refused_too(tmp_path, text):
+    (tmp_path / "overrides.yaml").write_bytes(text)
     with pytest.raises(CorruptRecord):
         read_file(tmp_path / "overrides.yaml")
+    (tmp_path / "ok.yaml").write_bytes(b"a:\n  b: [1, {c: -2}]\n  d: '*'\n")  # a `*` in a string: walked, kept
+    assert read_file(tmp_path / "ok.yaml") == {"a": {"b": [1, {"c": -2}], "d": "*"}}
 
 
 @pytest.mark.parametrize(
