@@ -15,10 +15,11 @@ from hydra_plugins.linreg_vectorized.vectorized_launcher import Job, VectorizedL
 from linreg.stacked import group_key, member_bytes
 from tests.conftest import run_cli
 
-# Two groups (manual, linear) of 4: lr 100 diverges in the first of two epochs (frozen there), seeds differ.
+# Two groups (manual, linear) of 4: lr 100 diverges in the first of two epochs (frozen there), seeds differ (one by
+# an interpolation: those jobs' configs are composed, the others' values set on their kind's).
 # train/loss every 4 SGD steps, params/* at the end of the 3-step call that passes one: at steps of their own.
-GRID = ["model=manual,linear", "model.lr=0.03,100", "seed=1,2", "data.num_examples=100", "trainer.max_epochs=2"]
-GRID += ["data.batches_per_call=3", "model.log_every_sgd_steps=4"]
+GRID = ["model=manual,linear", "model.lr=0.03,100", "seed=1,${data.num_examples}", "data.num_examples=100"]
+GRID += ["trainer.max_epochs=2", "data.batches_per_call=3", "model.log_every_sgd_steps=4"]
 VECTORIZED = ["hydra/launcher=vectorized", "+hydra.callbacks.probe._target_=tests.test_vectorized.LockProbe"]
 NUMBERS = ("train_mse", "epoch_mse", "weights")
 

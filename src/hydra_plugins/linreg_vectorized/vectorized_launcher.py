@@ -13,6 +13,7 @@ are imported in `launch`.
 
 import copy
 import functools
+import json
 import logging
 import math
 import os
@@ -108,6 +109,7 @@ class VectorizedLauncher(Launcher):
         loader = self.hydra_context.config_loader  # the grid sweeper's (duck-typed: Hydra may load a plugin twice)
         self.loader = loader if hasattr(loader, "split") else CachedConfigLoader(loader)
         self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
+        self.bases: dict[tuple[Any, ...], Any] = {}  # a kind's config less `hydra` and its sweep dir, if without `${`
         self.templates: dict[tuple[Any, ...], Any] = {}  # `.hydra/*.yaml` text of a kind, its jobs' values left out
         self.checked: set[tuple[Any, ...]] = set()  # kinds (and model classes) whose keys passed `check`
         self.swept = read_plan(Path(str(self.config.hydra.sweep.dir)))["swept"]  # what names a job's TensorBoard run
@@ -140,6 +142,30 @@ class VectorizedLauncher(Launcher):
         HydraConfig.instance().cfg = config  # for its `${hydra:...}` values, as `run_job` sets it
         return config
 
+    def resolved(self, job: Job) -> dict[str, Any]:
+        """The job's config less `hydra`, resolved. Where its kind's has no `${...}` that is its kind's with the job's
+        values as the kind's config takes them (typed by the schema), and its dir `${hydra.job.num}`'s: no compose."""
+        config, base = self.kinds.get(job.kind), self.bases.get(job.kind)
+        if config is not None and base is not None:
+            data = copy.deepcopy(base[0])
+            try:
+                for o in job.plain:
+                    OmegaConf.update(config, o.key_or_group, o.value(), merge=True)
+                    *parents, leaf = o.key_or_group.split(".")
+                    functools.reduce(dict.__getitem__, parents, data)[leaf] = value = raw(config, o.key_or_group)
+                    if "${" in json.dumps(value, default=str):
+                        raise ValueError("interpolates")
+            except Exception:  # a value that does not apply (Hydra says why), or one that interpolates: composed
+                return plain(self.compose(job))
+            job.out = Path(base[1], str(job.num)).absolute()
+            return data
+        config = self.compose(job)
+        if job.kind not in self.bases:
+            data = {k: raw(config, k) for k in config if k != "hydra"}
+            free = "${" not in json.dumps(data, default=str) and raw(config, "hydra.sweep.subdir") == "${hydra.job.num}"
+            self.bases[job.kind] = (data, str(config.hydra.sweep.dir)) if free else None
+        return plain(config)
+
     def plan(self, num: int, overrides: list[str]) -> Job:
         """Compose the job's config as the basic launcher does, and decide how it runs."""
         from linreg.stacked import group_key
@@ -147,9 +173,8 @@ class VectorizedLauncher(Launcher):
         parsed, lines, values = self.loader.split(self.config, overrides)
         kind = (lines, tuple(o.key_or_group for o in values))
         job = Job(num, kind, parsed, values)
-        config = self.compose(job)
         try:
-            data = plain(config)
+            data = self.resolved(job)
             cfg = OmegaConf.create(data)  # to train outside Hydra
             schema = (kind, cfg.model.get("_target_"))  # the keys a kind has, checked once
             check(data, schema=schema not in self.checked)
@@ -157,12 +182,12 @@ class VectorizedLauncher(Launcher):
         except (ConfigError, OmegaConfBaseException):
             cfg = None  # its single run records why
         if cfg is None or cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
-            job.config = copy.deepcopy(config)  # a model class of one's own trains alone; a finished job is kept
-            return job
+            job.config = copy.deepcopy(self.compose(job))  # a model class of one's own trains alone; a finished job
+            return job  # is kept
         try:
             refuse_other_runs(job.out, cfg)
         except RunDirBusy as err:
-            job.refused, job.config = err, copy.deepcopy(config)
+            job.refused, job.config = err, copy.deepcopy(self.compose(job))
             return job
         job.cfg, job.key = cfg, group_key(data)
         return job
@@ -338,22 +363,27 @@ def fill(made: tuple[list[list[str | int]], dict[int, str]], config: DictConfig,
     return first, second
 
 
-def entry(config: DictConfig, key: str, prefix: str) -> str:
-    """The key's entry in its file (its line, or lines), its value as the config has it, unresolved."""
-    from linreg import fastpath
-
+def raw(config: DictConfig, key: str) -> Any:
+    """The value at the dotted key as the config holds it, unresolved (a container as plain data)."""
     *parents, leaf = key.split(".")
     node = config
     for name in parents:
         node = node[name]
     [(_, value)] = node.items_ex(resolve=False, keys=[leaf])
-    text = None if OmegaConf.is_config(value) else plain_text(value)
+    return OmegaConf.to_container(value, enum_to_str=True) if OmegaConf.is_config(value) else value
+
+
+def entry(config: DictConfig, key: str, prefix: str) -> str:
+    """The key's entry in its file (its line, or lines), its value as the config has it, unresolved."""
+    from linreg import fastpath
+
+    value = raw(config, key)
+    text = plain_text(value)
     if text is not None:
         return f"{prefix}{text}\n"
-    value = OmegaConf.to_container(value, enum_to_str=True) if OmegaConf.is_config(value) else value
     for name in reversed(key.split(".")):
         value = {name: value}
-    return fastpath.to_yaml(value).split("\n", len(parents))[-1]  # less its parents' lines
+    return fastpath.to_yaml(value).split("\n", key.count("."))[-1]  # less its parents' lines
 
 
 def plain_text(value: Any) -> str | None:
