@@ -266,8 +266,8 @@ class RunRecord:
         return cls.parse(read_file(out / "metrics.json"))
 
     def as_json(self) -> dict[str, Any]:
-        """metrics.json's content."""
-        return dataclasses.asdict(self)
+        """metrics.json's content (its values shared with the record: `asdict`'s deep copy costs a table)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def write(self, out: Path) -> None:
         """metrics.json in `out`; a failure never replaces a finished record (it goes to failed.json then)."""
