@@ -35,7 +35,7 @@ from linreg.dashboard import hp_metrics, hparams, param_names, start_hparams
 from linreg.data import EpochBatchSampler
 from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
 from linreg.record import RunRecord, identity, write_atomic
-from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
+from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, model_class, torch_threads
 
 Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
 Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, its train/mse) -> its pruner stops it
@@ -235,11 +235,11 @@ class Member:
 def train_group(cfgs: Sequence[DictConfig], report: Report | None = None) -> list[Member | ConfigError]:
     """Train the jobs as one stacked model in one `Trainer.fit` (`report`: to job j's pruner): a Member each, or why."""
     with torch_threads(cfgs[0].threads):  # the same reductions whichever launcher runs a job
-        built, failed = [], {}
+        built, failed, cls = [], {}, model_class(cfgs[0].model._target_)  # one class: the group's key holds it
         for j, cfg in enumerate(cfgs):
             try:
                 dm = build_datamodule(cfg)
-                model = build_model(cfg, dm)
+                model = build_model(cfg, dm, cls)
             except ConfigError as err:
                 failed[j] = err
                 continue
