@@ -185,10 +185,16 @@ class StackedRegression(L.LightningModule):
         self.at = [self.at[i] for i in keep]
         self.batches.samplers = [self.batches.samplers[i] for i in keep]
 
-    def curves_of(self, j: int) -> Curves:
-        """Member j's curves up to the end of the epoch it stopped in."""
-        last = next(e for e in (self.diverged[j], self.pruned[j] and self.pruned[j] - 1, math.inf) if e is not None)
-        return {tag: [(s, v[j].tolist()) for e, s, v in rows if e <= last] for tag, rows in self.curves.items()}
+    def members_curves(self) -> list[Curves]:
+        """Each member's curves up to the end of the epoch it stopped in."""
+        # (member, row, values): one `tolist` a tag for the group, not one per member and row
+        tables = {tag: torch.stack([v for *_, v in rows]).transpose(0, 1).tolist() for tag, rows in self.curves.items()}
+        curves = []
+        for j, (diverged, pruned) in enumerate(zip(self.diverged, self.pruned)):
+            last = next(e for e in (diverged, pruned and pruned - 1, math.inf) if e is not None)
+            rows = {tag: zip(self.curves[tag], table[j]) for tag, table in tables.items()}
+            curves.append({tag: [(s, v) for (e, s, _), v in row if e <= last] for tag, row in rows.items()})
+        return curves
 
 
 def gather(data: Tensor, rows: Tensor) -> Tensor:
@@ -262,8 +268,8 @@ def fit(built: list[tuple[Any, ...]], report: Report | None) -> list[Member]:
     trainer.fit(module, train_dataloaders=batches)
     seconds = (time.perf_counter() - start) / len(cfgs)  # each member's share of the group's fit
     members = []
-    for j, cfg in enumerate(cfgs):
-        curves, diverged, pruned = module.curves_of(j), module.diverged[j], module.pruned[j]
+    for j, (cfg, curves) in enumerate(zip(cfgs, module.members_curves())):
+        diverged, pruned = module.diverged[j], module.pruned[j]
         epoch_mse = [v for _, (v,) in curves["train/mse"]]
         record = RunRecord.of(
             cfg,
