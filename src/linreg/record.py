@@ -261,8 +261,8 @@ class RunRecord:
         return cls.parse(read_file(out / "metrics.json"))
 
     def as_json(self) -> dict[str, Any]:
-        """metrics.json's content."""
-        return dataclasses.asdict(self)
+        """metrics.json's content (its lists and dicts the record's own: `asdict` deep-copies them, ~0.1 ms)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def write(self, out: Path) -> None:
         """metrics.json in `out`; a failure never replaces a finished record (it goes to failed.json then)."""
