@@ -12,6 +12,7 @@ as a single run) leaves the stack: its rows of parameters, data and lr and its s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -37,7 +38,7 @@ from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
 from linreg.record import RunRecord, identity, write_atomic
 from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, model_class, torch_threads
 
-Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
+Curves = dict[str, tuple[list[int], Tensor]]  # tag -> (steps, (steps, one value per coefficient or one))
 Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, its train/mse) -> its pruner stops it
 
 
@@ -187,13 +188,15 @@ class StackedRegression(L.LightningModule):
 
     def members_curves(self) -> list[Curves]:
         """Each member's curves up to the end of the epoch it stopped in."""
-        # (member, row, values): one `tolist` a tag for the group, not one per member and row
-        tables = {tag: torch.stack([v for *_, v in rows]).transpose(0, 1).tolist() for tag, rows in self.curves.items()}
+        # A view a member of one (member, step, values) tensor a tag; rows become lists only as its logs are written
+        # (a group's rows as lists, all alive at once, set off full garbage collections of the sweep's objects).
+        tables = {tag: ([e for e, _, _ in rows], [s for _, s, _ in rows], torch.stack([v for *_, v in rows], 1))
+                  for tag, rows in self.curves.items()}  # fmt: skip
         curves = []
         for j, (diverged, pruned) in enumerate(zip(self.diverged, self.pruned)):
             last = next(e for e in (diverged, pruned and pruned - 1, math.inf) if e is not None)
-            rows = {tag: zip(self.curves[tag], table[j]) for tag, table in tables.items()}
-            curves.append({tag: [(s, v) for (e, s, _), v in row if e <= last] for tag, row in rows.items()})
+            ends = {tag: bisect.bisect_right(epochs, last) for tag, (epochs, _, _) in tables.items()}  # noted in order
+            curves.append({tag: (steps[: ends[tag]], v[j, : ends[tag]]) for tag, (_, steps, v) in tables.items()})
         return curves
 
 
@@ -226,9 +229,13 @@ class Member:
                 with contextlib.suppress(Exception):  # what OmegaConf cannot hold: Lightning's `save` writes it
                     write_atomic(saved, fastpath.to_yaml(dict(tb.hparams)).encode())
         params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
-        rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
+        rows = [
+            (s, dict(zip(params if tag == "params" else [tag], v)))
+            for tag, (steps, values) in self.curves.items()
+            for s, v in zip(steps, values.tolist())
+        ]
         rows.sort(key=lambda row: row[0])  # by step (stable): its single run's order, a step's scalars in one event
-        rows.append((r.steps, hp_metrics(self.curves["train/mse"][-1][1][0], r.ols_mse)))  # once, at the end
+        rows.append((r.steps, hp_metrics(self.curves["train/mse"][1][-1, 0].item(), r.ols_mse)))  # once, at the end
         for lg in loggers:
             for step, metrics in rows:
                 lg.log_metrics(metrics, step=step)
@@ -270,15 +277,16 @@ def fit(built: list[tuple[Any, ...]], report: Report | None) -> list[Member]:
     members = []
     for j, (cfg, curves) in enumerate(zip(cfgs, module.members_curves())):
         diverged, pruned = module.diverged[j], module.pruned[j]
-        epoch_mse = [v for _, (v,) in curves["train/mse"]]
+        (mse_steps, mse), (_, params) = curves["train/mse"], curves["params"]
+        epoch_mse = mse.flatten().tolist()
         record = RunRecord.of(
             cfg,
             "diverged" if diverged is not None else "pruned" if pruned else "ok",
             epoch_mse=epoch_mse,
             train_mse=epoch_mse[-1],
-            weights=curves["params"][-1][1],
+            weights=params[-1].tolist(),
             ols_mse=ols[j],
-            steps=curves["train/mse"][-1][0],
+            steps=mse_steps[-1],
             fit_seconds=seconds,
             diverged_epoch=diverged,
             pruned_epoch=pruned,
