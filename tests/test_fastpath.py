@@ -110,8 +110,16 @@ def test_yaml_is_the_text_omegaconf_writes(monkeypatch):
     monkeypatch.delenv(fastpath.SWITCH, raising=False)
     strings = ["true", "1", "1e5", "${a.b}", "ü ✓", "a: b", "", "null", "on", "0x10", "~", " x", "two\nlines", "'q'"]
     numbers = [1, -2.5, 1e-7, 1e20, float("nan"), float("-inf"), True, None]
-    for data in ({"s": strings, "n": numbers, "d": {"e": {}, "l": [], "x": [[1], {"y": "z"}]}}, ["seed=1"], []):
+    unspaced = "yes 1_000 .inf -x a:b #x [1] {a} &x *y !t %p @a ? | ''".split() + ["x" * 300]  # libyaml emits them
+    shared = [1, {"y": "z"}]  # held twice: written twice, as OmegaConf does (no YAML anchor)
+    for data in (
+        {"s": strings, "n": numbers, "d": {"e": {}, "l": [], "x": [[1], {"y": "z"}]}},
+        {"u": unspaced, "n": numbers, "k" * 300: {"e": {}, "x": [[1], shared]}, "again": shared},
+        ["seed=1"],
+        [],
+    ):
         assert fastpath.to_yaml(data) == OmegaConf.to_yaml(data)
+    assert fastpath.unspaced(unspaced) and not fastpath.unspaced(strings)
 
 
 def test_the_heap_is_frozen_once_and_only_on_the_fast_path():

@@ -6,6 +6,7 @@ Private uses (3 of at most 4): `LightningOptimizer._on_before_step` and `._on_af
 Process-wide (1): `gc.freeze` once the libraries are imported.
 """
 
+import functools
 import gc
 import os
 from collections.abc import Callable
@@ -62,9 +63,29 @@ def is_plain(data: Any) -> bool:
     return data is None or type(data) in (str, int, float, bool)
 
 
+def unspaced(data: Any) -> bool:
+    """Whether every string in plain data (keys too) is printable ASCII without a space: nothing to fold or escape."""
+    if isinstance(data, dict):
+        return all(unspaced(k) and unspaced(v) for k, v in data.items())
+    if isinstance(data, list):
+        return all(map(unspaced, data))
+    return not isinstance(data, str) or (data.isascii() and data.isprintable() and " " not in data)
+
+
+@functools.cache
+def dumper(libyaml: bool) -> type:
+    """The dumper `OmegaConf.to_yaml` uses (its quoting of strings), on libyaml's emitter or on PyYAML's own."""
+    omegaconf = get_omega_conf_dumper()  # private
+    base = yaml.CDumper if libyaml and yaml.__with_libyaml__ else omegaconf
+    # No anchors: OmegaConf copies data into nodes of its own, so an object held twice is written twice.
+    return type(
+        "Dumper", (base,), {"yaml_representers": omegaconf.yaml_representers, "ignore_aliases": lambda *_: True}
+    )
+
+
 def to_yaml(data: Any) -> str:
     """`OmegaConf.to_yaml(data)`, for plain data without building an OmegaConf object first (~4x faster)."""
     if not (enabled() and isinstance(data, (dict, list)) and is_plain(data)):  # else as OmegaConf does
         return OmegaConf.to_yaml(data)
-    dumper = get_omega_conf_dumper()  # private: the dumper `OmegaConf.to_yaml` uses, with its quoting of strings
-    return yaml.dump(data, Dumper=dumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
+    # libyaml's emitter (~3x faster) writes the same text where no string can be folded: the two fold long lines apart
+    return yaml.dump(data, Dumper=dumper(unspaced(data)), default_flow_style=False, allow_unicode=True, sort_keys=False)

@@ -80,29 +80,37 @@ def build_datamodule(cfg: DictConfig, seed: int | None = None, num_examples: int
     return dm
 
 
-def build_model(cfg: DictConfig, dm: RegressionDataModule) -> RegressionModule:
+def build_model(
+    cfg: DictConfig, dm: RegressionDataModule, cls: type[RegressionModule] | None = None
+) -> RegressionModule:
     """The configured model (its class checked by `build_datamodule`, its arguments by building it), seeded."""
-    L.seed_everything(cfg.seed, verbose=False)
     try:
-        return instantiate(cfg.model, in_features=dm.in_features, bias=cfg.data.bias)
+        if cls is None:
+            L.seed_everything(cfg.seed, verbose=False)
+            return instantiate(cfg.model, in_features=dm.in_features, bias=cfg.data.bias)
+        # A stacked member: its class, its arguments plain values (`instantiate` costs ~1 ms a call), its init's draws
+        # from torch's CPU generator (`seed_everything` formats a stack trace a device kind: ~0.3 ms in a sweep).
+        torch.default_generator.manual_seed(cfg.seed)
+        args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+        return cls(**args, in_features=dm.in_features, bias=cfg.data.bias)
     except Exception as err:  # Hydra wraps the constructor's TypeError (an unknown argument) in its own
         raise ConfigError("model", None, str(err.__cause__ or err).splitlines()[0]) from None
 
 
-def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
-    """Every logger under `logger` (each a `_target_`), saving into the run dir; none with `~logger`."""
+def build_loggers(group: Any, out: Path, label: str) -> list[Any]:
+    """Every logger of the `logger` group (each a `_target_`; its config or plain data), saving into the run dir."""
     loggers = []
-    for key, lcfg in (cfg.get("logger") or {}).items():
+    for key, lcfg in (group or {}).items():  # none with `~logger`
         if lcfg is None:  # `logger.csv=null` turns one off
             continue
         given: dict[str, Any] = {"save_dir": str(out)}
         try:
-            if issubclass(get_class(lcfg._target_), TensorBoardLogger) and "version" not in lcfg:
+            if issubclass(get_class(lcfg["_target_"]), TensorBoardLogger) and "version" not in lcfg:
                 given["version"] = label  # TensorBoard names a run by its path: <run dir>/tensorboard/<label>
             make = logger_maker(lcfg)
             logger = make.func(*make.args, **{**copy.deepcopy(make.keywords), **given})  # its own argument objects
             if not isinstance(logger, Logger):  # `_target_: builtins.dict` builds, then fails inside the Trainer
-                raise TypeError(f"{lcfg._target_} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
+                raise TypeError(f"{lcfg['_target_']} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
             if isinstance(logger, TensorBoardLogger):  # its SummaryWriter, which takes the other arguments, now
                 _ = logger.experiment
             loggers.append(logger)
@@ -114,9 +122,9 @@ def build_loggers(cfg: DictConfig, out: Path, label: str) -> list[Any]:
 MAKERS: dict[str, functools.partial[Any]] = {}  # a logger config, resolved (its repr) -> its class and arguments
 
 
-def logger_maker(lcfg: DictConfig) -> functools.partial[Any]:
+def logger_maker(lcfg: Any) -> functools.partial[Any]:
     """A logger config's class with its arguments, instantiated once per config (a stacked group's members share it)."""
-    key = repr(OmegaConf.to_container(lcfg, resolve=True))
+    key = repr(OmegaConf.to_container(lcfg, resolve=True) if OmegaConf.is_config(lcfg) else lcfg)
     if key not in MAKERS:
         if len(MAKERS) >= 16:  # bounded: a sweep may vary a logger's arguments
             MAKERS.clear()
@@ -227,7 +235,8 @@ def run(
             log.info("resume: %s already finished with this config; nothing to train", out)
             return done
         refuse_other_runs(out, cfg, lock_held=True)
-        loggers = build_loggers(cfg, out, label)  # a bad logger argument is refused before anything else is written
+        # A bad logger argument is refused before anything else is written.
+        loggers = build_loggers(cfg.get("logger"), out, label)
         job_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if HydraConfig.initialized() else None
         if job_dir == str(out):  # a Hydra job's run
             write_job_files(out, cfg)

@@ -12,6 +12,7 @@ as a single run) leaves the stack: its rows of parameters, data and lr and its s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -35,9 +36,9 @@ from linreg.dashboard import hp_metrics, hparams, param_names, start_hparams
 from linreg.data import EpochBatchSampler
 from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
 from linreg.record import RunRecord, identity, write_atomic
-from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, torch_threads
+from linreg.run import build_datamodule, build_loggers, build_model, build_trainer, model_class, torch_threads
 
-Curves = dict[str, list[tuple[int, list[float]]]]  # tag -> [(step, one value per coefficient or one)]
+Curves = dict[str, tuple[list[int], Tensor]]  # tag -> (steps, (steps, one value per coefficient or one))
 Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, its train/mse) -> its pruner stops it
 
 
@@ -186,10 +187,18 @@ class StackedRegression(L.LightningModule):
         self.at = [self.at[i] for i in keep]
         self.batches.samplers = [self.batches.samplers[i] for i in keep]
 
-    def curves_of(self, j: int) -> Curves:
-        """Member j's curves up to the end of the epoch it stopped in."""
-        last = next(e for e in (self.diverged[j], self.pruned[j] and self.pruned[j] - 1, math.inf) if e is not None)
-        return {tag: [(s, v[j].tolist()) for e, s, v in rows if e <= last] for tag, rows in self.curves.items()}
+    def members_curves(self) -> list[Curves]:
+        """Each member's curves up to the end of the epoch it stopped in."""
+        # A view a member of one (member, step, values) tensor a tag; rows become lists only as its logs are written
+        # (a group's rows as lists, all alive at once, set off full garbage collections of the sweep's objects).
+        tables = {tag: ([e for e, _, _ in rows], [s for _, s, _ in rows], torch.stack([v for *_, v in rows], 1))
+                  for tag, rows in self.curves.items()}  # fmt: skip
+        curves = []
+        for j, (diverged, pruned) in enumerate(zip(self.diverged, self.pruned)):
+            last = next(e for e in (diverged, pruned and pruned - 1, math.inf) if e is not None)
+            ends = {tag: bisect.bisect_right(epochs, last) for tag, (epochs, _, _) in tables.items()}  # noted in order
+            curves.append({tag: (steps[: ends[tag]], v[j, : ends[tag]]) for tag, (_, steps, v) in tables.items()})
+        return curves
 
 
 def gather(data: Tensor, rows: Tensor) -> Tensor:
@@ -210,7 +219,8 @@ class Member:
 
     def write(self, out: Path, label: str) -> None:
         """Its single run's logger runs (train/*, params/*, HParams; no graph or fit image), then metrics.json."""
-        loggers, r = build_loggers(self.cfg, out, label), self.record
+        r = self.record
+        loggers = build_loggers(r.config.get("logger"), out, label)  # its config resolved (the record's): as plain data
         tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
         for lg in loggers:
             lg.log_hyperparams(self.hparams)
@@ -221,9 +231,13 @@ class Member:
                 with contextlib.suppress(Exception):  # what OmegaConf cannot hold: Lightning's `save` writes it
                     write_atomic(saved, fastpath.to_yaml(dict(tb.hparams)).encode())
         params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
-        rows = [(s, dict(zip(params if tag == "params" else [tag], v))) for tag, c in self.curves.items() for s, v in c]
+        rows = [
+            (s, dict(zip(params if tag == "params" else [tag], v)))
+            for tag, (steps, values) in self.curves.items()
+            for s, v in zip(steps, values.tolist())
+        ]
         rows.sort(key=lambda row: row[0])  # by step (stable): its single run's order, a step's scalars in one event
-        rows.append((r.steps, hp_metrics(self.curves["train/mse"][-1][1][0], r.ols_mse)))  # once, at the end
+        rows.append((r.steps, hp_metrics(self.curves["train/mse"][1][-1, 0].item(), r.ols_mse)))  # once, at the end
         for lg in loggers:
             for step, metrics in rows:
                 lg.log_metrics(metrics, step=step)
@@ -236,11 +250,11 @@ class Member:
 def train_group(cfgs: Sequence[DictConfig], report: Report | None = None) -> list[Member | ConfigError]:
     """Train the jobs as one stacked model in one `Trainer.fit` (`report`: to job j's pruner): a Member each, or why."""
     with torch_threads(cfgs[0].threads):  # the same reductions whichever launcher runs a job
-        built, failed = [], {}
+        built, failed, cls = [], {}, model_class(cfgs[0].model._target_)  # one class: the group's key holds it
         for j, cfg in enumerate(cfgs):
             try:
                 dm = build_datamodule(cfg)
-                model = build_model(cfg, dm)
+                model = build_model(cfg, dm, cls)
             except ConfigError as err:
                 failed[j] = err
                 continue
@@ -263,17 +277,18 @@ def fit(built: list[tuple[Any, ...]], report: Report | None) -> list[Member]:
     trainer.fit(module, train_dataloaders=batches)
     seconds = (time.perf_counter() - start) / len(cfgs)  # each member's share of the group's fit
     members = []
-    for j, cfg in enumerate(cfgs):
-        curves, diverged, pruned = module.curves_of(j), module.diverged[j], module.pruned[j]
-        epoch_mse = [v for _, (v,) in curves["train/mse"]]
+    for j, (cfg, curves) in enumerate(zip(cfgs, module.members_curves())):
+        diverged, pruned = module.diverged[j], module.pruned[j]
+        (mse_steps, mse), (_, params) = curves["train/mse"], curves["params"]
+        epoch_mse = mse.flatten().tolist()
         record = RunRecord.of(
             cfg,
             "diverged" if diverged is not None else "pruned" if pruned else "ok",
             epoch_mse=epoch_mse,
             train_mse=epoch_mse[-1],
-            weights=curves["params"][-1][1],
+            weights=params[-1].tolist(),
             ols_mse=ols[j],
-            steps=curves["train/mse"][-1][0],
+            steps=mse_steps[-1],
             fit_seconds=seconds,
             diverged_epoch=diverged,
             pruned_epoch=pruned,
