@@ -123,13 +123,21 @@ def test_yaml_is_the_text_omegaconf_writes(monkeypatch):
 
 
 def test_the_heap_is_frozen_once_and_only_on_the_fast_path():
-    # gc.freeze is process-wide: looked at in a fresh interpreter, the switch read at each call as a run reads it.
+    # gc is process-wide: looked at in a fresh interpreter, the switch read at each call as a run reads it.
     code = (
         "import gc, os; from linreg import fastpath\n"
-        "os.environ[fastpath.SWITCH] = '0'; fastpath.freeze_imports(); off = gc.get_freeze_count()\n"
-        "os.environ[fastpath.SWITCH] = '1'; fastpath.freeze_imports(); on = gc.get_freeze_count()\n"
-        "fastpath.freeze_imports(); print(off, on, gc.get_freeze_count())"
+        "def held(): return not gc.isenabled()\n"
+        "os.environ[fastpath.SWITCH] = '0'\n"
+        "with fastpath.importing(): a = held()\n"
+        "off = gc.get_freeze_count()\n"
+        "os.environ[fastpath.SWITCH] = '1'\n"
+        "with fastpath.importing(): import lightning; b = held()\n"
+        "on = gc.get_freeze_count()\n"
+        "gc.disable()\n"
+        "with fastpath.importing(): pass\n"
+        "print(a, b, gc.isenabled(), off, on, gc.get_freeze_count())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    off, on, again = map(int, out.split())
+    assert out.split()[:3] == ["False", "True", "False"]  # held on the fast path only; a user's gc.disable() kept
+    off, on, again = map(int, out.split()[3:])
     assert off == 0 and on > 100_000 and again == on  # the imported libraries, frozen once

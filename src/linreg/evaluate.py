@@ -157,7 +157,8 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.evaluate ckpt_path=PATH [data_seed=N] [num_examples=N]`."""
     from linreg import fastpath
 
-    fastpath.freeze_imports()  # the command's process only: evaluate() may run in a user's
+    with fastpath.importing():  # the command's process only: evaluate() may run in a user's
+        import linreg.run  # noqa: F401  # what evaluate() imports: Lightning's seconds
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     try:

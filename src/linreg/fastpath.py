@@ -3,23 +3,27 @@
 `LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit
 (tests/test_fastpath.py). A piece stays only while it carries a measured gain (benchmarks/README.md).
 Private uses (3 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper.
-Process-wide (1): `gc.freeze` once the libraries are imported.
+Process-wide (1): no garbage collection while the libraries import, then `gc.freeze` of what they made.
+Lightning is imported where a fit needs it: `importing()` comes first.
 """
 
+from __future__ import annotations
+
+import contextlib
 import functools
 import gc
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import yaml
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import OmegaConf
 from omegaconf._utils import get_omega_conf_dumper
-from torch import Tensor
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from torch import Tensor
 
 SWITCH = "LINREG_FASTPATH"  # the environment variable: 0 (or false, off, no) turns the fast path off
 
@@ -29,15 +33,28 @@ def enabled() -> bool:
     return os.environ.get(SWITCH, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
-def freeze_imports() -> None:
-    """`gc.freeze` once a process: the imported libraries (~370,000 objects) left out of every later collection."""
-    # Each full collection walks them all, and Python runs several as it exits (~1 s a run here).
-    if enabled() and gc.get_freeze_count() == 0:
-        gc.freeze()
+@contextlib.contextmanager
+def importing() -> Iterator[None]:
+    """Import the libraries without garbage collection, then `gc.freeze` them once a process: their ~370,000 objects
+    live as long as it does, and each full collection walks them all (several while Lightning imports, more as
+    Python exits: ~1.5 s a run here)."""
+    held = enabled() and gc.isenabled()
+    if held:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled() and gc.get_freeze_count() == 0:
+            gc.freeze()
+        if held:
+            gc.enable()
 
 
 def lean_steps(trainer: L.Trainer) -> bool:
     """Whether a fit may take the lean step: fast path on, one device, 32-bit (no plugin needs the wrappers)."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     strategy = trainer.strategy
     return enabled() and isinstance(strategy, SingleDeviceStrategy) and type(strategy.precision_plugin) is Precision
 

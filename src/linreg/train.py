@@ -71,16 +71,16 @@ def stopped_run(out: Path) -> NoReturn:
 
 def job(cfg: DictConfig, hc: DictConfig, out: Path) -> float:
     """The run or job itself."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     from linreg import fastpath
-    from linreg.callbacks import SweepGone
-    from linreg.checks import one_report_per_write_error
-    from linreg.dashboard import run_label
-    from linreg.results import read_plan, stopped
-    from linreg.run import run
 
-    fastpath.freeze_imports()  # the libraries just imported: no collection walks them again
+    with fastpath.importing():  # Lightning's seconds of imports
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from linreg.callbacks import SweepGone
+        from linreg.checks import one_report_per_write_error
+        from linreg.dashboard import run_label
+        from linreg.results import read_plan, stopped
+        from linreg.run import run
     one_report_per_write_error()  # in a sweep's worker process too
     sweep = hc.mode == RunMode.MULTIRUN
     try:

@@ -78,9 +78,9 @@ class VectorizedLauncher(Launcher):
     def launch_jobs(self, numbered: list[tuple[int, list[str]]]) -> list[JobReturn]:
         """Plan the numbered jobs, run those that do not stack, and train the groups, here."""
         from linreg import fastpath
-        from linreg.stacked import train_group
 
-        fastpath.freeze_imports()  # before the jobs' configs: those are collected when done
+        with fastpath.importing():  # before the jobs' configs: those are collected when done
+            from linreg.stacked import train_group
         jobs, groups, returns = self.plan_all(numbered)
         for group in groups:
             with ExitStack() as locks:
