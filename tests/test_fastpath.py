@@ -110,16 +110,17 @@ def test_yaml_is_the_text_omegaconf_writes(monkeypatch):
     monkeypatch.delenv(fastpath.SWITCH, raising=False)
     strings = ["true", "1", "1e5", "${a.b}", "ü ✓", "a: b", "", "null", "on", "0x10", "~", " x", "two\nlines", "'q'"]
     numbers = [1, -2.5, 1e-7, 1e20, float("nan"), float("-inf"), True, None]
-    unspaced = "yes 1_000 .inf -x a:b #x [1] {a} &x *y !t %p @a ? | ''".split() + ["x" * 300]  # libyaml emits them
+    unspaced = "yes 1_000 .inf -x a:b #x [1] {a} &x *y !t %p @a ? | ''".split() + ["x" * 120]  # libyaml emits them
     shared = [1, {"y": "z"}]  # held twice: written twice, as OmegaConf does (no YAML anchor)
     for data in (
         {"s": strings, "n": numbers, "d": {"e": {}, "l": [], "x": [[1], {"y": "z"}]}},
         {"u": unspaced, "n": numbers, "k" * 300: {"e": {}, "x": [[1], shared]}, "again": shared},
+        {"k" * n: "v" * n for n in range(115, 135)},  # PyYAML writes a key of 123-128 characters as `? key`
         ["seed=1"],
         [],
     ):
         assert fastpath.to_yaml(data) == OmegaConf.to_yaml(data)
-    assert fastpath.unspaced(unspaced) and not fastpath.unspaced(strings)
+    assert fastpath.unspaced(unspaced) and not fastpath.unspaced(strings) and not fastpath.unspaced(["x" * 121])
 
 
 def test_the_heap_is_frozen_once_and_only_on_the_fast_path():
@@ -133,6 +134,8 @@ def test_the_heap_is_frozen_once_and_only_on_the_fast_path():
         "os.environ[fastpath.SWITCH] = '1'\n"
         "with fastpath.importing(): import lightning; b = held()\n"
         "on = gc.get_freeze_count()\n"
+        "try:\n    with fastpath.importing(): raise ValueError\nexcept ValueError: pass\n"
+        "assert gc.isenabled()\n"
         "gc.disable()\n"
         "with fastpath.importing(): pass\n"
         "print(a, b, gc.isenabled(), off, on, gc.get_freeze_count())"

@@ -37,6 +37,7 @@ def test_the_reader_refuses_what_is_not_a_small_regular_file(tmp_path, kind):
     [
         b"[" * 100_000 + b"]" * 100_000,
         b"- " * 101 + b"a\n",  # block sequences on one line
+        b"[a: " * 51 + b"1" + b"]" * 51,  # a mapping in each flow sequence
         b"".join(b" " * i + b"k:\r" for i in range(101)) + b" " * 101 + b"k: 1\r",  # mappings, CR line breaks
         "".join(" " * i + "k:\u2028" for i in range(101)).encode("utf-16"),  # Unicode line breaks, UTF-16
     ],

@@ -74,6 +74,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
     [
         ("+logger.tensorboard.foo=1", "unexpected keyword argument 'foo'"),  # SummaryWriter's, made at once
         ("logger.tensorboard._target_=builtins.dict", "builtins.dict is not a Lightning logger"),  # it builds
+        ("~logger.tensorboard._target_", "needs a _target_"),  # the same line from the vectorized launcher
     ],
 )
 def test_a_bad_logger_argument_is_refused_before_the_run_writes(make_cfg, given, says):

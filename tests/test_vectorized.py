@@ -186,6 +186,33 @@ def test_hydra_yaml_is_the_text_hydra_writes(make_cfg):
     assert all(launcher.templates.values())  # every kind took the template
 
 
+def test_a_job_of_a_kind_without_interpolations_is_not_composed(make_cfg):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from linreg.config import plain
+
+    kind = make_cfg("model.lr=0.5", "seed=3", run_dir=Path("run"))
+    launcher = VectorizedLauncher()
+    launcher.kinds = {"kind": kind}
+    launcher.bases = {"kind": ({k: v for k, v in plain(kind).items()}, "/sweep")}
+    launcher.compose = None  # the kind's config is not composed again
+    overrides = ["model.lr=1", "seed=4", "data.w=[1,2]"]  # the schema makes lr a float: 1.0
+    job = Job(7, "kind", [], OverridesParser.create().parse_overrides(overrides))
+    assert launcher.resolved(job) == plain(make_cfg(*overrides)) and job.out == Path("/sweep/7")
+
+
+def test_a_dir_that_interpolates_and_mapping_values_are_each_jobs_own(tmp_path):
+    # Job dirs named by the seed (the sweep's own dir, its table, by the default seed); a mapping merges into a
+    # logger's config, each job's into its own.
+    sweep_dir = f"{tmp_path}/s${{seed}}"
+    args = ["seed=1,2", "logger.tensorboard={write_every_s:5},{max_queue:9}", "data.num_examples=50"]
+    run_cli("--multirun", "hydra/launcher=vectorized", "trainer.max_epochs=1", *args, f"hydra.sweep.dir={sweep_dir}")
+    dirs = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.glob("s*/*/metrics.json"))
+    assert dirs == [Path("s1/0"), Path("s1/1"), Path("s2/2"), Path("s2/3")]
+    tb = [OmegaConf.load(tmp_path / d / ".hydra" / "config.yaml").logger.tensorboard for d in dirs]
+    assert [(t.write_every_s, t.max_queue) for t in tb] == [(5, 1000), (10, 9)] * 2
+
+
 def test_values_filled_in_without_the_dumper_are_as_it_writes_them():
     from hydra_plugins.linreg_vectorized.vectorized_launcher import plain_text
 

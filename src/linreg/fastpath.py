@@ -81,12 +81,13 @@ def is_plain(data: Any) -> bool:
 
 
 def unspaced(data: Any) -> bool:
-    """Whether every string in plain data (keys too) is printable ASCII without a space: nothing to fold or escape."""
+    """Whether every string in plain data (keys too) is printable ASCII, short and without a space: written alike."""
     if isinstance(data, dict):
         return all(unspaced(k) and unspaced(v) for k, v in data.items())
     if isinstance(data, list):
         return all(map(unspaced, data))
-    return not isinstance(data, str) or (data.isascii() and data.isprintable() and " " not in data)
+    # Not over 120: PyYAML writes a key of 123-128 characters as `? key`, libyaml as it is.
+    return not isinstance(data, str) or (len(data) <= 120 and data.isascii() and data.isprintable() and " " not in data)
 
 
 @functools.cache

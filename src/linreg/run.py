@@ -105,6 +105,8 @@ def build_loggers(group: Any, out: Path, label: str) -> list[Any]:
             continue
         given: dict[str, Any] = {"save_dir": str(out)}
         try:
+            if "_target_" not in lcfg:  # one message whether the config is OmegaConf's or plain data
+                raise TypeError("needs a _target_ (a Lightning logger class)")
             if issubclass(get_class(lcfg["_target_"]), TensorBoardLogger) and "version" not in lcfg:
                 given["version"] = label  # TensorBoard names a run by its path: <run dir>/tensorboard/<label>
             make = logger_maker(lcfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import json
 import math
 import os
@@ -43,9 +44,8 @@ Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, it
 
 
 def group_key(cfg: DictConfig | dict[str, Any]) -> str:
-    """What a job shares with the rest of its group: its config (resolved: changed here) less loggers and the
-    numbers members differ in."""
-    plain = identity(cfg)
+    """What a job shares with the rest of its group: its config less loggers and the numbers members differ in."""
+    plain = copy.deepcopy(identity(cfg))  # identity of plain data shares its parts
     plain["data"]["w"] = len(plain["data"]["w"])  # a weight vector of another length is another shape
     for key in ("logger", "seed", "model.lr", "model.init", "data.delta", "data.deg"):  # members' own numbers
         group, _, name = key.rpartition(".")

@@ -52,8 +52,10 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
 
 
 def is_plain(o: Override) -> bool:
-    """A `key=value` that Hydra applies after composing (no `hydra.` key, package, `+`, `++` or `~`)."""
-    return not (o.is_hydra_override() or o.package is not None or o.is_delete() or o.is_add() or o.is_force_add())
+    """A `key=value` that Hydra applies after composing (no `hydra.` key, package, `+`, `++`, `~` or mapping)."""
+    # A mapping merges into what is there: set on a config a job of its kind changed before, it would keep its keys.
+    special = o.is_hydra_override() or o.package is not None or o.is_delete() or o.is_add() or o.is_force_add()
+    return not special and not isinstance(o.value(), dict)
 
 
 class Proxy:

@@ -56,7 +56,7 @@ class Job:
     kind: tuple[Any, ...]  # the composed config it shares with jobs of its kind
     parsed: list[Override]
     plain: list[Override]  # the values set on its kind's config
-    out: Path | None = None  # its dir: set as its config is first composed
+    out: Path | None = None  # its dir, once planned
     config: DictConfig | None = None  # its own copy of its Hydra config, when it runs as the basic launcher runs it
     cfg: DictConfig | None = None  # its own config, resolved, when it trains in a group
     key: str | None = None  # its group
@@ -143,8 +143,8 @@ class VectorizedLauncher(Launcher):
         return config
 
     def resolved(self, job: Job) -> dict[str, Any]:
-        """The job's config less `hydra`, resolved. Where its kind's has no `${...}` that is its kind's with the job's
-        values as the kind's config takes them (typed by the schema), and its dir `${hydra.job.num}`'s: no compose."""
+        """The job's config less `hydra`, resolved; composed only where its kind's values or dir interpolate."""
+        # Else it is its kind's with the job's values as the kind's config takes them (typed by the schema).
         config, base = self.kinds.get(job.kind), self.bases.get(job.kind)
         if config is not None and base is not None:
             data = copy.deepcopy(base[0])
@@ -162,7 +162,9 @@ class VectorizedLauncher(Launcher):
         config = self.compose(job)
         if job.kind not in self.bases:
             data = {k: raw(config, k) for k in config if k != "hydra"}
-            free = "${" not in json.dumps(data, default=str) and raw(config, "hydra.sweep.subdir") == "${hydra.job.num}"
+            sweep_dir = re.sub(r"\$\{now:[^}]*\}", "", raw(config, "hydra.sweep.dir"))  # `now`: the sweep's, cached
+            free = "${" not in json.dumps(data, default=str) + sweep_dir
+            free &= raw(config, "hydra.sweep.subdir") == "${hydra.job.num}"
             self.bases[job.kind] = (data, str(config.hydra.sweep.dir)) if free else None
         return plain(config)
 
@@ -182,8 +184,8 @@ class VectorizedLauncher(Launcher):
         except (ConfigError, OmegaConfBaseException):
             cfg = None  # its single run records why
         if cfg is None or cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
-            job.config = copy.deepcopy(self.compose(job))  # a model class of one's own trains alone; a finished job
-            return job  # is kept
+            job.config = copy.deepcopy(self.compose(job))  # a model class of one's own, or a finished job: alone
+            return job
         try:
             refuse_other_runs(job.out, cfg)
         except RunDirBusy as err:
