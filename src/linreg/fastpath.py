@@ -35,9 +35,9 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def importing() -> Iterator[None]:
-    """Import the libraries without garbage collection, then `gc.freeze` them once a process: their ~370,000 objects
-    live as long as it does, and each full collection walks them all (several while Lightning imports, more as
-    Python exits: ~1.5 s a run here)."""
+    """Import the libraries without garbage collection, then `gc.freeze` them once a process (~1.5 s a run here)."""
+    # Their ~370,000 objects live as long as the process, and each full collection walks them all: several ran
+    # while Lightning imported, more as Python exits.
     held = enabled() and gc.isenabled()
     if held:
         gc.disable()

@@ -59,8 +59,7 @@ def member_bytes(cfg: DictConfig) -> int:
 
 
 class StackedBatches:
-    """Each call's rows, (members, rows): every member's rows drawn by its single run's sampler, its mini-batches in
-    order."""
+    """Each call's rows, (members, rows): each member's drawn by its single run's sampler, its mini-batches in order."""
 
     def __init__(self, samplers: Sequence[EpochBatchSampler], batch_size: int) -> None:
         self.samplers, self.batch_size = samplers, batch_size

@@ -334,8 +334,8 @@ def whole(config: DictConfig) -> tuple[str, str]:
 
 
 def template(config: DictConfig, keys: list[str]) -> tuple[list[list[str | int]], dict[int, str]] | None:
-    """Both files' text with key i's entry as i (YAML's block mappings dump an entry the same whatever its
-    siblings), and each entry's text before its value; None when a key is not a mapping's entry."""
+    """Both files' text with key i's entry as i, and each entry's text before its value; None if one is no entry."""
+    # YAML's block mappings write an entry the same whatever its siblings: each job's entries fill the gaps.
     from linreg import fastpath
 
     data = OmegaConf.to_container(config, resolve=False, enum_to_str=True)
