@@ -69,6 +69,11 @@ def test_a_record_that_cannot_be_trusted_is_corrupt(change):
         RunRecord.parse({**OK, **change})
 
 
+def test_a_run_refused_for_a_nan_value_reads_back_as_failed(make_cfg, tmp_path):
+    RunRecord.failed(make_cfg("model.lr=nan"), ValueError("model.lr=nan: must be a finite number > 0")).write(tmp_path)
+    assert RunRecord.read(tmp_path).status == "failed"
+
+
 def test_a_failure_never_replaces_a_finished_record(make_cfg, tmp_path):
     RunRecord.parse(OK).write(tmp_path)
     RunRecord.failed(make_cfg(), RuntimeError("boom")).write(tmp_path)
@@ -92,6 +97,13 @@ def test_an_atomic_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
 def test_yaml_aliases_are_refused(tmp_path):
     (tmp_path / "config.yaml").write_text("a: &a [1, 2]\nb: [*a, *a]\n")
     with pytest.raises(CorruptRecord, match="aliases"):
+        read_file(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("text", ["seed: 2001-12-14", "2001-12-14: x", "a: !!binary aGVsbG8=", "a: !!set {x}"])
+def test_yaml_that_is_no_plain_data_is_refused(tmp_path, text):
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(CorruptRecord):
         read_file(tmp_path / "config.yaml")
 
 

@@ -108,8 +108,12 @@ def read_file(path: Path) -> Any:
     finally:
         os.close(fd)
     try:
-        return json.loads(text) if path.suffix == ".json" else load_yaml(text)
-    except (ValueError, yaml.YAMLError, RecursionError) as err:  # RecursionError: nested past Python's stack
+        if path.suffix == ".json":
+            return json.loads(text)
+        data = load_yaml(text)
+        json.dumps(data)  # plain data, as Hydra writes: YAML's dates, bytes and sets are in no file of a run
+        return data
+    except (ValueError, TypeError, yaml.YAMLError, RecursionError) as err:  # RecursionError: past Python's stack
         raise CorruptRecord(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:100]}") from None
 
 
@@ -228,7 +232,7 @@ class RunRecord:
         )
         return cls(
             status=status, model=model_name(model.get("_target_")), seed=config.get("seed"), data=data or None,
-            lr=model.get("lr"), batch_size=data.get("batch_size"), epochs=trainer.get("max_epochs"),
+            lr=finite_or_none(model.get("lr")), batch_size=data.get("batch_size"), epochs=trainer.get("max_epochs"),
             accelerator=trainer.get("accelerator"), true_weights=data.get("w"), config=config,
             **{k: finite_or_none(v) for k, v in outcome.items()},
         )  # fmt: skip
