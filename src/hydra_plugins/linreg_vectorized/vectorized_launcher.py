@@ -5,10 +5,9 @@ each in one `Trainer.fit` under its members' run-dir locks. What Hydra's `run_jo
 `.hydra/*.yaml`, its log, the callbacks) is done here for a member with what its group shares made once: one
 composed config per kind of job with each member's values set in place (the grid sweeper's `apply`), the
 `.hydra/*.yaml` text of a kind dumped once with each member's values dumped into it, the job log's handlers
-configured once a group. Any other job (a
-value a run refuses, one finished before with resume=true, a model class of one's own) runs as the basic
-launcher runs it; a job whose dir holds another run is a row, with nothing written there. torch and Lightning
-are imported in `launch`.
+configured once a group. Any other job (a value a run refuses, one finished before with resume=true, a model
+class of one's own) runs as the basic launcher runs it; a job whose dir holds another run is a row, with nothing
+written there. torch and Lightning are imported in `launch`.
 """
 
 import copy
