@@ -89,6 +89,7 @@ def test_a_run_dir_that_is_not_a_runs_own_is_refused_untouched(make_cfg, tmp_pat
     [
         ["hydra.sweeper.params={model.lr:'0.1,0.2,0.1'}"],  # a value listed twice
         ["sweep=optuna"],  # a point its sampler draws twice
+        ["hydra.sweeper.params={resume:'true,false'}"],  # a key the dir's name leaves out
     ],
 )
 def test_jobs_named_by_overrides_that_could_repeat_are_refused(make_cfg, given):

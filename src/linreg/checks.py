@@ -156,14 +156,16 @@ def separate_job_dirs(config: DictConfig) -> None:
             if "/" in str(given):
                 why = f"{given!r} holds '/', which would nest job dirs or leave the sweep dir; use ${{hydra.job.num}}"
                 raise ConfigError("hydra.sweep.subdir", subdir, why)
-        # Jobs of equal overrides would share a dir: a value listed twice, or a point Optuna's sampler draws again.
-        for line in kept:
+        # Jobs of equal overrides would share a dir: a value listed twice, a point Optuna's sampler draws again, or
+        # values of a key the dir's name leaves out (`resume=true,false`).
+        for line in typed:
             try:
                 o = OverridesParser.create().parse_overrides([line])[0]
                 values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else []
             except Exception:  # a glob of groups, or what the sweeper refuses itself
                 continue
-            if len(set(values)) < len(values) or (o.is_sweep_override() and "n_trials" in config.hydra.sweeper):
+            again = o.is_sweep_override() and ("n_trials" in config.hydra.sweeper or line not in kept)
+            if len(set(values)) < len(values) or again:
                 why = f"{line!r}: two jobs could get one dir (a value twice, or Optuna's); use ${{hydra.job.num}}"
                 raise ConfigError("hydra.sweep.subdir", subdir, why)
 
