@@ -20,6 +20,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # conf/ of the check
 NEW_DIRS: set[Path] = set()  # run and sweep dirs this process made (resolved): a refusal removes them again
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_DEG = 20  # higher powers of N(0, 1) features overflow float32 in any sizeable sample
+Config = DictConfig | dict[str, Any]  # a run's: Hydra's, or (a stacked member's) the same as plain data, read by item
 
 
 @dataclass
@@ -181,7 +182,7 @@ def naming_key() -> Iterator[None]:
         raise ConfigError(str(getattr(err, "full_key", "") or "config"), None, str(err).splitlines()[0]) from None
 
 
-def plain(cfg: DictConfig | dict[str, Any], skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
+def plain(cfg: Config, skip: tuple[str, ...] = ("hydra",)) -> dict[str, Any]:
     """The config as plain data, resolved, less the `skip` keys (Hydra's own by default)."""
     with naming_key():
         return {
@@ -191,7 +192,7 @@ def plain(cfg: DictConfig | dict[str, Any], skip: tuple[str, ...] = ("hydra",)) 
         }
 
 
-def check(cfg: DictConfig | dict[str, Any], schema: bool = True) -> None:
+def check(cfg: Config, schema: bool = True) -> None:
     """ConfigError for the first value the schema lets through but a run cannot use (`schema`: its keys too)."""
     plain_cfg = plain(cfg)
     if schema:  # keys added with `+` (Hydra lets them past); the vectorized launcher checks them once per group

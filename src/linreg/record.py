@@ -17,7 +17,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import ConfigError, is_int, plain
+from linreg.config import Config, ConfigError, is_int, plain
 
 FINISHED = ("ok", "diverged", "pruned")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
@@ -130,7 +130,7 @@ def sweep_dir_of(hydra: DictConfig) -> Path:
     return Path(hydra.runtime.cwd, hydra.sweep.dir)
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
+def identity(cfg: Config) -> dict[str, Any]:
     """What a run computes: its config less `hydra` and `resume` (how it is run), resolved."""
     return plain(cfg, ("hydra", "resume"))
 
@@ -221,7 +221,7 @@ class RunRecord:
     config: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, cfg: DictConfig, status: str, **outcome: Any) -> "RunRecord":
+    def of(cls, cfg: Config, status: str, **outcome: Any) -> "RunRecord":
         """The record of `cfg`'s run: what its config decides, then the outcome (NaN and inf as None)."""
         try:
             config = identity(cfg)
@@ -238,7 +238,7 @@ class RunRecord:
         )  # fmt: skip
 
     @classmethod
-    def failed(cls, cfg: DictConfig, error: BaseException) -> "RunRecord":
+    def failed(cls, cfg: Config, error: BaseException) -> "RunRecord":
         """What a run that raised leaves: its config and the error in one line."""
         text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
         return cls.of(cfg, "failed", steps=0, error=text.splitlines()[0] if text else type(error).__name__)
@@ -285,7 +285,7 @@ class RunRecord:
         return self.train_mse - self.ols_mse if ok else None
 
 
-def finished(out: Path, cfg: DictConfig | None = None) -> RunRecord | None:
+def finished(out: Path, cfg: Config | None = None) -> RunRecord | None:
     """The finished (ok or diverged) record in `out`; when `cfg` is given, of its run (its loggers aside)."""
     try:
         record = RunRecord.read(out)
@@ -295,7 +295,7 @@ def finished(out: Path, cfg: DictConfig | None = None) -> RunRecord | None:
         return None
     if cfg is None:
         return record
-    same = resumable(record.config) == resumable(identity(cfg)) and record.epochs == cfg.trainer.max_epochs
+    same = resumable(record.config) == resumable(identity(cfg)) and record.epochs == cfg["trainer"]["max_epochs"]
     return record if same else None
 
 
@@ -339,7 +339,7 @@ def is_locked(out: Path) -> bool:
     return False
 
 
-def refuse_other_runs(out: Path, cfg: DictConfig, lock_held: bool = False) -> None:
+def refuse_other_runs(out: Path, cfg: Config, lock_held: bool = False) -> None:
     """RunDirBusy when `out` holds a run this one must not touch: running, finished, or of another config."""
     if not lock_held and is_locked(out):
         raise RunDirBusy("hydra.run.dir", str(out), "another run is using it")
@@ -352,17 +352,17 @@ def refuse_other_runs(out: Path, cfg: DictConfig, lock_held: bool = False) -> No
     except CorruptRecord as err:  # not a record this project wrote (its writes are atomic): nothing goes over it
         raise RunDirBusy("hydra.run.dir", str(out), f"its {err}; move it away or use another dir") from None
     if record is not None and record.status in FINISHED:
-        if not cfg.resume:
+        if not cfg["resume"]:
             raise RunDirBusy("hydra.run.dir", str(out), "holds a finished run; resume=true keeps it, or use a new dir")
         if resumable(record.config) != resumable(identity(cfg)):
             raise RunDirBusy("hydra.run.dir", str(out), "holds a finished run of another config; use another dir")
-        if len(record.epoch_mse) > cfg.trainer.max_epochs:
+        if len(record.epoch_mse) > (epochs := cfg["trainer"]["max_epochs"]):
             why = f"the run in {out} already has {len(record.epoch_mse)} epochs; kept as is"
-            raise RunDirBusy("trainer.max_epochs", cfg.trainer.max_epochs, why)
+            raise RunDirBusy("trainer.max_epochs", epochs, why)
     saved = out / "checkpoints" / "config.json"
     if not os.path.lexists(saved) and not os.path.lexists(out / "checkpoints" / "last.ckpt"):
         return
-    if not cfg.resume:
+    if not cfg["resume"]:
         raise RunDirBusy("hydra.run.dir", str(out), "holds an unfinished run; resume=true continues it")
     if (config := read_or_none(saved)) is not None and config != resumable(identity(cfg)):
         raise RunDirBusy("hydra.run.dir", str(out), "holds a checkpoint of another config; use another dir")

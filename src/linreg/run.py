@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from linreg.callbacks import EndWithSweep, EpochLines, ReportToStudy, SaveRunConfig
-from linreg.config import ConfigError, check
+from linreg.config import Config, ConfigError, check, plain
 from linreg.dashboard import Dashboard, hparams
 from linreg.data import RegressionDataModule
 from linreg.models import RegressionModule
@@ -66,33 +66,31 @@ def model_class(target: str) -> type[RegressionModule]:
     return cls
 
 
-def build_datamodule(cfg: DictConfig, seed: int | None = None, num_examples: int | None = None) -> RegressionDataModule:
+def build_datamodule(cfg: Config, seed: int | None = None, num_examples: int | None = None) -> RegressionDataModule:
     """The run's data (made now): `cfg.data` under the run's seed, or another seed and size (held-out data)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = dict(plain(cfg)["data"])
     if num_examples is not None:
         data["num_examples"] = num_examples
-    ones = model_class(cfg.model._target_).uses_ones_column
-    dm = RegressionDataModule(**data, seed=cfg.seed if seed is None else seed, ones_column=ones)
+    ones = model_class(cfg["model"]["_target_"]).uses_ones_column
+    dm = RegressionDataModule(**data, seed=cfg["seed"] if seed is None else seed, ones_column=ones)
     dm.setup("fit")
     if not dm.finite():
-        key = "data.deg" if cfg.data.deg > 1 else "data.w"
-        raise ConfigError(key, OmegaConf.select(cfg, key), "the generated data overflows float32; use smaller values")
+        key = "deg" if data["deg"] > 1 else "w"
+        raise ConfigError(f"data.{key}", data[key], "the generated data overflows float32; use smaller values")
     return dm
 
 
-def build_model(
-    cfg: DictConfig, dm: RegressionDataModule, cls: type[RegressionModule] | None = None
-) -> RegressionModule:
+def build_model(cfg: Config, dm: RegressionDataModule, cls: type[RegressionModule] | None = None) -> RegressionModule:
     """The configured model (its class checked by `build_datamodule`, its arguments by building it), seeded."""
     try:
         if cls is None:
-            L.seed_everything(cfg.seed, verbose=False)
-            return instantiate(cfg.model, in_features=dm.in_features, bias=cfg.data.bias)
+            L.seed_everything(cfg["seed"], verbose=False)
+            return instantiate(cfg["model"], in_features=dm.in_features, bias=cfg["data"]["bias"])
         # A stacked member: its class, its arguments plain values (`instantiate` costs ~1 ms a call), its init's draws
         # from torch's CPU generator (`seed_everything` formats a stack trace a device kind: ~0.3 ms in a sweep).
-        torch.default_generator.manual_seed(cfg.seed)
-        args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
-        return cls(**args, in_features=dm.in_features, bias=cfg.data.bias)
+        torch.default_generator.manual_seed(cfg["seed"])
+        args = {k: v for k, v in plain(cfg)["model"].items() if k != "_target_"}
+        return cls(**args, in_features=dm.in_features, bias=cfg["data"]["bias"])
     except Exception as err:  # Hydra wraps the constructor's TypeError (an unknown argument) in its own
         raise ConfigError("model", None, str(err.__cause__ or err).splitlines()[0]) from None
 
@@ -134,10 +132,10 @@ def logger_maker(lcfg: Any) -> functools.partial[Any]:
     return MAKERS[key]
 
 
-def build_trainer(cfg: DictConfig, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:
+def build_trainer(cfg: Config, out: Path | None, callbacks: list[Any], loggers: list[Any], bar: bool) -> L.Trainer:
     """A Trainer lean enough for a 3-parameter model (no summary, no sanity run), given the `trainer` group."""
     return L.Trainer(
-        **{**cfg.trainer, "enable_progress_bar": bar},
+        **{**cfg["trainer"], "enable_progress_bar": bar},
         logger=loggers or False,
         callbacks=callbacks,
         log_every_n_steps=1,  # the module samples train/loss itself

@@ -27,12 +27,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from linreg import fastpath
-from linreg.config import ConfigError
+from linreg.config import Config, ConfigError
 from linreg.dashboard import hp_metrics, hparams, param_names, start_hparams
 from linreg.data import EpochBatchSampler
 from linreg.models import HandSGD, RegressionModule, log_interval, squared_loss
@@ -43,7 +42,7 @@ Curves = dict[str, tuple[list[int], Tensor]]  # tag -> (steps, (steps, one value
 Report = Callable[[int, int, float], bool]  # (member or job j, epoch from 1, its train/mse) -> its pruner stops it
 
 
-def group_key(cfg: DictConfig | dict[str, Any]) -> str:
+def group_key(cfg: Config) -> str:
     """What a job shares with the rest of its group: its config less loggers and the numbers members differ in."""
     plain = copy.deepcopy(identity(cfg))  # identity of plain data shares its parts
     plain["data"]["w"] = len(plain["data"]["w"])  # a weight vector of another length is another shape
@@ -53,9 +52,9 @@ def group_key(cfg: DictConfig | dict[str, Any]) -> str:
     return json.dumps(plain, sort_keys=True, default=str)
 
 
-def member_bytes(cfg: DictConfig) -> int:
+def member_bytes(cfg: Config) -> int:
     """Bytes one member adds to its group: its data (float32) twice while stacked, and its epoch's permutation."""
-    return 4 * cfg.data.num_examples * (2 * (len(cfg.data.w) + 1) + 1)
+    return 4 * cfg["data"]["num_examples"] * (2 * (len(cfg["data"]["w"]) + 1) + 1)
 
 
 class StackedBatches:
@@ -211,7 +210,7 @@ def gather(data: Tensor, rows: Tensor) -> Tensor:
 class Member:
     """One trained member: its run record and what its single run's loggers would have written."""
 
-    cfg: DictConfig
+    cfg: Config
     record: RunRecord
     hparams: dict[str, Any]  # Lightning's hparams of its single run: the model's and the DataModule's arguments
     curves: Curves
@@ -229,7 +228,7 @@ class Member:
             if not os.path.lexists(saved):  # a link is not followed, and is left as Lightning leaves it
                 with contextlib.suppress(Exception):  # what OmegaConf cannot hold: Lightning's `save` writes it
                     write_atomic(saved, fastpath.to_yaml(dict(tb.hparams)).encode())
-        params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg.data.bias))]
+        params = [f"params/{n}" for n in param_names(len(r.weights), bool(self.cfg["data"]["bias"]))]
         rows = [
             (s, dict(zip(params if tag == "params" else [tag], v)))
             for tag, (steps, values) in self.curves.items()
@@ -246,10 +245,10 @@ class Member:
         r.write(out)
 
 
-def train_group(cfgs: Sequence[DictConfig], report: Report | None = None) -> list[Member | ConfigError]:
+def train_group(cfgs: Sequence[Config], report: Report | None = None) -> list[Member | ConfigError]:
     """Train the jobs as one stacked model in one `Trainer.fit` (`report`: to job j's pruner): a Member each, or why."""
-    with torch_threads(cfgs[0].threads):  # the same reductions whichever launcher runs a job
-        built, failed, cls = [], {}, model_class(cfgs[0].model._target_)  # one class: the group's key holds it
+    with torch_threads(cfgs[0]["threads"]):  # the same reductions whichever launcher runs a job
+        built, failed, cls = [], {}, model_class(cfgs[0]["model"]["_target_"])  # one class: the group's key holds it
         for j, cfg in enumerate(cfgs):
             try:
                 dm = build_datamodule(cfg)
@@ -267,7 +266,7 @@ def fit(built: list[tuple[Any, ...]], report: Report | None) -> list[Member]:
     """One `Trainer.fit` of the members' stacked model; the members' records and curves."""
     cfgs, models, xs, ys, ols, samplers, logged, jobs = zip(*built)
     built.clear()  # once stacked (and xs, ys deleted), the members' data is held only by the module
-    batches = StackedBatches(samplers, cfgs[0].data.batch_size)
+    batches = StackedBatches(samplers, cfgs[0]["data"]["batch_size"])
     to_job = None if report is None else lambda i, epoch, mse: report(jobs[i], epoch, mse)
     module = StackedRegression(models, torch.stack(xs), torch.stack(ys), batches, to_job)
     del xs, ys

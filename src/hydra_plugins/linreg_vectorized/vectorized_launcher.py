@@ -57,7 +57,7 @@ class Job:
     plain: list[Override]  # the values set on its kind's config
     out: Path | None = None  # its dir, once planned
     config: DictConfig | None = None  # its own copy of its Hydra config, when it runs as the basic launcher runs it
-    cfg: DictConfig | None = None  # its own config, resolved, when it trains in a group
+    cfg: dict[str, Any] | None = None  # its own config, resolved (plain data), when it trains in a group
     key: str | None = None  # its group
     refused: RunDirBusy | None = None  # its dir is another run's
 
@@ -175,14 +175,14 @@ class VectorizedLauncher(Launcher):
         kind = (lines, tuple(o.key_or_group for o in values))
         job = Job(num, kind, parsed, values)
         try:
-            data = self.resolved(job)
-            cfg = OmegaConf.create(data)  # to train outside Hydra
-            schema = (kind, cfg.model.get("_target_"))  # the keys a kind has, checked once
-            check(data, schema=schema not in self.checked)
+            cfg = self.resolved(job)  # plain data: it trains outside Hydra
+            model = cfg.get("model")
+            schema = (kind, model.get("_target_") if isinstance(model, dict) else None)  # a kind's keys, checked once
+            check(cfg, schema=schema not in self.checked)
             self.checked.add(schema)
         except (ConfigError, OmegaConfBaseException):
             cfg = None  # its single run records why
-        if cfg is None or cfg.model._target_ not in MODELS or (cfg.resume and finished(job.out, cfg) is not None):
+        if cfg is None or cfg["model"]["_target_"] not in MODELS or (cfg["resume"] and finished(job.out, cfg)):
             job.config = copy.deepcopy(self.compose(job))  # a model class of one's own, or a finished job: alone
             return job
         try:
@@ -190,7 +190,7 @@ class VectorizedLauncher(Launcher):
         except RunDirBusy as err:
             job.refused, job.config = err, copy.deepcopy(self.compose(job))
             return job
-        job.cfg, job.key = cfg, group_key(data)
+        job.cfg, job.key = cfg, group_key(cfg)
         return job
 
     def report(self, members: list[Job]) -> Any:
@@ -219,7 +219,7 @@ class VectorizedLauncher(Launcher):
             groups += [members[i : i + size] for i in range(0, len(members), size)]
         return groups
 
-    def budget(self, cfg: DictConfig) -> float:
+    def budget(self, cfg: dict[str, Any]) -> float:
         """Bytes one group's data may take: the setting, or a share of the free host (and GPU) memory."""
         if self.memory_budget_gb is not None:
             return float(self.memory_budget_gb) * 2**30
@@ -227,7 +227,7 @@ class VectorizedLauncher(Launcher):
         import torch
 
         free = [psutil.virtual_memory().available]
-        if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        if cfg["trainer"]["accelerator"] in ("gpu", "cuda", "auto") and torch.cuda.is_available():
             free.append(torch.cuda.mem_get_info()[0])
         return min(free) / BUDGET_SHARE
 
