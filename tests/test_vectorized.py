@@ -193,7 +193,7 @@ def test_a_job_of_a_kind_without_interpolations_is_not_composed(make_cfg):
 
     kind = make_cfg("model.lr=0.5", "seed=3", run_dir=Path("run"))
     launcher = VectorizedLauncher()
-    launcher.kinds = {"kind": kind}
+    launcher.kinds, launcher.held = {"kind": kind}, {}
     launcher.bases = {"kind": ({k: v for k, v in plain(kind).items()}, "/sweep")}
     launcher.compose = None  # the kind's config is not composed again
     overrides = ["model.lr=1", "seed=4", "data.w=[1,2]"]  # the schema makes lr a float: 1.0

@@ -295,7 +295,7 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     status += f" at epoch {row['pruned_epoch']}" if row["pruned_epoch"] else ""
     mse = row["train_mse"]
     with contextlib.suppress(Exception):  # the dir may hold another run than this job's config
-        if row["status"] in FINISHED and finished(out, ret.cfg) is None:
+        if row["status"] in FINISHED and ret.cfg is not None and finished(out, ret.cfg) is None:
             status, mse = "refused (its dir holds another run)", None
     if ret.status == JobStatus.FAILED:  # raised past the task function: Hydra holds the error
         try:

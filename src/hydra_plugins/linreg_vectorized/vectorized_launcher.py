@@ -108,6 +108,7 @@ class VectorizedLauncher(Launcher):
         loader = self.hydra_context.config_loader  # the grid sweeper's (duck-typed: Hydra may load a plugin twice)
         self.loader = loader if hasattr(loader, "split") else CachedConfigLoader(loader)
         self.kinds: dict[tuple[Any, ...], DictConfig] = {}  # one composed config per kind of job
+        self.held: dict[tuple[Any, ...], list[Override]] = {}  # the values a kind's config holds
         self.bases: dict[tuple[Any, ...], Any] = {}  # a kind's config less `hydra` and its sweep dir, if without `${`
         self.templates: dict[tuple[Any, ...], Any] = {}  # `.hydra/*.yaml` text of a kind, its jobs' values left out
         self.checked: set[tuple[Any, ...]] = set()  # kinds (and model classes) whose keys passed `check`
@@ -131,8 +132,9 @@ class VectorizedLauncher(Launcher):
         if config is None:
             lines = [str(o.input_line) for o in job.parsed if o not in job.plain]
             config = self.kinds[job.kind] = self.loader.load_sweep_config(self.config, lines)
-        if not apply(config, job.parsed, job.plain):
-            del self.kinds[job.kind]  # a value that does not apply: Hydra composes the job (and says why)
+            self.held.pop(job.kind, None)
+        if not apply(config, job.parsed, self.changed(job)):
+            del self.kinds[job.kind], self.held[job.kind]  # a value that does not apply: Hydra composes (and says why)
             config = self.loader.inner.load_sweep_config(self.config, [str(o.input_line) for o in job.parsed])
         config.hydra.job.id, config.hydra.job.num = job.num, job.num  # keys Hydra's schema has: no `open_dict`
         if job.out is None:  # resolved once (`${hydra.job.num}`)
@@ -141,6 +143,12 @@ class VectorizedLauncher(Launcher):
         HydraConfig.instance().cfg = config  # for its `${hydra:...}` values, as `run_job` sets it
         return config
 
+    def changed(self, job: Job) -> list[Override]:
+        """The job's values its kind's config does not hold yet (then it holds them all, or is composed anew)."""
+        held = self.held.get(job.kind, ())
+        self.held[job.kind] = job.plain
+        return [o for o in job.plain if o not in held]
+
     def resolved(self, job: Job) -> dict[str, Any]:
         """The job's config less `hydra`, resolved; composed only where its kind's values or dir interpolate."""
         # Else it is its kind's with the job's values as the kind's config takes them (typed by the schema).
@@ -148,13 +156,15 @@ class VectorizedLauncher(Launcher):
         if config is not None and base is not None:
             data = copy.deepcopy(base[0])
             try:
-                for o in job.plain:
+                for o in self.changed(job):
                     OmegaConf.update(config, o.key_or_group, o.value(), merge=True)
+                for o in job.plain:
                     *parents, leaf = o.key_or_group.split(".")
                     functools.reduce(dict.__getitem__, parents, data)[leaf] = value = raw(config, o.key_or_group)
                     if "${" in json.dumps(value, default=str):
                         raise ValueError("interpolates")
             except Exception:  # a value that does not apply (Hydra says why), or one that interpolates: composed
+                self.held.pop(job.kind)  # it may hold some of them
                 return plain(self.compose(job))
             job.out = Path(base[1], str(job.num)).absolute()
             return data

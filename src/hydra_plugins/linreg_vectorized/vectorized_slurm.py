@@ -57,7 +57,7 @@ class VectorizedSlurmLauncher(VectorizedLauncher):
         numbered = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         jobs, groups, returns = self.plan_all(numbered)
         # The task plans its jobs again: nothing of this process's to pickle.
-        self.kinds, self.bases, self.templates = {}, {}, {}
+        self.kinds, self.held, self.bases, self.templates = {}, {}, {}, {}
         params = {k: v for k, v in self.params.items() if k not in ("submitit_folder", "max_num_timeout")}
         executor = submitit.AutoExecutor(
             cluster="slurm", folder=self.params["submitit_folder"], slurm_max_num_timeout=self.params["max_num_timeout"]
