@@ -288,9 +288,9 @@ class VectorizedLauncher(Launcher):
         """`.hydra/config.yaml` and `hydra.yaml` as Hydra writes them: its kind's text, the job's values dumped in."""
         keys = [o.key_or_group for o in job.plain] + [f"hydra.{k}" for k in PER_JOB]
         if job.kind not in self.templates:  # checked once against the whole dump, else the kind takes the slow path
-            pieces = template(config, keys)
-            good = pieces is not None and fill(pieces, config, keys) == whole(config)
-            self.templates[job.kind] = pieces if good else None
+            pieces, texts = template(config, keys), whole(config)
+            self.templates[job.kind] = pieces if pieces is not None and fill(pieces, config, keys) == texts else None
+            return texts
         pieces = self.templates[job.kind]
         return whole(config) if pieces is None else fill(pieces, config, keys)
 
