@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -233,6 +234,21 @@ def test_an_optuna_sweep_keeps_every_trial_and_a_failed_sweep_exits_from_the_cal
 
 
 # ---------------------------------------------------------------- progress lines and the plan
+
+
+def test_a_row_read_before_is_read_again_once_one_of_its_files_changes(sweep):
+    late = job(sweep, 6, ["model.lr=2"])
+
+    def rows() -> dict[str, tuple]:
+        return {r["job"]: (r["status"], r["train_mse"]) for r in map(linreg.results.job_row, (sweep / "0", late))}
+
+    assert rows() == {"0": ("ok", 0.25), "6": ("missing", None)}  # the progress lines' read: kept for the table
+    record = sweep / "0" / "metrics.json"
+    before = record.stat().st_mtime_ns
+    record.write_text(record.read_text().replace("0.25", "0.75"))  # in place, the same size: an edit a moment later
+    os.utime(record, ns=(before + 10**9, before + 10**9))
+    (late / "metrics.json").write_text(json.dumps({**OK, "train_mse": 0.5}))  # its record, written since
+    assert rows() == {"0": ("ok", 0.75), "6": ("ok", 0.5)}
 
 
 def ret(overrides: list[str], status: JobStatus = JobStatus.COMPLETED, value: object = 0.25) -> JobReturn:

@@ -53,6 +53,9 @@ MAX_JOBS = 1_000_000  # the most jobs a sweep plan may claim (a planted count pa
 PLAN, PROGRESS, PLOTS = ".sweep-plan.json", "progress.log", ("mse.png", "weights.png")
 STATUSES = ("ok", "diverged", "pruned", "failed", "missing", "corrupt")
 VERBS = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}  # no result
+ROW_FILES = (".hydra/overrides.yaml", ".hydra/config.yaml", "metrics.json")  # with the job dir: what a row reads
+ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # job dir -> (its files' stamps, its row)
+MAX_ROWS = 20_000  # rows kept, ~2 KB each
 
 
 def one_line(text: Any) -> str:
@@ -74,7 +77,27 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
 def job_row(job_dir: Path) -> dict[str, Any]:
     """A job dir as a row: its record, gap and overrides less `resume`; `missing` (what its saved config decides)
     without a metrics.json; `corrupt`, with the reason, when it cannot be trusted."""
-    row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": os.path.abspath(job_dir)}
+    where = os.path.abspath(job_dir)
+    stamp = (stamp_of(job_dir), *(stamp_of(job_dir / name) for name in ROW_FILES))  # a changed file is read again
+    if (kept := ROWS.get(where)) is None or kept[0] != stamp:
+        if len(ROWS) >= MAX_ROWS:
+            ROWS.clear()
+        ROWS[where] = (stamp, read_row(job_dir, where))
+    return dict(ROWS[where][1])  # the table's and the plots' rows: a sweep's progress lines read them first
+
+
+def stamp_of(path: Path) -> tuple[int, ...] | None:
+    """What tells a file's content changed (atomic writes make a new inode), or None when it is not there."""
+    try:
+        s = os.lstat(path)
+    except OSError:
+        return None
+    return s.st_ino, s.st_mode, s.st_size, s.st_mtime_ns, s.st_ctime_ns
+
+
+def read_row(job_dir: Path, where: str) -> dict[str, Any]:
+    """`job_row`, read from the job's files."""
+    row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": where}
     hydra = job_dir / ".hydra"
     try:
         if job_dir.is_symlink():  # another dir's run, wherever it is, is not this job's
