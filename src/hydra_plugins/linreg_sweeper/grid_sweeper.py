@@ -121,7 +121,13 @@ def apply(cfg: DictConfig, parsed: list[Override], plain: Plain) -> bool:
     options = cfg.hydra.job.config.override_dirname  # as Hydra 1.3 records them
     dirname = sorted(str(o.input_line) for o in task if o.key_or_group not in options.exclude_keys)
     # Existing keys (Hydra's schema has them): set without `open_dict`, whose flag change walks the whole subtree.
-    cfg.hydra.overrides.task = [o.input_line for o in task]
+    lines, node = [o.input_line for o in task], cfg.hydra.overrides.task
+    if len(node) != len(lines):
+        cfg.hydra.overrides.task = lines
+    else:  # a job's changed lines only: a new list costs ~10x more
+        for i, (old, new) in enumerate(zip(OmegaConf.to_container(node), lines)):  # as typed, unresolved
+            if old != new:
+                node[i] = new
     cfg.hydra.job.override_dirname = re.sub("=", options.kv_sep, options.item_sep.join(dirname))
     return True
 
