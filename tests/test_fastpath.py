@@ -3,19 +3,21 @@
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
 import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from linreg import fastpath
 from tests.test_dashboard import run
 from tests.test_models import fit
 
 SRC = Path(fastpath.__file__).resolve().parent
-PRIVATE = re.compile(r"\._[a-z]\w*")  # an attribute whose name starts with one underscore
+PRIVATE = re.compile(r"\._[A-Za-z]\w*")  # an attribute whose name starts with one underscore
 OWN_NAMES = {"_target_", "_exit"}  # Hydra's `_target_` key and `os._exit` (public, documented)
 
 
@@ -100,8 +102,37 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
     assert fast_image.encoded_image_string == public_image.encoded_image_string
 
 
+def test_events_written_here_are_the_writer_threads_records(tmp_path, monkeypatch):
+    from tensorboard.summary.writer import event_file_writer
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    def write(folder: str) -> tuple[list[bytes], int]:
+        with fastpath.events_written_here():
+            writer, threads = SummaryWriter(tmp_path / folder), threading.active_count()
+        for step in range(5):
+            writer.add_scalar("train/mse", 1 / (step + 1), step, walltime=1.0)
+        for summary in hparams({"lr": 0.1}, {"train_end/mse": 0.2}):  # as linreg.dashboard writes them
+            writer.file_writer.add_summary(summary, 4)
+        writer.close()
+        (file,) = (tmp_path / folder).glob("events.out.tfevents.*")
+        events = list(EventFileLoader(str(file)).Load())[1:]  # the first, the writer's start, names its time
+        for event in events:
+            event.wall_time = 0  # the HParams record's events say when they were made
+        return [event.SerializeToString() for event in events], threads
+
+    threaded = event_file_writer._AsyncWriter
+    monkeypatch.setenv(fastpath.SWITCH, "0")
+    public, threads_public = write("public")
+    monkeypatch.setenv(fastpath.SWITCH, "1")
+    here, threads_here = write("here")
+    assert here == public and len(public) == 8  # 5 scalars and the HParams record's 3 events, in order
+    assert threads_here == threads_public - 1  # no writer thread
+    assert event_file_writer._AsyncWriter is threaded  # writers made after it get their thread again
+
+
 def test_the_seam_holds_every_private_use_and_at_most_four():
-    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step", "_utils"}
+    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step", "_utils", "_AsyncWriter"}
     outside = {p.name: private_names(p) - OWN_NAMES for p in sorted(SRC.glob("*.py")) if p.name != "fastpath.py"}
     assert {name: names for name, names in outside.items() if names} == {}, "move private uses into fastpath.py"
 

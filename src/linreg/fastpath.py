@@ -2,7 +2,8 @@
 
 `LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit
 (tests/test_fastpath.py). A piece stays only while it carries a measured gain (benchmarks/README.md).
-Private uses (3 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper.
+Private uses (4 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper,
+TensorBoard's `_AsyncWriter` (while a stacked member's writers are made).
 Process-wide (1): no garbage collection while the libraries import, then `gc.freeze` of what they made.
 Lightning is imported where a fit needs it: `importing()` comes first.
 """
@@ -48,6 +49,47 @@ def importing() -> Iterator[None]:
             gc.freeze()
         if held:
             gc.enable()
+
+
+@contextlib.contextmanager
+def events_written_here() -> Iterator[None]:
+    """TensorBoard writers made inside write each event in the calling thread, not a thread each (~1.5 ms a run)."""
+    # A stacked member's run is written whole in one go: a thread started, woken per event and joined costs more
+    # than the writing. The same records, in the same file (tests/test_fastpath.py).
+    if not enabled():
+        yield
+        return
+    from tensorboard.summary.writer import event_file_writer
+
+    threaded = event_file_writer._AsyncWriter  # private: what each EventFileWriter writes through
+    event_file_writer._AsyncWriter = WriterHere
+    try:
+        yield
+    finally:
+        event_file_writer._AsyncWriter = threaded
+
+
+class WriterHere:
+    """What TensorBoard's `_AsyncWriter` does, in the calling thread: records written as they come."""
+
+    def __init__(self, record_writer: Any, *_: Any) -> None:
+        self.writer, self.closed = record_writer, False
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise OSError("Writer is closed")  # as `_AsyncWriter` says it
+        self.writer.write(data)
+
+    def flush(self) -> None:
+        if self.closed:
+            raise OSError("Writer is closed")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.flush()
+            self.writer.close()
 
 
 def lean_steps(trainer: L.Trainer) -> bool:

@@ -218,7 +218,8 @@ class Member:
     def write(self, out: Path, label: str) -> None:
         """Its single run's logger runs (train/*, params/*, HParams; no graph or fit image), then metrics.json."""
         r = self.record
-        loggers = build_loggers(r.config.get("logger"), out, label)  # its config resolved (the record's): as plain data
+        with fastpath.events_written_here():  # written whole, here
+            loggers = build_loggers(r.config.get("logger"), out, label)  # its config resolved (the record's): plain
         tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
         for lg in loggers:
             lg.log_hyperparams(self.hparams)
