@@ -1,5 +1,4 @@
-"""The Hydra callback that refuses bad input in one line (exit 2) before a run or sweep dir is touched, and makes a
-sweep its dir's one owner. Not in `linreg.train`, which runs as `__main__`: Hydra would import it anew."""
+"""The Hydra callback that refuses bad input (exit 2) before a run or sweep dir is touched; a sweep owns its dir."""
 
 import _thread
 import contextlib
@@ -100,8 +99,7 @@ def stopped_by(signum: int) -> str:
 
 
 def end_sweep(sweep_dir: Path, signum: int) -> NoReturn:
-    """A SIGTERM or Ctrl-C to a sweep's process, between fits or in one (Lightning's SIGTERM handler calls this one
-    too): the table of what finished, one line, exit 1."""
+    """A SIGTERM or Ctrl-C to a sweep's process, in a fit or not: the table of what finished, one line, exit 1."""
     from linreg.results import stopped  # imported already, by its callback
 
     for ignored in STOP_SIGNALS:  # a second Ctrl-C while the table is written: no second table, no traceback
@@ -196,8 +194,7 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
 
 
 def outside_others(path: Path, key: str) -> None:
-    """A run's, evaluation's or sweep's dir is not inside a run's or a sweep's (their tables and dashboards would
-    take it for theirs), however deep."""
+    """A dir not inside a run's or a sweep's, however deep: their tables and dashboards would take it for theirs."""
     for where in path.parents:  # by what linreg writes: a project's own metrics.json or checkpoints are no sign
         run = all(os.path.lexists(where / n) for n in ("metrics.json", ".hydra/config.yaml"))
         if run or any(os.path.lexists(where / n) for n in (".sweep.json", "checkpoints/config.json")):
@@ -205,8 +202,7 @@ def outside_others(path: Path, key: str) -> None:
 
 
 def own_dir(path: Path, key: str, signs: tuple[str, ...], theirs: tuple[str, ...]) -> None:
-    """A run's or sweep's dir: outside others, none of another kind's `theirs` in it, and new, empty or holding one
-    of its own kind's `signs` (its files would go over whatever else is there)."""
+    """A dir outside others, holding none of `theirs` (another kind's), and new, empty or with one of its `signs`."""
     outside_others(path, key)
     if found := [n for n in theirs if os.path.lexists(path / n)]:
         why = f"holds {found[0]}: a dir of another kind (a run, a sweep or an evaluation); use a new dir"

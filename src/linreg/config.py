@@ -1,5 +1,4 @@
-"""The config's schema (dataclasses in Hydra's ConfigStore, which refuses unknown keys and wrong types while
-composing) and `check`: what Hydra cannot know (ranges, memory, a GPU, keys added with `+`), one line a key."""
+"""The config's schema (in Hydra's ConfigStore) and `check`: what Hydra cannot know (ranges, memory, a GPU, `+key`)."""
 
 import contextlib
 import math
