@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import stat
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import Config, ConfigError, is_int, plain
+from linreg.config import Config, ConfigError, is_int, is_number, plain
 
 FINISHED = ("ok", "diverged", "pruned")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
@@ -164,13 +163,6 @@ def model_name(target: Any) -> str | None:
         return None
     cls = target.rpartition(".")[2]
     return cls.removesuffix("Regression").lower() or cls.lower()
-
-
-def is_number(v: Any) -> bool:
-    """A finite int or float, not a bool."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return abs(v) <= sys.float_info.max  # NaN and inf fail this too, and so does an integer past float's range
 
 
 def param_names(count: int, bias: bool) -> list[str]:
