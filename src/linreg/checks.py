@@ -83,9 +83,8 @@ class CheckConfig(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()  # jobs may change the cwd (hydra.job.chdir)
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, _: end_sweep(sweep_dir, signum))
-        # A terminal's Ctrl-C goes to the whole process group: this process takes it for all (submitit's controllers
-        # would print a traceback, kill their jobs), and what it started ends once it is gone (EndWithSweep). Not
-        # for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts its resource tracker (joblib's).
+        # Ctrl-C reaches the whole process group: this process takes it for all, its workers end with it (EndWithSweep);
+        # not for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts joblib's resource tracker.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by each thread and process started
         threading.Thread(target=lambda: _thread.interrupt_main(signal.sigwait({signal.SIGINT})), daemon=True).start()
 
@@ -154,8 +153,7 @@ def separate_job_dirs(config: DictConfig) -> None:
             if "/" in str(given):
                 why = f"{given!r} holds '/', which would nest job dirs or leave the sweep dir; use ${{hydra.job.num}}"
                 raise ConfigError("hydra.sweep.subdir", subdir, why)
-        # Jobs of equal overrides would share a dir: a value listed twice, a point Optuna's sampler draws again, or
-        # values of a key the dir's name leaves out (`resume=true,false`).
+        # Equal overrides share a dir: a value listed twice, a point Optuna draws again, `resume=true,false` (excluded).
         for line in typed:
             try:
                 o = OverridesParser.create().parse_overrides([line])[0]

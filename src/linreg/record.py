@@ -76,8 +76,7 @@ MAX_DEPTH = 100  # nesting a YAML file may have (Hydra's are < 10 deep); libyaml
 
 def load_yaml(text: bytes) -> Any:
     """YAML without aliases (a few bytes of them expand past any size limit) and at most MAX_DEPTH deep."""
-    # In ASCII text (no NUL: not UTF-16) an alias starts with `*`, and a collection starts a line (\n, \r), follows
-    # `-` or `?`, or opens with `[` (twice: `[a: 1]` holds a mapping) or `{`: where neither can be, no walk.
+    # ASCII (no NUL: not UTF-16) without `*` has no alias; collections start at \n, \r, -, ?, { or [ (twice: `[a: 1]`).
     starts = 1 + sum(map(text.count, (b"\n", b"\r", b"-", b"?", b"[", b"[", b"{")))
     if text.isascii() and b"\0" not in text and b"*" not in text and starts <= MAX_DEPTH:
         return yaml.load(text, Loader=YAML_LOADER)
