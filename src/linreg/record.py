@@ -232,7 +232,7 @@ class RunRecord:
     def failed(cls, cfg: Config, error: BaseException) -> "RunRecord":
         """What a run that raised leaves: its config and the error in one line."""
         text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-        return cls.of(cfg, "failed", steps=0, error=text.splitlines()[0] if text else type(error).__name__)
+        return cls.of(cfg, "failed", steps=0, error=text.splitlines()[0])
 
     @classmethod
     def parse(cls, metrics: Any) -> "RunRecord":

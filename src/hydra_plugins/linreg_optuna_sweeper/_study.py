@@ -91,7 +91,7 @@ def parse(line: str, key: str, value: str) -> Override:
     try:
         return OverridesParser.create().parse_overrides([line])[0]
     except Exception as err:  # Hydra's OverrideParseException, or an error building the sweep
-        raise ConfigError(key, value, f"not a Hydra override: {' '.join(str(err).split())}") from None
+        raise ConfigError(key, value, f"not a Hydra override: {err}") from None
 
 
 def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
