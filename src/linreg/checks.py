@@ -191,17 +191,12 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     write_json(sweep_dir / ".sweep.json", wanted)
 
 
-def outside_others(path: Path, key: str) -> None:
-    """A dir not inside a run's or a sweep's, however deep: their tables and dashboards would take it for theirs."""
-    for where in path.parents:  # by what linreg writes: a project's own metrics.json or checkpoints are no sign
-        run = all(os.path.lexists(where / n) for n in ("metrics.json", ".hydra/config.yaml"))
-        if run or any(os.path.lexists(where / n) for n in (".sweep.json", "checkpoints/config.json")):
-            raise ConfigError(key, str(path), f"is inside {where}, a run's or a sweep's dir; use a dir of its own")
-
-
 def own_dir(path: Path, key: str, signs: tuple[str, ...], theirs: tuple[str, ...]) -> None:
     """A dir outside others, holding none of `theirs` (another kind's), and new, empty or with one of its `signs`."""
-    outside_others(path, key)
+    for where in path.parents:  # inside a run or sweep, however deep, their tables and dashboards would count it
+        run = all(os.path.lexists(where / n) for n in ("metrics.json", ".hydra/config.yaml"))  # by what linreg writes
+        if run or any(os.path.lexists(where / n) for n in (".sweep.json", "checkpoints/config.json")):
+            raise ConfigError(key, str(path), f"is inside {where}, a run's or a sweep's dir; use a dir of its own")
     if found := [n for n in theirs if os.path.lexists(path / n)]:
         why = f"holds {found[0]}: a dir of another kind (a run, a sweep or an evaluation); use a new dir"
         raise ConfigError(key, str(path), why)
