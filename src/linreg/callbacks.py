@@ -21,14 +21,13 @@ class SweepGone(RuntimeError):
 
 
 class SaveRunConfig(L.Callback):
-    """The run's config in `checkpoints/config.json` (what a resume must match) and in every checkpoint (evaluate's),
-    written as training starts: Lightning warns at set-up about a checkpoint dir that is not empty."""
+    """The run's config in `checkpoints/config.json` (what a resume must match) and in every checkpoint (evaluate's)."""
 
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
         self.out, self.config = out, config
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        (self.out / "checkpoints").mkdir(exist_ok=True)
+        (self.out / "checkpoints").mkdir(exist_ok=True)  # not at set-up: Lightning warns of a dir that is not empty
         write_json(self.out / "checkpoints" / "config.json", self.config)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -45,16 +44,12 @@ class EpochLines(L.Callback):
 
 
 class EndWithSweep(L.Callback):
-    """Ends a sweep's worker job once the sweep's process is gone (a resume will redo it).
-
-    A pidfd on the sweep's pid (Linux) sees it exit even if the pid is reused. Not the parent pid at set-up: a sweep
-    killed before the job builds its Trainer has left the worker to init; submitit_local's jobs are its grandchildren.
-    """
+    """Ends a sweep's worker job once the sweep's process is gone (a resume will redo it)."""
 
     def __init__(self, sweep_pid: int) -> None:
         self.sweep_pid, self.pidfd, self.poller, self.gone = sweep_pid, -1, None, False
         self.parent = os.getppid()  # without a pidfd, a parent that changes says so too (a reused pid would not)
-        try:
+        try:  # a pidfd sees the sweep exit even if its pid is reused; the parent may be init or submitit's already
             self.pidfd = os.pidfd_open(sweep_pid)
             self.poller = select.poll()  # not select(): that refuses fds past 1024
             self.poller.register(self.pidfd, select.POLLIN)  # readable once the process has exited
@@ -104,12 +99,12 @@ def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bo
 
 
 class ReportToStudy(L.Callback):
-    """A trial of linreg's Optuna sweeper (trial number = job number): its train/mse each epoch to the study's
-    database, found from the job's Hydra config as the sweeper finds it (so any launcher works); stops it if pruned."""
+    """An Optuna trial (number = job number): its train/mse each epoch to the study, which may prune it."""
 
     def __init__(self, hc: DictConfig) -> None:
         import optuna
 
+        # The study found from the job's Hydra config as the sweeper finds it: any launcher works.
         url = hc.sweeper.storage or f"sqlite:///{sweep_dir_of(hc).resolve() / 'optuna.db'}"
         engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {}  # as the sweeper waits
         self.storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)

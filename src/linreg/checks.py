@@ -1,5 +1,4 @@
-"""The Hydra callback that refuses bad input in one line (exit 2) before a run or sweep dir is touched, and makes a
-sweep its dir's one owner. Not in `linreg.train`, which runs as `__main__`: Hydra would import it anew."""
+"""The Hydra callback that refuses bad input (exit 2) before a run or sweep dir is touched; a sweep owns its dir."""
 
 import _thread
 import contextlib
@@ -84,9 +83,8 @@ class CheckConfig(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()  # jobs may change the cwd (hydra.job.chdir)
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, _: end_sweep(sweep_dir, signum))
-        # A terminal's Ctrl-C goes to the whole process group: this process takes it for all (submitit's controllers
-        # would print a traceback, kill their jobs), and what it started ends once it is gone (EndWithSweep). Not
-        # for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts its resource tracker (joblib's).
+        # Ctrl-C reaches the whole process group: this process takes it for all, its workers end with it (EndWithSweep);
+        # not for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts joblib's resource tracker.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by each thread and process started
         threading.Thread(target=lambda: _thread.interrupt_main(signal.sigwait({signal.SIGINT})), daemon=True).start()
 
@@ -100,8 +98,7 @@ def stopped_by(signum: int) -> str:
 
 
 def end_sweep(sweep_dir: Path, signum: int) -> NoReturn:
-    """A SIGTERM or Ctrl-C to a sweep's process, between fits or in one (Lightning's SIGTERM handler calls this one
-    too): the table of what finished, one line, exit 1."""
+    """A SIGTERM or Ctrl-C to a sweep's process, in a fit or not: the table of what finished, one line, exit 1."""
     from linreg.results import stopped  # imported already, by its callback
 
     for ignored in STOP_SIGNALS:  # a second Ctrl-C while the table is written: no second table, no traceback
@@ -156,8 +153,7 @@ def separate_job_dirs(config: DictConfig) -> None:
             if "/" in str(given):
                 why = f"{given!r} holds '/', which would nest job dirs or leave the sweep dir; use ${{hydra.job.num}}"
                 raise ConfigError("hydra.sweep.subdir", subdir, why)
-        # Jobs of equal overrides would share a dir: a value listed twice, a point Optuna's sampler draws again, or
-        # values of a key the dir's name leaves out (`resume=true,false`).
+        # Equal overrides share a dir: a value listed twice, a point Optuna draws again, `resume=true,false` (excluded).
         for line in typed:
             try:
                 o = OverridesParser.create().parse_overrides([line])[0]
@@ -195,19 +191,12 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     write_json(sweep_dir / ".sweep.json", wanted)
 
 
-def outside_others(path: Path, key: str) -> None:
-    """A run's, evaluation's or sweep's dir is not inside a run's or a sweep's (their tables and dashboards would
-    take it for theirs), however deep."""
-    for where in path.parents:  # by what linreg writes: a project's own metrics.json or checkpoints are no sign
-        run = all(os.path.lexists(where / n) for n in ("metrics.json", ".hydra/config.yaml"))
+def own_dir(path: Path, key: str, signs: tuple[str, ...], theirs: tuple[str, ...]) -> None:
+    """A dir outside others, holding none of `theirs` (another kind's), and new, empty or with one of its `signs`."""
+    for where in path.parents:  # inside a run or sweep, however deep, their tables and dashboards would count it
+        run = all(os.path.lexists(where / n) for n in ("metrics.json", ".hydra/config.yaml"))  # by what linreg writes
         if run or any(os.path.lexists(where / n) for n in (".sweep.json", "checkpoints/config.json")):
             raise ConfigError(key, str(path), f"is inside {where}, a run's or a sweep's dir; use a dir of its own")
-
-
-def own_dir(path: Path, key: str, signs: tuple[str, ...], theirs: tuple[str, ...]) -> None:
-    """A run's or sweep's dir: outside others, none of another kind's `theirs` in it, and new, empty or holding one
-    of its own kind's `signs` (its files would go over whatever else is there)."""
-    outside_others(path, key)
     if found := [n for n in theirs if os.path.lexists(path / n)]:
         why = f"holds {found[0]}: a dir of another kind (a run, a sweep or an evaluation); use a new dir"
         raise ConfigError(key, str(path), why)

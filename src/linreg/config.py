@@ -1,8 +1,6 @@
-"""The config's schema (dataclasses in Hydra's ConfigStore, which refuses unknown keys and wrong types while
-composing) and `check`: what Hydra cannot know (ranges, memory, a GPU, keys added with `+`), one line a key."""
+"""The config's schema (in Hydra's ConfigStore) and `check`: what Hydra cannot know (ranges, memory, a GPU, `+key`)."""
 
 import contextlib
-import math
 import os
 import shutil
 import sys
@@ -144,9 +142,14 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool (NaN, inf and an integer past float's range fail the bound)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and abs(v) <= sys.float_info.max
+
+
 def finite(v: Any) -> bool:
-    """A number that float32 holds (not a bool, not inf or NaN)."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+    """A number that float32 holds."""
+    return is_number(v) and abs(v) <= FLOAT32_MAX
 
 
 # What the types allow but a run cannot use: key -> (test, what is allowed). Keys left out of a config are skipped.

@@ -64,8 +64,7 @@ class EpochBatchSampler:
 
 
 class BatchLoader:
-    """The mini-batches of one `training_step` call per item: the sampler's slice gathered in one go, then split
-    (no collation; with `batches_per_call > 1`, one gather a call instead of one a step, the same rows in order)."""
+    """The mini-batches of one `training_step` call per item: the sampler's slice gathered at once, then split."""
 
     def __init__(self, x: Tensor, y: Tensor, sampler: EpochBatchSampler, batch_size: int) -> None:
         self.x, self.y, self.sampler, self.batch_size = x, y, sampler, batch_size
@@ -134,8 +133,7 @@ class RegressionDataModule(L.LightningDataModule):
         return bool(torch.isfinite(x).all() and torch.isfinite(y).all())
 
     def ols_mse(self) -> float:
-        """The least-squares MSE on this data, the floor of any linear model (computed once): float64 normal
-        equations summed a chunk of rows at a time (lstsq on the whole data would hold several times its bytes)."""
+        """The least-squares MSE, the floor of any linear model (once): float64 normal equations, a chunk at a time."""
         if self.ols_cache is not None:
             return self.ols_cache
         x_all, y_all = self.full_data()

@@ -1,6 +1,4 @@
-"""`python -m linreg.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt`: a trained model's MSE on fresh data from its
-run's generator (another seed) and on its training data, in `outputs/eval/<time>/eval.json`. It reads the checkpoint
-alone (`weights_only=True`, the run's config inside it); its model class must be linreg's or a registered one."""
+"""`python -m linreg.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt`: its MSE on held-out and training data."""
 
 import json
 import math
@@ -142,8 +140,7 @@ class CheckInputs(Callback):
 
 
 def own_eval_dir(out: Path, key: str, sweep: bool = False) -> None:
-    """An evaluation's dir (`sweep`: an evaluation sweep's): new, empty or its own kind's, never a training run's,
-    a sweep's, or inside one."""
+    """An evaluation's (or its sweep's) dir: new, empty or its own kind's; never a run's or sweep's, nor inside."""
     saved = read_or_none(out / ".hydra" / "config.yaml")  # an earlier evaluate's (a ckpt_path) may be rewritten
     run = os.path.lexists(out / ".hydra") and not (isinstance(saved, dict) and "ckpt_path" in saved)
     theirs = ("metrics.json", "checkpoints", ".sweep.json") + ((".hydra", "eval.json") if sweep else ())

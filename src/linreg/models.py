@@ -53,11 +53,8 @@ class HandSGD(optim.Optimizer):
 
 
 class RegressionModule(L.LightningModule):
-    """What both models share: manual optimization, sampled batch loss, full-data MSE per epoch.
-
-    A model adds `forward`, `configure_optimizers`, `loss` (of a mini-batch) and `update` (one SGD step on one
-    mini-batch, returning its loss); its parameters are registered as feature weights, then intercept.
-    """
+    """Both models' manual optimization, sampled batch loss and full-data MSE per epoch; a model adds `forward`,
+    `configure_optimizers`, `loss` and `update` (an SGD step on a mini-batch; its loss), weights before intercept."""
 
     uses_ones_column: bool = True  # whether the features carry the tutorial's column of ones
 

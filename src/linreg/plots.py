@@ -1,8 +1,4 @@
-"""A sweep's plots as PNG bytes: mse.png (each job's gap to the least-squares floor) and weights.png.
-
-mse.png: the gap against the x key (`layout`), a line per value of the next swept key, a panel per combination of
-the rest, jobs without a result along the top. weights.png: a panel per coefficient. Both star each panel's best job.
-"""
+"""A sweep's plots as PNG bytes: mse.png (each job's gap to the least-squares floor) and weights.png."""
 
 import io
 import json
@@ -69,8 +65,7 @@ def layout(rows: list[Row], swept: list[str]) -> tuple[str, str | None, list[str
 
 
 def figure(rows: list[Row], x: str, panels: int, ylabel: str, sharey: bool) -> tuple[Figure, list[Any], Any]:
-    """`panels` panels in rows of 4, the swept values as x ticks (log for a wide range); and `at(i, n)`: the x of
-    each value for the i-th of n series (its rank when any value is text), side by side on a log axis."""
+    """`panels` panels in rows of 4, and `at(i, n)`: each x value's place for the i-th of n series (a rank for text)."""
     values = distinct(rows, x)
     numeric = all(num(v) is not None for v in values)
     pos = {v: num(v) if numeric else float(i) for i, v in enumerate(values)}

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import stat
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import Config, ConfigError, is_int, plain
+from linreg.config import Config, ConfigError, is_int, is_number, plain
 
 FINISHED = ("ok", "diverged", "pruned")  # outcomes; failed, missing and corrupt are no result
 MAX_BYTES = 1 << 20  # the largest record, config or YAML file read back (a 1,000-weight record is ~30 KiB)
@@ -77,8 +76,7 @@ MAX_DEPTH = 100  # nesting a YAML file may have (Hydra's are < 10 deep); libyaml
 
 def load_yaml(text: bytes) -> Any:
     """YAML without aliases (a few bytes of them expand past any size limit) and at most MAX_DEPTH deep."""
-    # In ASCII text (no NUL: not UTF-16) an alias starts with `*`, and a collection starts a line (\n, \r), follows
-    # `-` or `?`, or opens with `[` (twice: `[a: 1]` holds a mapping) or `{`: where neither can be, no walk.
+    # ASCII (no NUL: not UTF-16) without `*` has no alias; collections start at \n, \r, -, ?, { or [ (twice: `[a: 1]`).
     starts = 1 + sum(map(text.count, (b"\n", b"\r", b"-", b"?", b"[", b"[", b"{")))
     if text.isascii() and b"\0" not in text and b"*" not in text and starts <= MAX_DEPTH:
         return yaml.load(text, Loader=YAML_LOADER)
@@ -166,13 +164,6 @@ def model_name(target: Any) -> str | None:
     return cls.removesuffix("Regression").lower() or cls.lower()
 
 
-def is_number(v: Any) -> bool:
-    """A finite int or float, not a bool."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return abs(v) <= sys.float_info.max  # NaN and inf fail this too, and so does an integer past float's range
-
-
 def param_names(count: int, bias: bool) -> list[str]:
     """Names of the coefficients in the tutorial's order: w1..wk, then b for the intercept."""
     return [f"w{i + 1}" for i in range(count - bias)] + ["b"] * bias
@@ -241,7 +232,7 @@ class RunRecord:
     def failed(cls, cfg: Config, error: BaseException) -> "RunRecord":
         """What a run that raised leaves: its config and the error in one line."""
         text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-        return cls.of(cfg, "failed", steps=0, error=text.splitlines()[0] if text else type(error).__name__)
+        return cls.of(cfg, "failed", steps=0, error=text.splitlines()[0])
 
     @classmethod
     def parse(cls, metrics: Any) -> "RunRecord":

@@ -13,8 +13,7 @@ from linreg.config import CONFIG_DIR, ConfigError, override_key, refuse, refusin
 from linreg.record import shown
 from linreg.run import run
 
-# Each experiment, what the tutorial printed (MSE, weights) and the band a re-run must land in: the tutorial's batch
-# order came from an unseeded random.shuffle, so bands, not digits.
+# Each experiment, the tutorial's MSE and weights, and the band a re-run must land in (its shuffle was unseeded).
 TUTORIAL = [
     ("tutorial_manual", "0.000122/0.000102/0.000101", "[2.0001, -1.0002, 1.0002]", (0.0, 2e-4)),
     ("tutorial_linear", "0.0001", "[1.9992, -1.0003, 0.9994]", (0.0, 2e-4)),

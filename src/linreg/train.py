@@ -47,8 +47,7 @@ STOPPED_BY: list[int] = []  # the signal that stopped a single run (Lightning's 
 
 
 def stop_run(signum: int, frame: FrameType | None) -> None:
-    """A single run's SIGTERM or Ctrl-C: in its fit, Lightning's SIGTERM handler's (it stops after its step; its last
-    checkpoint stays whole), else at once."""
+    """A single run's SIGTERM or Ctrl-C: in its fit, Lightning's (it stops after its step), else at once."""
     lightning = signal.getsignal(signal.SIGTERM)  # while it fits, Lightning's: it calls this one after its own
     if lightning is stop_run:  # not in the fit
         STOPPED_BY.append(signum)

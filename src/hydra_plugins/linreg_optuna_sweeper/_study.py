@@ -91,7 +91,7 @@ def parse(line: str, key: str, value: str) -> Override:
     try:
         return OverridesParser.create().parse_overrides([line])[0]
     except Exception as err:  # Hydra's OverrideParseException, or an error building the sweep
-        raise ConfigError(key, value, f"not a Hydra override: {' '.join(str(err).split())}") from None
+        raise ConfigError(key, value, f"not a Hydra override: {err}") from None
 
 
 def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
@@ -116,10 +116,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
 
 
 class SeedPerTrial(Proxy):
-    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point.
-
-    Optuna only calls a sampler's methods (it checks no class): all but `before_trial` are the current sampler's.
-    """
+    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point."""
 
     def __init__(self, config: dict[str, Any], seed: int) -> None:
         super().__init__(make("sampler", config, BaseSampler, seed=seed))

@@ -1,7 +1,4 @@
-"""`hydra/sweeper=optuna`: Optuna's ask-and-tell API behind Hydra's Sweeper, with hydra-optuna-sweeper's keys.
-
-Hydra imports this module at each start: Optuna only when the sweeper is set up (`_study`, a private module).
-"""
+"""`hydra/sweeper=optuna`: Optuna's ask-and-tell behind Hydra's Sweeper; Optuna imported at setup (`_study`)."""
 
 from dataclasses import dataclass, field
 from enum import Enum
