@@ -70,26 +70,10 @@ def events_written_here() -> Iterator[None]:
 
 
 class WriterHere:
-    """What TensorBoard's `_AsyncWriter` does, in the calling thread: records written as they come."""
+    """What TensorBoard's `_AsyncWriter` does, in the calling thread (its file refuses writes once closed)."""
 
     def __init__(self, record_writer: Any, *_: Any) -> None:
-        self.writer, self.closed = record_writer, False
-
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            raise OSError("Writer is closed")  # as `_AsyncWriter` says it
-        self.writer.write(data)
-
-    def flush(self) -> None:
-        if self.closed:
-            raise OSError("Writer is closed")
-        self.writer.flush()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.writer.flush()
-            self.writer.close()
+        self.write, self.flush, self.close = record_writer.write, record_writer.flush, record_writer.close
 
 
 def lean_steps(trainer: L.Trainer) -> bool:
