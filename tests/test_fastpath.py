@@ -131,6 +131,17 @@ def test_events_written_here_are_the_writer_threads_records(tmp_path, monkeypatc
     assert event_file_writer._AsyncWriter is threaded  # writers made after it get their thread again
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's, raised
+@pytest.mark.parametrize("switch", ["0", "1"])
+@pytest.mark.parametrize("bad", [{"max_queue": "abc"}, {"max_queue": None}, {"flush_secs": None}])
+def test_writer_settings_the_writer_thread_refuses_are_refused_here_too(tmp_path, monkeypatch, switch, bad):
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setenv(fastpath.SWITCH, switch)
+    with pytest.raises(TypeError), fastpath.events_written_here():
+        SummaryWriter(tmp_path, **bad).close()
+
+
 def test_the_seam_holds_every_private_use_and_at_most_four():
     assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step", "_utils", "_AsyncWriter"}
     outside = {p.name: private_names(p) - OWN_NAMES for p in sorted(SRC.glob("*.py")) if p.name != "fastpath.py"}

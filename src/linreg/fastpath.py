@@ -14,6 +14,7 @@ import contextlib
 import functools
 import gc
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,8 @@ def events_written_here() -> Iterator[None]:
 class WriterHere:
     """What TensorBoard's `_AsyncWriter` does, in the calling thread (its file refuses writes once closed)."""
 
-    def __init__(self, record_writer: Any, *_: Any) -> None:
+    def __init__(self, record_writer: Any, max_queue_size: Any, flush_secs: Any) -> None:
+        _ = max_queue_size > 0, time.time() + flush_secs  # what `_AsyncWriter` and its thread refuse: a TypeError
         self.write, self.flush, self.close = record_writer.write, record_writer.flush, record_writer.close
 
 
