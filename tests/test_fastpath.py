@@ -1,6 +1,8 @@
 """The fast path (linreg.fastpath): each private use against the public path, bit for bit, and its one switch."""
 
+import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -103,32 +105,34 @@ def test_a_whole_run_is_the_same_bits_with_the_fast_path_off(make_cfg, tmp_path,
 
 
 def test_events_written_here_are_the_writer_threads_records(tmp_path, monkeypatch):
-    from tensorboard.summary.writer import event_file_writer
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter, writer
     from torch.utils.tensorboard.summary import hparams
 
-    def write(folder: str) -> tuple[list[bytes], int]:
+    def write(folder: str) -> tuple[str, list[bytes], int]:
         with fastpath.events_written_here():
-            writer, threads = SummaryWriter(tmp_path / folder), threading.active_count()
+            summaries, threads = SummaryWriter(tmp_path / folder), threading.active_count()
         for step in range(5):
-            writer.add_scalar("train/mse", 1 / (step + 1), step, walltime=1.0)
+            summaries.add_scalar("train/mse", 1 / (step + 1), step, walltime=1.0)
+            summaries.flush()  # each flush appends what it holds
         for summary in hparams({"lr": 0.1}, {"train_end/mse": 0.2}):  # as linreg.dashboard writes them
-            writer.file_writer.add_summary(summary, 4)
-        writer.close()
+            summaries.file_writer.add_summary(summary, 4)
+        summaries.close()
         (file,) = (tmp_path / folder).glob("events.out.tfevents.*")
-        events = list(EventFileLoader(str(file)).Load())[1:]  # the first, the writer's start, names its time
+        events = list(EventFileLoader(str(file)).Load())
         for event in events:
-            event.wall_time = 0  # the HParams record's events say when they were made
-        return [event.SerializeToString() for event in events], threads
+            event.wall_time = 0  # the writer's first event and the HParams record's say when they were made
+        return file.name, [event.SerializeToString() for event in events], threads
 
-    threaded = event_file_writer._AsyncWriter
+    threaded = writer.EventFileWriter
     monkeypatch.setenv(fastpath.SWITCH, "0")
-    public, threads_public = write("public")
+    public_name, public, threads_public = write("public")
     monkeypatch.setenv(fastpath.SWITCH, "1")
-    here, threads_here = write("here")
-    assert here == public and len(public) == 8  # 5 scalars and the HParams record's 3 events, in order
+    name, here, threads_here = write("here")
+    assert here == public and len(public) == 9  # the file's version, 5 scalars and the HParams record's 3 events
     assert threads_here == threads_public - 1  # no writer thread
-    assert event_file_writer._AsyncWriter is threaded  # writers made after it get their thread again
+    named = rf"events\.out\.tfevents\.\d{{10}}\.{re.escape(socket.gethostname())}\.{os.getpid()}\.\d+"
+    assert re.fullmatch(named, name) and re.fullmatch(named, public_name)
+    assert writer.EventFileWriter is threaded  # writers made after it are TensorBoard's again
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's, raised
@@ -146,7 +150,7 @@ def test_writer_settings_the_writer_thread_refuses_are_refused_here_too(tmp_path
 
 
 def test_the_seam_holds_every_private_use_and_at_most_four():
-    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step", "_utils", "_AsyncWriter"}
+    assert private_names(SRC / "fastpath.py") == {"_on_before_step", "_on_after_step", "_utils"}
     outside = {p.name: private_names(p) - OWN_NAMES for p in sorted(SRC.glob("*.py")) if p.name != "fastpath.py"}
     assert {name: names for name, names in outside.items() if names} == {}, "move private uses into fastpath.py"
 

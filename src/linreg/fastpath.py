@@ -2,9 +2,9 @@
 
 `LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit
 (tests/test_fastpath.py). A piece stays only while it carries a measured gain (benchmarks/README.md).
-Private uses (4 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper,
-TensorBoard's `_AsyncWriter` (while a stacked member's writers are made).
-Process-wide (1): no garbage collection while the libraries import, then `gc.freeze` of what they made.
+Private uses (3 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper.
+Process-wide (2): no garbage collection while the libraries import, then `gc.freeze` of what they made; torch's
+`EventFileWriter` name, while a stacked member's writers are made.
 Lightning is imported where a fit needs it: `importing()` comes first.
 """
 
@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import io
+import itertools
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -54,28 +57,59 @@ def importing() -> Iterator[None]:
 
 @contextlib.contextmanager
 def events_written_here() -> Iterator[None]:
-    """TensorBoard writers made inside write each event in the calling thread, not a thread each (~1.5 ms a run)."""
-    # A stacked member's run is written whole in one go: a thread started, woken per event and joined costs more
-    # than the writing. The same records, in the same file (tests/test_fastpath.py).
+    """TensorBoard writers made inside write in the calling thread, each flush's records in one write."""
+    # A stacked member's run is written whole at once: TensorBoard's writer starts a thread, wakes it for each
+    # event and opens its file again for each. Its records, in a file named as it names them (tests/test_fastpath.py).
     if not enabled():
         yield
         return
-    from tensorboard.summary.writer import event_file_writer
+    from torch.utils.tensorboard import writer
 
-    threaded = event_file_writer._AsyncWriter  # private: what each EventFileWriter writes through
-    event_file_writer._AsyncWriter = WriterHere
+    threaded = writer.EventFileWriter  # the writer torch's SummaryWriter makes (public: tensorboard's)
+    writer.EventFileWriter = EventsHere
     try:
         yield
     finally:
-        event_file_writer._AsyncWriter = threaded
+        writer.EventFileWriter = threaded
 
 
-class WriterHere:
-    """What TensorBoard's `_AsyncWriter` does, in the calling thread (its file refuses writes once closed)."""
+class EventsHere:
+    """TensorBoard's `EventFileWriter`, in the calling thread: its records held and appended at each flush."""
 
-    def __init__(self, record_writer: Any, max_queue_size: Any, flush_secs: Any) -> None:
-        _ = max_queue_size > 0, time.time() + flush_secs  # what `_AsyncWriter` and its thread refuse: a TypeError
-        self.write, self.flush, self.close = record_writer.write, record_writer.flush, record_writer.close
+    uids = itertools.count()  # a file name's last part, as TensorBoard's counter (a name taken is skipped)
+
+    def __init__(self, logdir: str, max_queue_size: Any = 10, flush_secs: Any = 120, filename_suffix: str = "") -> None:
+        from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        _ = max_queue_size > 0, time.time() + flush_secs  # what TensorBoard's writer and its thread refuse
+        os.makedirs(logdir, exist_ok=True)
+        self.logdir, self.held = logdir, io.BytesIO()
+        self.records = RecordWriter(self.held)  # each event framed and checksummed, as TensorBoard writes them
+        while True:
+            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self.uids)}"
+            with contextlib.suppress(FileExistsError):
+                self.file = open(os.path.join(logdir, name + filename_suffix), "xb")  # closed by close()
+                break
+        writer = SourceMetadata(writer="tensorboard.summary.writer.event_file_writer")
+        self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2", source_metadata=writer))
+        self.flush()
+
+    def get_logdir(self) -> str:
+        return self.logdir
+
+    def add_event(self, event: Any) -> None:
+        self.records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self.file.write(self.held.getvalue())
+        self.file.flush()
+        self.held.seek(0)
+        self.held.truncate()
+
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
 
 
 def lean_steps(trainer: L.Trainer) -> bool:
