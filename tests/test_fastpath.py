@@ -132,6 +132,8 @@ def test_events_written_here_are_the_writer_threads_records(tmp_path, monkeypatc
     assert threads_here == threads_public - 1  # no writer thread
     named = rf"events\.out\.tfevents\.\d{{10}}\.{re.escape(socket.gethostname())}\.{os.getpid()}\.\d+"
     assert re.fullmatch(named, name) and re.fullmatch(named, public_name)
+    assert int(name.rpartition(".")[2]) >= 10**9 > int(public_name.rpartition(".")[2])  # TensorBoard's writer, made
+    # later in this dir and second, empties a file of its name: its count never reaches these
     assert writer.EventFileWriter is threaded  # writers made after it are TensorBoard's again
 
 

@@ -74,9 +74,10 @@ def events_written_here() -> Iterator[None]:
 
 
 class EventsHere:
-    """TensorBoard's `EventFileWriter`, in the calling thread: its records held and appended at each flush."""
+    """TensorBoard's `EventFileWriter` for one thread: its records held and appended at each flush."""
 
-    uids = itertools.count()  # a file name's last part, as TensorBoard's counter (a name taken is skipped)
+    # A file name's last part: past TensorBoard's own count, whose writer empties a file of its name (`wb`).
+    uids = itertools.count(10**9)
 
     def __init__(self, logdir: str, max_queue_size: Any = 10, flush_secs: Any = 120, filename_suffix: str = "") -> None:
         from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
@@ -108,8 +109,10 @@ class EventsHere:
         self.held.truncate()
 
     def close(self) -> None:
-        self.flush()
-        self.file.close()
+        try:
+            self.flush()
+        finally:  # a full disk: the file is closed all the same
+            self.file.close()
 
 
 def lean_steps(trainer: L.Trainer) -> bool:
