@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from linreg.config import ConfigError
 from linreg.record import RunDirBusy, RunRecord
@@ -127,6 +128,16 @@ def csv_rows(out: Path) -> list[tuple[int, str]]:
         ]
 
 
+def tb_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each TensorBoard tag's (step, value) points, as TensorBoard's Python loader reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [run_dir] = (out / "tensorboard").iterdir()
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
 def append_csv_row(out: Path, row: dict[str, float]) -> None:
     """Add a row to the CSV logger's metrics.csv, as a run killed after a flush leaves it."""
     import csv
@@ -147,12 +158,17 @@ def test_resume_continues_to_the_same_numbers(make_cfg, tmp_path):
     train(cut)
     out = Path(cut.hydra.run.dir)
     append_csv_row(out, {"step": 20, "train/loss": 0.5})  # epoch 2's first point, flushed before a kill -9
+    [tb_dir] = (out / "tensorboard").iterdir()
+    with SummaryWriter(str(tb_dir)) as killed:  # an attempt's points past the checkpoint (step 20), in its own file
+        killed.add_scalar("train/loss", 0.5, 20)
+        killed.add_scalar("params/b", 7.0, 25)
     resumed = train(
         make_cfg("data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out)
     )
     assert resumed.weights == whole.weights and resumed.epoch_mse == whole.epoch_mse
-    # The CSV history is whole across the resume: the rows an uninterrupted run writes.
+    # The history is whole across the resume: the CSV rows and TensorBoard points an uninterrupted run writes.
     assert csv_rows(out) == csv_rows(whole_dir)
+    assert tb_scalars(out) == tb_scalars(whole_dir) and len(list(tb_dir.glob("events.out.tfevents.*"))) == 1
     # Resuming a finished run of the same config trains nothing; another config is refused.
     again = make_cfg(
         "data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out

@@ -137,6 +137,7 @@ def test_resume_skips_finished_jobs_and_a_locked_dir_is_refused(runs, tmp_path):
     assert "job refused: hydra.run.dir=" in proc.stdout + proc.stderr
     assert hparams.is_symlink() and (tmp_path / "precious.txt").read_text() == "mine\n"
     same_runs(records(vec)["6"], records(runs["basic"][0])["6"])
+    assert len(list(hparams.parent.glob("events.out.tfevents.*"))) == 1  # the retrained run's, not both attempts'
 
 
 def test_jobs_group_by_shape_and_split_by_budget():

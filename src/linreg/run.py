@@ -49,7 +49,7 @@ NOISE = (  # third-party warnings with nothing for a user to do (matched by mess
     r"The `srun` command is available on your system but is not used",
     r".*LeafSpec.* is deprecated",
     r"`torch.jit.trace(_method)?` is deprecated",  # TensorBoard's add_graph on newer torch
-    r"Experiment logs directory .* exists and is not empty",  # a resume: keep_csv_history writes the rows again
+    r"Experiment logs directory .* exists and is not empty",  # a resume: keep_history writes the rows again
 )
 PROGRESS_MIN_STEPS = 20_000  # a single run this long (a few seconds) shows Lightning's progress bar on a terminal
 
@@ -95,9 +95,9 @@ def build_model(cfg: Config, dm: RegressionDataModule, cls: type[RegressionModul
         raise ConfigError("model", None, str(err.__cause__ or err).splitlines()[0]) from None
 
 
-def build_loggers(group: Any, out: Path, label: str) -> list[Any]:
-    """Every logger of the `logger` group (each a `_target_`; its config or plain data), saving into the run dir."""
-    loggers = []
+def build_loggers(group: Any, out: Path, label: str, upto: int | None = None) -> list[Any]:
+    """The `logger` group's loggers (each a `_target_`), saving into the run dir; `upto`: a resume's checkpoint step."""
+    loggers, earlier = [], {}
     for key, lcfg in (group or {}).items():  # none with `~logger`
         if lcfg is None:  # `logger.csv=null` turns one off
             continue
@@ -112,10 +112,13 @@ def build_loggers(group: Any, out: Path, label: str) -> list[Any]:
             if not isinstance(logger, Logger):  # `_target_: builtins.dict` builds, then fails inside the Trainer
                 raise TypeError(f"{lcfg['_target_']} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
             if isinstance(logger, TensorBoardLogger):  # its SummaryWriter, which takes the other arguments, now
+                earlier[logger] = sorted(Path(logger.log_dir).glob("events.out.tfevents.*"))  # before its own file
                 _ = logger.experiment
             loggers.append(logger)
         except Exception as err:
             raise ConfigError(f"logger.{key}", None, str(err.__cause__ or err).splitlines()[0]) from None
+    for logger in loggers:  # once all are built: a refused logger leaves the others' history as it was
+        keep_history(logger, earlier.get(logger, []), upto)
     return loggers
 
 
@@ -189,21 +192,38 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
     return ckpt, int(state.get("global_step", 0))
 
 
-def keep_csv_history(loggers: list[Any], upto_step: int) -> None:
-    """A resumed run keeps its CSV rows up to the checkpoint: Lightning's CSVLogger starts metrics.csv anew."""
-    for logger in loggers:
-        path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
-        if path is None or not path.is_file() or path.stat().st_size > 64 * MAX_BYTES:
-            continue
+def kept(step: float, tag: str, upto: int | None) -> bool:
+    """Whether a restart at a checkpoint's step keeps a logged point: before it, and at it only its epoch's end."""
+    ends_epoch = tag != "train/loss" and not tag.startswith("train_end/")  # not the next epoch's first loss, the end's
+    return upto is not None and (step < upto or (step == upto and ends_epoch))
+
+
+def keep_history(logger: Any, earlier: list[Path], upto: int | None) -> None:
+    """A restart's history up to its checkpoint, written again; TensorBoard's earlier event files go (None: all)."""
+    # Lightning's CSVLogger starts metrics.csv anew; TensorBoard would show the earlier points past the checkpoint.
+    path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+    if upto is not None and path is not None and path.is_file() and path.stat().st_size <= 64 * MAX_BYTES:
         with open(path, newline="") as f:
             rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        # At the checkpoint's step only its epoch's end: not the next epoch's first train/loss, nor train_end/*.
         for row in rows:
             step = row.pop("step", math.inf)
-            if step == upto_step:
-                row = {k: v for k, v in row.items() if k != "train/loss" and not k.startswith("train_end/")}
-            if row and step <= upto_step:
+            if row := {k: v for k, v in row.items() if kept(step, k, upto)}:
                 logger.log_metrics(row, step=int(step))  # the writer (made now) has removed the file: written again
+    for file in earlier:  # a link, or a file past the bound, is left as it is
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        if not stat.S_ISREG((info := os.lstat(file)).st_mode) or info.st_size > 64 * MAX_BYTES:
+            continue
+        for event in map(Event.FromString, RawEventFileLoader(str(file)).Load()):  # a torn last record: skipped
+            values = [v for v in event.summary.value if v.HasField("simple_value") and kept(event.step, v.tag, upto)]
+            if values:  # scalars only: the graph, the HParams record and the layout are written anew
+                del event.summary.value[:]
+                event.summary.value.extend(values)
+                logger.experiment.file_writer.add_event(event)  # with its wall time
+        file.unlink()
+    if earlier:
+        logger.experiment.flush()
 
 
 @contextlib.contextmanager
@@ -235,20 +255,18 @@ def run(
             log.info("resume: %s already finished with this config; nothing to train", out)
             return done
         refuse_other_runs(out, cfg, lock_held=True)
+        ckpt, step = resume_point(out, cfg)
         # A bad logger argument is refused before anything else is written.
-        loggers = build_loggers(cfg.get("logger"), out, label)
+        loggers = build_loggers(cfg.get("logger"), out, label, step if ckpt else None)
         job_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir") if HydraConfig.initialized() else None
         if job_dir == str(out):  # a Hydra job's run
             write_job_files(out, cfg)
         dm = build_datamodule(cfg)
         model = build_model(cfg, dm)
-        ckpt, step = resume_point(out, cfg)
         bar = cfg.trainer.enable_progress_bar
         if bar is None:  # automatic: a long single run on a terminal
             steps = cfg.trainer.max_epochs * -(-cfg.data.num_examples // cfg.data.batch_size)
             bar = progress and sys.stderr.isatty() and steps >= PROGRESS_MIN_STEPS
-        if ckpt is not None:
-            keep_csv_history(loggers, step)
         trainer = build_trainer(cfg, out, run_callbacks(cfg, out, progress, in_sweep, bar), loggers, bar)
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
