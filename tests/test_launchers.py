@@ -1,6 +1,7 @@
 """The launchers through the CLI: a sweep's console, the same bits whichever runs a job, and workers that end with
 their sweep. `make test` runs one quick joblib sweep; the rest are `system` tests."""
 
+import csv
 import json
 import os
 import signal
@@ -137,3 +138,25 @@ def test_joblib_jobs_get_distinct_dirs_and_tensorboard_runs(joblib_sweep: Ran) -
     ]
     events = [sorted((sweep / j / "tensorboard").rglob("events.out.tfevents.*")) for j in "0123"]
     assert all(len(e) == 1 for e in events)  # one run each: no job wrote into another's TensorBoard dir
+
+
+def test_a_setting_the_launcher_refuses_is_one_line_and_leaves_no_dir(tmp_path):
+    proc = run_cli("--multirun", "model.lr=0.1,0.2", "hydra/launcher=joblib", "hydra.launcher.prefer=nope",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("error: hydra.launcher: ValueError: ")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.system
+def test_a_dead_worker_stops_the_sweep_with_the_table_of_what_finished(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # tests.user_classes for the workers
+    logger = "logger.csv._target_=tests.user_classes.SigkillCSVLogger"
+    proc = run_cli("--multirun", "model.lr=0.1,0.2", "data.num_examples=100", "trainer.max_epochs=1", "logger=csv",
+                   logger, *LAUNCHERS["joblib"], f"hydra.sweep.dir={sweep}", env=env)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    why = "stopped: its launcher failed: TerminatedWorkerError: "
+    assert proc.stderr.splitlines()[-1].startswith(f"error: sweep {sweep}: {why}")
+    with open(sweep / "results.csv", newline="") as f:
+        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "ok"), ("1", "missing")]

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,16 @@ class SigintCSVLogger(SigtermCSVLogger):
     """The same with a Ctrl-C (SIGINT): between two fits, or in a single run in a dir named 1 before its fit."""
 
     signum = signal.SIGINT
+
+
+class SigkillCSVLogger(CSVLogger):
+    """Lightning's CSV logger that kills its own worker (as the OOM killer would) for job 1, once job 0 is done."""
+
+    def __init__(self, save_dir: str, **kwargs: Any) -> None:
+        if Path(save_dir).name == "1":
+            for _ in range(600):
+                if (Path(save_dir).parent / "0" / "metrics.json").exists():
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().__init__(save_dir, **kwargs)

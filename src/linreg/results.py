@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from linreg.config import ConfigError, is_int, override_key, refuse
+from linreg.config import ConfigError, full_error, is_int, override_key, refuse
 from linreg.record import (
     FINISHED,
     CorruptRecord,
@@ -61,6 +61,11 @@ MAX_ROWS = 20_000  # rows kept, ~2 KB each
 def one_line(text: Any) -> str:
     """A message on one line (a traceback or multi-line error collapses)."""
     return " ".join(str(text).split())
+
+
+def first_line(err: Exception) -> str:
+    """An error's first line (submitit's errors go on with the job's log)."""
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
@@ -234,12 +239,23 @@ def announce(sweep_dir: Path, jobs: int | None) -> None:
     log.info(f"sweep: {n_jobs(jobs)} -> {sweep_dir}")
 
 
-def stopped(sweep_dir: Path, err: OSError | str) -> str:
-    """The line a sweep ends with when it cannot go on (a write failed, a SIGTERM): after the table of what finished."""
+def stopped(sweep_dir: Path, err: Exception | str) -> str:
+    """The line a sweep ends with when it cannot go on (a write or its launcher failed, a SIGTERM): after the table."""
     with contextlib.suppress(Exception):
         log.info(f"sweep: {summarize(sweep_dir)[0]}")
-    why = err if isinstance(err, str) else f"cannot write {err.filename or sweep_dir}: {err.strerror or err}"
+    why = err if isinstance(err, str) else f"its launcher failed: {type(err).__name__}: {first_line(err)}"
+    if isinstance(err, OSError):
+        why = f"cannot write {err.filename or sweep_dir}: {err.strerror or err}"
     return f"error: sweep {sweep_dir}: stopped: {why}; once it can, resume=true goes on"
+
+
+def launch_failed(sweep_dir: Path, err: Exception) -> NoReturn:
+    """A launch that raised (a dead worker, a timeout, a full disk): the table and one line; refused if no job began."""
+    if full_error():
+        raise err
+    if not isinstance(err, OSError) and not job_dirs(sweep_dir):  # a launcher setting it refuses: nothing is left
+        refuse(ConfigError("hydra.launcher", None, f"{type(err).__name__}: {first_line(err)}"))
+    raise SystemExit(stopped(sweep_dir, err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

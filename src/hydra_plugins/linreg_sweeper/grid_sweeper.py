@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from linreg.config import ConfigError, is_int, override_key, refusing
 from linreg.record import write_atomic
-from linreg.results import announce, stopped
+from linreg.results import announce, launch_failed
 
 Plain = list[Override]  # a job's plain `key=value` overrides
 KEPT = 32  # composed configs kept: a grid varies its first (group) keys slowest
@@ -169,14 +169,14 @@ class GridSweeper(Sweeper):
             raise SystemExit(f"error: cannot write {sweep_dir / 'multirun.yaml'}: {err.strerror or err}") from None
         announce(sweep_dir, len(jobs))
         returns = []
-        try:
-            for first in range(0, len(jobs), size):
+        for first in range(0, len(jobs), size):
+            try:
                 results = self.launcher.launch(jobs[first : first + size], initial_job_idx=first)
-                for result in results:
-                    _ = result.return_value  # re-raises a failed job's error, as Hydra's sweeper does
-                returns.append(results)
-        except OSError as err:  # a write under the sweep dir failed outside a job (a full disk): no traceback
-            raise SystemExit(stopped(sweep_dir, err)) from None
+            except Exception as err:  # outside a job: a full disk, a dead worker, a setting the launcher refuses
+                launch_failed(sweep_dir, err)
+            for result in results:
+                _ = result.return_value  # re-raises a failed job's error, as Hydra's sweeper does
+            returns.append(results)
         return returns
 
     def plan(self, arguments: list[str]) -> list[list[str]]:
