@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -56,7 +57,7 @@ class CheckConfig(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         one_report_per_write_error()
         HydraConfig.instance().set_config(config)  # as `run_job` does later: `${hydra:...}` values resolve now
-        with refusing():
+        with refusing(callback=True):
             check(config)
             if OmegaConf.select(config, "hydra.sweeper.params"):  # `sweep=tutorial` without -m: one run, silently
                 raise ConfigError("sweep", None, "a sweep preset: add -m (--multirun) to run its jobs")
@@ -68,7 +69,7 @@ class CheckConfig(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Values a sweep varies are each job's to check (a bad one is a failed row); the rest fail here, once.
         one_report_per_write_error()
-        with refusing():
+        with refusing(callback=True):
             slurm = "Slurm" in config.hydra.launcher._target_
             defaults = OmegaConf.create(asdict(TrainConfig(data=DataConfig(), trainer=TrainerConfig())))
             check(OmegaConf.merge(defaults, sweep_values(config)))
@@ -77,6 +78,7 @@ class CheckConfig(Callback):
             else:  # SLURM's nodes may have a GPU
                 check_swept_devices(config)
             within(LAUNCHER, OmegaConf.to_container(config.hydra.launcher, resolve=True), prefix="hydra.launcher.")
+            OmegaConf.to_container(config.hydra.sweeper, resolve=True)  # as Hydra makes it, next: `${oc.env:X}`
             own_sweep_dir(config, makeable(config, "hydra.sweep.dir"))
         # Workers on this machine (joblib, submitit_local) end when this process is gone; SLURM's outlive it.
         os.environ["LINREG_SWEEP_PID"] = "" if slurm else str(os.getpid())
@@ -120,7 +122,7 @@ def makeable(config: DictConfig, key: str) -> Path:
     """The run or sweep dir, made now (a refusal removes it again) with room for a run; else one line naming `key`."""
     try:
         path = Path(str(OmegaConf.select(config, key, throw_on_missing=True))).resolve()  # `x/..` is where it leads
-    except OmegaConfBaseException as err:  # `hydra.run.dir=${nope}`
+    except (OmegaConfBaseException, RuntimeError, OSError) as err:  # `hydra.run.dir=${nope}`, a loop of links
         raise ConfigError(key, None, f"cannot be resolved: {str(err).splitlines()[0]}") from None
     if missing := [p for p in (path, *path.parents) if not p.exists()]:
         NEW_DIRS.add(missing[-1])  # the outermost dir made now: a refusal removes its parents made with it too
@@ -145,6 +147,8 @@ def separate_job_dirs(config: DictConfig) -> None:
     if names[0] == names[1] or any(os.sep in n or n.startswith("..") for n in names) or hidden:
         why = "must give each job a dir of its own, one level down: ${hydra.job.num}, ${hydra.job.id}, "
         raise ConfigError("hydra.sweep.subdir", subdir, why + "${hydra.job.override_dirname} (exclude_keys: [resume])")
+    if "${now:" in subdir:  # a resume would look for its jobs in other dirs
+        raise ConfigError("hydra.sweep.subdir", subdir, "must name a job's dir the same in every run: no ${now:...}")
     if "override_dirname" in subdir:  # a `/` in what names the dir nests job dirs, or leaves the sweep dir (`../`)
         params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
         typed = [*OmegaConf.to_container(config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
@@ -218,7 +222,7 @@ def sweep_values(node: DictConfig) -> dict[str, Any]:
 def check_swept_devices(config: DictConfig) -> None:
     """A sweep with GPU jobs on a machine without one is refused before its first job."""
     typed = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
-    for o in OverridesParser.create().parse_overrides(typed):
+    for o in OverridesParser.create(GlobalHydra.instance().config_loader()).parse_overrides(typed):  # glob() too
         if override_key(o.get_key_element()) in ("trainer", "trainer.accelerator"):
             values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
             if set(values) & {"gpu", "cuda"} and not gpu_available():

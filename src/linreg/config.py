@@ -4,6 +4,7 @@ import contextlib
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,14 +121,21 @@ def discard_new_dirs() -> None:
 
 
 @contextlib.contextmanager
-def refusing() -> Iterator[None]:
-    """A ConfigError inside becomes `refuse`; Hydra's own errors pass, its dirs removed (it prints them)."""
+def refusing(callback: bool = False) -> Iterator[None]:
+    """A ConfigError inside becomes `refuse`; Hydra's own errors pass, its dirs removed (it prints them).
+
+    In a Hydra callback every error refuses: Hydra would make it a warning and go on with the checks skipped."""
     try:
         yield
     except Exception as err:
+        if callback and not isinstance(err, ConfigError):
+            if full_error():
+                traceback.print_exc()
+            why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            err = ConfigError(str(getattr(err, "full_key", "") or "config"), None, why)
         if not isinstance(err, ConfigError):
             discard_new_dirs()
-        elif not full_error():
+        elif not full_error() or callback:
             refuse(err)
         raise
 
