@@ -181,6 +181,17 @@ def test_resume_continues_to_the_same_numbers(make_cfg, tmp_path):
         train(make_cfg("data.num_examples=200", "trainer.max_epochs=2", "seed=1", "resume=true", run_dir=out))
 
 
+def test_a_resume_to_fewer_epochs_than_its_checkpoint_holds_is_refused_untouched(make_cfg):
+    cfg = make_cfg("data.num_examples=100", "trainer.max_epochs=2")
+    out = Path(cfg.hydra.run.dir)
+    train(cfg)
+    (out / "metrics.json").unlink()  # killed after its last checkpoint
+    before = snapshot(out)
+    with pytest.raises(RunDirBusy, match="the checkpoint in .* already has 2 epochs") as err:
+        train(make_cfg("data.num_examples=100", "trainer.max_epochs=1", "resume=true", run_dir=out))
+    assert err.value.key == "trainer.max_epochs" and snapshot(out) == before
+
+
 def test_an_unreadable_checkpoint_is_a_fresh_start(make_cfg, caplog):
     cfg = make_cfg(*SMALL)
     out = Path(cfg.hydra.run.dir)

@@ -188,6 +188,9 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
         return None, 0
     if state["linreg_config"] != resumable(identity(cfg)):  # the config saved with the weights decides
         raise RunDirBusy("hydra.run.dir", str(out), "holds a checkpoint of another config; use another dir")
+    if (done := int(state.get("epoch", 0)) + 1) > cfg.trainer.max_epochs:  # Lightning would fail, or record it wrong
+        why = f"the checkpoint in {out} already has {done} epochs; resume with at least as many"
+        raise RunDirBusy("trainer.max_epochs", cfg.trainer.max_epochs, why)
     log.info("resume: continuing %s from epoch %d", out, int(state.get("epoch", 0)) + 2)
     return ckpt, int(state.get("global_step", 0))
 
