@@ -162,6 +162,7 @@ def test_a_bad_job_in_a_later_batch_is_refused_before_the_first_batch_launches(h
     ("args", "line"),
     [
         (["model=glob(nosuch*)"], "error: model='glob(nosuch*)': matches nothing"),
+        (["seed=range(0,3,0)"], "error: seed='range(0,3,0)': range() arg 3 must not be zero"),
         (["hydra.sweeper.max_batch_size=0"], "error: hydra.sweeper.max_batch_size=0: must be a positive integer"),
     ],
 )

@@ -42,7 +42,10 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
         if not o.is_sweep_override():
             choices[key] = [f"{key}={o.get_value_element_as_str()}"]
         elif o.is_discrete_sweep():
-            choices[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
+            try:
+                choices[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
+            except ValueError as err:  # Python's `range` refuses a step of 0
+                raise ConfigError(key, typed, str(err)) from None
             if not choices[key]:
                 raise ConfigError(key, typed, "matches nothing: the grid has no jobs")
         else:
