@@ -54,7 +54,6 @@ def stop_run(signum: int, frame: FrameType | None) -> None:
         raise Stopped
     if signum == signal.SIGINT and not STOPPED_BY:  # a Ctrl-C in the fit, as a SIGTERM (not again from Lightning's)
         STOPPED_BY.append(signum)
-        logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").disabled = True  # "SIGTERM: 2"
         lightning(signum, frame)
 
 
@@ -81,6 +80,8 @@ def job(cfg: DictConfig, hc: DictConfig, out: Path) -> float:
         from linreg.results import read_plan, stopped
         from linreg.run import run
     one_report_per_write_error()  # in a sweep's worker process too
+    # Lightning's "Received SIGTERM" line, twice (its own handler, then Hydra's): the stop's own line says it.
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").disabled = True
     sweep = hc.mode == RunMode.MULTIRUN
     try:
         swept = read_plan(sweep_dir_of(hc))["swept"] if sweep else None  # a sweep's runs are named by what varies
