@@ -263,6 +263,8 @@ def test_a_progress_line_names_the_swept_values_the_outcome_and_a_meaningful_eta
     assert line == "[3/48 12s, ~3m00s left] model.lr=0.03: ok train_mse=0.25"
     assert progress_line(2, p, sweep / "0", ret([]), now=1012.0) == "[2/48 12s] defaults: ok train_mse=0.25"
     assert progress_line(3, p, sweep / "0", ret([]), now=1004.0).startswith("[3/48 4s] ")  # too soon to tell
+    line = progress_line(5, p, sweep / "0", ret([]), now=1012.0, before=2)  # 2 kept by a resume: 3 ran in 12 s
+    assert line.startswith("[5/48 12s, ~2m52s left] ")
     assert progress_line(1, p | {"started": 2e9}, sweep / "0", ret([])).endswith(" (done before)")  # kept on resume
     line = progress_line(3, p | {"jobs": None, "started": None}, sweep / "2", ret(["model.lr=0.1"]))
     assert line == "[3/?] model.lr=0.1: failed (boom at line 2) train_mse=n/a"

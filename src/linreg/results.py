@@ -324,7 +324,9 @@ def duration(seconds: float) -> str:
     return f"{round(s / 60)}m" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: float | None = None) -> str:
+def progress_line(
+    k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: float | None = None, before: int = 0
+) -> str:
     """The k-th finished job: `[3/48 12s, ~2m05s left] model=linear data.deg=2: ok train_mse=0.000101`."""
     given = [o for o in ret.overrides or [] if override_key(o) != "resume"]
     named = [o for o in given if override_key(o) in plan["swept"]] or given or ["defaults"]
@@ -345,10 +347,11 @@ def progress_line(k: int, plan: dict[str, Any], out: Path, ret: JobReturn, now: 
     if (started := plan["started"]) is not None:
         elapsed = (time.time() if now is None else now) - started
         clock = f" {duration(elapsed)}"
-        if total and 3 <= k < total and elapsed >= 5:  # before that the pace so far says nothing of what is left
-            clock += f", ~{duration(elapsed / k * (total - k))} left"
         with contextlib.suppress(OSError):  # finished before this sweep started: a resumed sweep kept it
             resumed = (out / "metrics.json").stat().st_mtime < started
+        ran = k - before - resumed  # the pace is of jobs run now (`before`: earlier lines kept by a resume)
+        if total and ran >= 3 and k < total and elapsed >= 5:  # before that the pace says nothing of what is left
+            clock += f", ~{duration(elapsed / ran * (total - k))} left"
     mse = f"{mse:.6g}" if is_number(mse) else "n/a"
     return f"[{k or '?'}/{total or '?'}{clock}] {' '.join(named)}: {status} train_mse={mse}{' (done before)' * resumed}"
 
@@ -378,7 +381,9 @@ class SweepResults(Callback):
             with open(sweep_dir / PROGRESS, "a+") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to one file; closing unlocks
                 f.seek(0)
-                line = progress_line(sum(1 for _ in f) + 1, plan, out, job_return)  # its finishing rank
+                lines = f.read().splitlines()
+                before = sum(line.endswith(" (done before)") for line in lines)
+                line = progress_line(len(lines) + 1, plan, out, job_return, before=before)  # its finishing rank
                 f.write(line + "\n")
         except OSError:  # a full disk: the console still has the line (the sweep's end says what was not written)
             line = line or progress_line(0, plan, out, job_return)
