@@ -28,6 +28,7 @@ def test_hydra_refuses_what_the_schema_does_not_allow(make_cfg, override):
         ("data.batch_size=0", "data.batch_size"),
         ("data.deg=21", "data.deg"),
         ("data.delta=-1", "data.delta"),
+        ("data.delta=3e38", "data.delta"),  # its noise would overflow float32
         ("data.w=[]", "data.w"),
         ("data.w=[1e39,1]", "data.w"),
         ("data.w=[1]", "data.w"),

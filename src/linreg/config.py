@@ -166,7 +166,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "threads": (lambda v: 1 <= v <= 1024, "must be from 1 to 1024"),
     "data.num_examples": (lambda v: 0 < v < 2**63, "must be a positive integer"),
     "data.w": (lambda v: v and all(map(finite, v)), "must be a non-empty list of numbers that fit float32"),
-    "data.delta": (lambda v: finite(v) and v >= 0, "must be a finite number >= 0"),
+    "data.delta": (lambda v: finite(v) and 0 <= v <= FLOAT32_MAX / 16, "must be from 0 to 2.1e37 (noise fits float32)"),
     "data.deg": (lambda v: 1 <= v <= MAX_DEG, f"must be from 1 to {MAX_DEG} (higher powers overflow float32)"),
     "data.batch_size": (lambda v: 0 < v < 2**63, "must be a positive integer"),
     "data.batches_per_call": (lambda v: 0 < v < 2**63, "must be a positive integer"),
