@@ -234,8 +234,11 @@ def summarize(sweep_dir: Path) -> tuple[str, str | None]:
     return counts(rows) + where, f"error: sweep {sweep_dir}: {'; '.join(clauses)}" if clauses else None
 
 
-def announce(sweep_dir: Path, jobs: int | None) -> None:
-    """A sweep's first line, `sweep: 48 jobs -> DIR`, once its sweeper has taken the sweep (it refuses before)."""
+def announce(sweep_dir: Path, jobs: int | None, done: int = 0) -> None:
+    """A sweep's first line, `sweep: 48 jobs -> DIR`, once its sweeper has taken it; `done`: of them, run before."""
+    if done:  # a resumed study's trials: its progress lines count on from them
+        with contextlib.suppress(OSError):
+            write_json(sweep_dir / PLAN, read_plan(sweep_dir) | {"done": done})
     log.info(f"sweep: {n_jobs(jobs)} -> {sweep_dir}")
 
 
@@ -307,9 +310,10 @@ def read_plan(sweep_dir: Path) -> dict[str, Any]:
     """What `on_multirun_start` recorded; unknowns (None, no swept keys) when it is missing or untrusted."""
     plan = read_or_none(sweep_dir / PLAN)
     plan = plan if isinstance(plan, dict) else {}
-    jobs, swept, started = plan.get("jobs"), plan.get("swept"), plan.get("started")
+    jobs, swept, started, done = plan.get("jobs"), plan.get("swept"), plan.get("started"), plan.get("done")
     return {
         "jobs": jobs if is_int(jobs) and 0 <= jobs <= MAX_JOBS else None,
+        "done": done if is_int(done) and 0 <= done <= MAX_JOBS else 0,
         "grid": plan.get("grid") is True,
         "swept": swept if isinstance(swept, list) and all(isinstance(k, str) for k in swept) else [],
         "started": started if is_number(started) else None,
@@ -382,8 +386,8 @@ class SweepResults(Callback):
                 fcntl.flock(f, fcntl.LOCK_EX)  # parallel jobs (joblib, submitit) append to one file; closing unlocks
                 f.seek(0)
                 lines = f.read().splitlines()
-                before = sum(line.endswith(" (done before)") for line in lines)
-                line = progress_line(len(lines) + 1, plan, out, job_return, before=before)  # its finishing rank
+                before = plan["done"] + sum(line.endswith(" (done before)") for line in lines)
+                line = progress_line(plan["done"] + len(lines) + 1, plan, out, job_return, before=before)
                 f.write(line + "\n")
         except OSError:  # a full disk: the console still has the line (the sweep's end says what was not written)
             line = line or progress_line(0, plan, out, job_return)
