@@ -149,11 +149,13 @@ def test_an_evaluation_sweep_whose_jobs_would_share_a_dir_is_refused(tmp_path, c
     assert "hydra.sweep.subdir='same': must give each job a dir of its own" in capsys.readouterr().err
 
 
-def test_a_refused_job_of_an_evaluation_sweep_keeps_the_finished_ones(trained, tmp_path):
+def test_a_bad_swept_value_fails_its_job_and_the_others_run(trained, tmp_path):
     sweep = tmp_path / "ev"
-    proc = evaluate("--multirun", f"ckpt_path={trained}", "data_seed=7,420", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 2 and "data_seed=420: is the training seed" in proc.stderr
-    assert json.loads((sweep / "0" / "eval.json").read_text())["data_seed"] == 7
+    proc = evaluate("--multirun", f"ckpt_path={trained}", "data_seed=7,420,8", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1 and "error: job 1: data_seed=420: is the training seed" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"error: evaluation sweep {sweep}: #1 failed (see above)"
+    assert [json.loads((sweep / j / "eval.json").read_text())["data_seed"] for j in "02"] == [7, 8]
+    assert not (sweep / "1").exists()  # nothing left for the job that failed
 
 
 THEIRS = "holds a training run or a sweep; give the evaluation its own dir"

@@ -63,9 +63,13 @@ def test_the_tutorial_grid_is_lr_by_batch_size_in_a_panel_per_model_deg_and_delt
 def test_jobs_without_a_result_are_marked_along_the_top_and_tiny_gaps_drawn_at_the_clamp():
     rows = [row(0, gap=-1e-12, model__lr=0.03), row(1, "diverged", model__lr=100)]
     rows += [row(2, "failed", model__lr=0.1), row(3, "missing", model__lr=1), row(4, "corrupt")]
-    (ax,) = panels(mse_figure(rows, ["model.lr"]))
-    top = {line.get_marker(): list(line.get_xdata()) for line in ax.lines if line.get_marker() in ("x", "s")}
-    assert top == {"x": [100], "s": [0.1, 1]}
+    rows += [row(5, "pruned", model__lr=0.01)]  # an Optuna trial its pruner stopped: marked as such, not a failure
+    fig = mse_figure(rows, ["model.lr"])
+    (ax,) = panels(fig)
+    top = {line.get_marker(): list(line.get_xdata()) for line in ax.lines if line.get_marker() in ("x", "v", "s")}
+    assert top == {"x": [100], "v": [0.01], "s": [0.1, 1]}
+    legend = {h.get_marker(): t.get_text() for h, t in zip(fig.legends[0].legend_handles, fig.legends[0].get_texts())}
+    assert legend["v"] == "pruned" and legend["s"] == "failed / missing / corrupt"
     assert [list(line.get_ydata()) for line in ax.lines if line.get_marker() == "o"] == [[GAP_FLOOR]]
     assert "1 jobs not drawn (their settings are unknown)" in mse_figure(rows, ["model.lr"]).get_suptitle()
 
@@ -142,6 +146,20 @@ def test_titles_legends_and_labels_stay_inside_the_figure(figure, sweep):
     drawn, page = fig.get_tightbbox(), fig.bbox_inches  # everything drawn, in inches, against the page
     assert page.x0 <= drawn.x0 and drawn.x1 <= page.x1 and page.y0 <= drawn.y0 and drawn.y1 <= page.y1
     boxes = [fig.legends[0].get_window_extent(), *(ax.get_tightbbox() for ax in panels(fig))]  # each with its labels
+    assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
+
+
+@pytest.mark.parametrize("figure", [mse_figure, weights_figure])
+def test_sampled_values_are_ticked_readably(figure):
+    rows = [row(i, gap=0.1, model__lr=0.006051920355612678 * 1.37**i) for i in range(6)]  # an Optuna search's lr
+    fig = figure(rows, ["model.lr"])
+    FigureCanvasAgg(fig).draw()
+    ax = panels(fig)[-1]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+    ticks = [t for t in ticks if lo <= t.get_position()[0] <= hi]  # those drawn
+    assert ticks and all(len(t.get_text().strip("$")) <= 12 for t in ticks)  # not 0.006051920355612678
+    boxes = [t.get_window_extent() for t in ticks]
     assert not [(a, b) for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
 
 

@@ -187,8 +187,9 @@ def test_a_table_that_cannot_be_written_is_not_pointed_to(sweep, monkeypatch, ca
     [
         (lambda d: None, "no such directory"),
         (lambda d: d.write_text("x"), "not a directory"),
-        (lambda d: d.mkdir(), "not a sweep dir (no sweep plan or multirun.yaml)"),
-        (lambda d: job(d, "2026-01-01_10-00-00", [], {}), "not a sweep dir"),  # outputs/runs: single runs
+        (lambda d: d.mkdir(), "not a training sweep's dir (no sweep plan, nor a multirun.yaml of linreg.train)"),
+        (lambda d: job(d, "2026-01-01_10-00-00", [], {}), "not a training sweep's dir"),  # outputs/runs: single runs
+        (lambda d: job(d, 0, []).with_name("multirun.yaml").write_text("ckpt_path: x\n"), "not a training sweep's"),
     ],
 )
 def test_the_cli_refuses_what_is_no_sweep_dir_in_one_line_and_writes_nothing(tmp_path, capsys, make, why):

@@ -4,6 +4,7 @@ import fcntl
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,8 @@ def test_resume_skips_finished_jobs_and_a_locked_dir_is_refused(runs, tmp_path):
     hparams.unlink()
     hparams.symlink_to(tmp_path / "precious.txt")  # a link there is neither followed nor replaced
     (tmp_path / "precious.txt").write_text("mine\n")
+    shutil.copytree(runs["basic"][0] / "6" / "checkpoints", vec / "6" / "checkpoints")  # the killed attempt's
+    (vec / "6" / "checkpoints" / "link.ckpt").symlink_to(tmp_path / "precious.txt")
     busy = vec / "7"  # another run's dir, in use: nothing may be written there
     for p in sorted(busy.rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
@@ -136,6 +139,7 @@ def test_resume_skips_finished_jobs_and_a_locked_dir_is_refused(runs, tmp_path):
     assert sorted(p.name for p in busy.iterdir()) == [".lock", "notes.txt"]
     assert "job refused: hydra.run.dir=" in proc.stdout + proc.stderr
     assert hparams.is_symlink() and (tmp_path / "precious.txt").read_text() == "mine\n"
+    assert not (vec / "6" / "checkpoints").exists()  # retrained from scratch: no earlier model passes for it
     same_runs(records(vec)["6"], records(runs["basic"][0])["6"])
     assert len(list(hparams.parent.glob("events.out.tfevents.*"))) == 1  # the retrained run's, not both attempts'
 

@@ -1,5 +1,6 @@
 """`python -m linreg.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt`: its MSE on held-out and training data."""
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
@@ -18,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from linreg.checks import makeable, own_dir, separate_job_dirs
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
 from linreg.record import finite_or_none, model_name, read_or_none, write_job_files, write_json
+
+SWEEP: dict[str, Any] = {}  # the sweep's process (pid) and its jobs that failed there (the basic launcher's)
 
 
 class Inputs(NamedTuple):
@@ -137,6 +141,12 @@ class CheckInputs(Callback):
         with refusing():  # before Hydra's sweeper writes multirun.yaml there
             separate_job_dirs(config)
             own_eval_dir(makeable(config, "hydra.sweep.dir"), "hydra.sweep.dir", sweep=True)
+        SWEEP.update(pid=os.getpid(), failed=[])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if failed := SWEEP.get("failed"):  # each said why in its own line
+            jobs = f"#{failed[0]}" if len(failed) == 1 else "jobs " + ", ".join(map(str, failed))
+            raise SystemExit(f"error: evaluation sweep {config.hydra.sweep.dir}: {jobs} failed (see above)")
 
 
 def own_eval_dir(out: Path, key: str, sweep: bool = False) -> None:
@@ -149,6 +159,21 @@ def own_eval_dir(out: Path, key: str, sweep: bool = False) -> None:
     own_dir(out, key, ("multirun.yaml",) if sweep else (".hydra", "eval.json"), ())
 
 
+class JobFailed(CompactHydraException):
+    """A sweep's job that could not evaluate, in a launcher's worker: Hydra prints it and the sweep exits 1."""
+
+
+def failed_job(num: int, out: Path, why: str) -> float:
+    """A sweep's job that cannot evaluate: its error line; the other jobs run, and the sweep exits 1 at its end."""
+    with contextlib.suppress(OSError):
+        out.rmdir()  # the empty dir Hydra made for it
+    print(f"error: job {num}: {why}", file=sys.stderr)
+    if SWEEP.get("pid") != os.getpid():  # another process's job (joblib, submitit): Hydra's failed job, exit 1
+        raise JobFailed(f"error: job {num}: {why}")
+    SWEEP["failed"].append(num)
+    return math.inf
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.evaluate ckpt_path=PATH [data_seed=N] [num_examples=N]`."""
@@ -158,16 +183,23 @@ def main(cfg: DictConfig) -> float:
         import linreg.run  # noqa: F401  # what evaluate() imports: Lightning's seconds
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
     try:
         inputs = check_inputs(cfg)
         # Each job's dir, a sweep's too: Hydra writes nothing there first (hydra.output_subdir: null).
-        own_eval_dir(out, "hydra.sweep.subdir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir")
+        own_eval_dir(out, "hydra.sweep.subdir" if sweep else "hydra.run.dir")
+        (out / "eval.json").unlink(missing_ok=True)  # an earlier evaluation's: never beside this one's files
         write_job_files(out, cfg)
         result = evaluate(inputs, out)
-    except ConfigError as err:  # a sweep's job (no on_run_start there), or a file changed since the check
-        refuse(err)
-    except OSError as err:  # a full disk, a read-only dir
-        print(f"error: cannot write {err.filename or out}: {err.strerror or err}", file=sys.stderr)
+    except (ConfigError, OSError) as err:  # a sweep's job (no on_run_start there), a full disk, a file changed since
+        why = str(err) if isinstance(err, ConfigError) else f"cannot write {err.filename or out}: {err.strerror or err}"
+        if sweep:  # linreg.evaluate's, whose SWEEP its callback holds (under `python -m` this module is __main__)
+            from linreg.evaluate import failed_job
+
+            return failed_job(hc.job.num, out, why)
+        if isinstance(err, ConfigError):
+            refuse(err)
+        print(f"error: {why}", file=sys.stderr)
         sys.exit(1)
     shown = " ".join(f"{k}={'null' if result[k] is None else f'{result[k]:.6g}'}" for k in ("heldout_mse", "train_mse"))
     print(f"eval: {result['model']} {shown} -> {out / 'eval.json'}")

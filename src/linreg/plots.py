@@ -83,7 +83,8 @@ def figure(rows: list[Row], x: str, panels: int, ylabel: str, sharey: bool) -> t
     if log_x:
         axes[0].set_xscale("log")
         axes[0].xaxis.set_major_formatter("{x:g}")  # 0.01, not 10^-2
-    if len(pos) <= MAX_TICKS:
+    typed = all(num(v) is None or float(f"{num(v):.4g}") == num(v) for v in pos)  # a grid's, not sampled values
+    if len(pos) <= MAX_TICKS and typed:  # else matplotlib's own ticks: sampled values would overprint
         axes[0].set_xticks(list(pos.values()), [str(v) for v in pos])  # type: ignore[arg-type]
         axes[0].xaxis.set_minor_locator(NullLocator())
     return fig, axes[:panels], lambda i, n: {v: p * 1.1 ** (i - (n - 1) / 2) if log_x else p for v, p in pos.items()}
@@ -133,6 +134,8 @@ def mse_figure(rows: list[Row], swept: list[str]) -> Figure:
         Line2D([], [], color="k", marker="x", ls="", label="diverged"),
         Line2D([], [], color="k", marker="s", mfc="none", ls="", label="failed / missing / corrupt"),
     ]
+    if any(r["status"] == "pruned" for r in rows):  # an Optuna search's trials its pruner stopped: no failure
+        handles.insert(-1, Line2D([], [], color="k", marker="v", mfc="none", ls="", label="pruned"))
     fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     notes = [f"a dot a job, lines through the medians, gaps below {GAP_FLOOR:g} drawn at it"]
     notes += [f"{len(shown)} of {len(groups)} panels shown (results.md has every job)"] * (len(groups) > len(shown))
@@ -145,12 +148,12 @@ def mse_figure(rows: list[Row], swept: list[str]) -> Figure:
 def draw_jobs(ax: Any, rows: list[Row], pos: dict[Any, float], x: str, colour: str) -> list[float]:
     """A dot per ok job, a line through the medians, a marker along the top per job without a gap; the gaps."""
     points: dict[float, list[float]] = {}
-    marks: dict[str, list[float]] = {"x": [], "s": []}  # diverged; failed, missing or corrupt
+    marks: dict[str, list[float]] = {"x": [], "v": [], "s": []}  # diverged; pruned; failed, missing or corrupt
     for r in rows:
         if r["status"] == "ok" and (gap := num(r["gap"])) is not None:
             points.setdefault(pos[value_of(r, x)], []).append(max(gap, GAP_FLOOR))
         else:
-            marks["x" if r["status"] == "diverged" else "s"].append(pos[value_of(r, x)])
+            marks[{"diverged": "x", "pruned": "v"}.get(r["status"], "s")].append(pos[value_of(r, x)])
     for marker, xs in marks.items():  # x in data, y in axes fractions
         ax.plot(xs, [0.95] * len(xs), marker, color=colour, mfc="none", ls="", transform=ax.get_xaxis_transform())
     xs = sorted(points)

@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     d = parser.parse_args(argv).sweep_dir
     try:
         why = "no such directory" if not d.exists() else "not a directory" if not d.is_dir() else None
-        if not why and not ((d / PLAN).is_file() or (d / "multirun.yaml").is_file()):
-            why = "not a sweep dir (no sweep plan or multirun.yaml)"  # e.g. a dir of single runs
+        hydra = None if why else read_or_none(d / "multirun.yaml")  # Hydra's record of the sweep: train's has a model
+        if not why and not ((d / PLAN).is_file() or (isinstance(hydra, dict) and "model" in hydra)):
+            why = "not a training sweep's dir (no sweep plan, nor a multirun.yaml of linreg.train)"  # e.g. evaluate -m
         if not why and is_locked(d):  # the sweep writes its own table when it ends
             why = "a sweep is still running there (it holds .lock); its table is written when it ends"
     except OSError as err:

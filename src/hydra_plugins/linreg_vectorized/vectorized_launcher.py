@@ -18,6 +18,7 @@ import math
 import os
 import re
 import resource
+import shutil
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -317,6 +318,7 @@ class VectorizedLauncher(Launcher):
         try:
             if isinstance(result, Exception):
                 raise result
+            drop_checkpoints(job.out)  # trained from scratch: an earlier attempt's checkpoint is not this model
             # The name its single run's TensorBoard run has (linreg.train.main): the swept keys' values.
             result.write(job.out, run_label(list(config.hydra.overrides.task), self.swept))
         except Exception as err:
@@ -332,6 +334,15 @@ class VectorizedLauncher(Launcher):
         config = job.config or self.compose(job)  # its output_dir set: where its row is looked for
         HydraConfig.instance().cfg = config  # as `run_job` leaves it
         return self.around(config, lambda: job_log.error("job refused: %s", err) or math.inf)
+
+
+def drop_checkpoints(out: Path) -> None:
+    """Remove `out/checkpoints` (a stacked member writes none), never following a link."""
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and not ckpts.is_symlink():
+        shutil.rmtree(ckpts)  # unlinks the links inside, never their targets
+    elif os.path.lexists(ckpts):
+        ckpts.unlink()
 
 
 def whole(config: DictConfig) -> tuple[str, str]:
