@@ -132,13 +132,13 @@ class CheckInputs(Callback):
     """Refuses bad input before Hydra makes the run dir, or a sweep's: a refused command leaves nothing."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with refusing(), naming_key():
+        with refusing(callback=True), naming_key():
             OmegaConf.merge(OmegaConf.structured(EvaluateConfig), plain(config))  # `+key=...` too
             check_inputs(config)
             makeable(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        with refusing():  # before Hydra's sweeper writes multirun.yaml there
+        with refusing(callback=True):  # before Hydra's sweeper writes multirun.yaml there
             separate_job_dirs(config)
             own_eval_dir(makeable(config, "hydra.sweep.dir"), "hydra.sweep.dir", sweep=True)
         SWEEP.update(pid=os.getpid(), failed=[])
