@@ -501,3 +501,16 @@ def test_a_database_that_fails_mid_sweep_leaves_no_trial_running(tmp_path):
         sweep.sweep([])
     states = [t.state.name for t in trials_of(f"sqlite:///{tmp_path / 's' / 'optuna.db'}", "linreg")]
     assert states.count("COMPLETE") == 2 and "RUNNING" not in states
+
+
+# ---------------------------------------------------------------- edge cases users met
+
+
+def test_a_launch_that_raises_is_one_line_and_leaves_no_trial_running(tmp_path):
+    """A setting the launcher refuses (as a dead worker or a timeout, it raises in `launch`): refused, study settled."""
+    url = db_url(tmp_path)  # outside the sweep dir, which the refusal removes
+    args = ["hydra/launcher=joblib", "hydra.launcher.prefer=nope", f"hydra.sweeper.storage={url}", *SMALL]
+    proc = run_cli(*optuna_sweep(tmp_path / "sweep", *args))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("error: hydra.launcher: ValueError: ")
+    assert not (tmp_path / "sweep").exists() and [t.state for t in trials_of(url)] == [TrialState.FAIL]

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
 from linreg.config import ConfigError
 from linreg.record import write_atomic
-from linreg.results import announce, stopped, summarize
+from linreg.results import announce, launch_failed, stopped, summarize
 
 from .optuna_sweeper import OptunaConfig
 
@@ -293,7 +293,13 @@ class StudySweep:
         returns: list[JobReturn] = []
         for _, run in itertools.groupby(enumerate(jobs), key=lambda p: p[1][0] - p[0]):  # consecutive numbers
             run_jobs = [job for _, job in run]
-            returns += self.launcher.launch([o for _, o in run_jobs], initial_job_idx=run_jobs[0][0])
+            try:
+                returns += self.launcher.launch([o for _, o in run_jobs], initial_job_idx=run_jobs[0][0])
+            except optuna.exceptions.StorageInternalError:
+                raise  # the database's failure (a vectorized launch reports to it): the sweep's to report
+            except Exception as err:  # outside a job: a dead worker, a timeout, a setting the launcher refuses
+                self.fail_running(study)
+                launch_failed(self.sweep_dir, err)
         failures, pruned = [], {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}
         for (number, _), ret in zip(jobs, returns):
             value, why = outcome(ret, self.direction)
