@@ -4,6 +4,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -514,3 +515,13 @@ def test_a_launch_that_raises_is_one_line_and_leaves_no_trial_running(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1].startswith("error: hydra.launcher: ValueError: ")
     assert not (tmp_path / "sweep").exists() and [t.state for t in trials_of(url)] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize("changed", ["choice(1, 2)", "interval(1, 4)"])
+def test_a_shared_study_refuses_another_search_space_before_any_trial(tmp_path, changed):
+    keys = {"storage": db_url(tmp_path), "n_trials": 2}
+    study_sweep(tmp_path / "a", ScriptedLauncher(), **keys).sweep([])
+    launcher = ScriptedLauncher()
+    with pytest.raises(ConfigError, match=rf"^model.lr='{re.escape(changed)}': study 'linreg' in .* searched Categ"):
+        study_sweep(tmp_path / "b", launcher, **keys).sweep([f"model.lr={changed}"])
+    assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.COMPLETE] * 2

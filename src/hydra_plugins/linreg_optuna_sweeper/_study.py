@@ -60,6 +60,7 @@ class Space:
     distributions: dict[str, BaseDistribution]
     texts: dict[str, set[str]]  # key -> Hydra's text of each list or dict choice (Optuna holds only scalars)
     fixed: list[str]
+    given: dict[str, str]  # key -> its sweep as the user wrote it, for errors
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """A trial's job overrides: its sampled params, then the fixed overrides."""
@@ -98,7 +99,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
     """The sweeper's `params`, then the command line's overrides (which win), as a Space."""
     parsed = [parse(f"{k}={v}", f"hydra.sweeper.params.{k}", v) for k, v in params.items()]
     parsed += [parse(line, line, line) for line in arguments]
-    space = Space({}, {}, [])
+    space = Space({}, {}, [], {})
     fixed: dict[str, str] = {}
     for o in parsed:
         key = o.get_key_element()
@@ -107,10 +108,11 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
         if not o.is_sweep_override():
             fixed[key] = str(o.input_line)
             continue
+        space.given[key] = str(o.input_line).partition("=")[2]
         try:
             space.distributions[key], space.texts[key] = distribution(o)
         except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step; or a glob
-            raise ConfigError(key, str(o.input_line).partition("=")[2], str(err)) from None
+            raise ConfigError(key, space.given[key], str(err)) from None
     space.fixed = list(fixed.values())
     return space
 
@@ -234,7 +236,15 @@ class StudySweep:
         """Re-run this dir's trials a kill left running, then ask, run and tell until the study has `n_trials`."""
         space = search_space(self.params, arguments)
         study = self.open_study()
-        there = counted(settled(study))
+        trials = settled(study)
+        held = {k: d for t in trials for k, d in t.distributions.items()}  # Optuna refuses another for a key at ask
+        for key in sorted(held.keys() & space.distributions.keys()):
+            try:
+                optuna.distributions.check_distribution_compatibility(held[key], space.distributions[key])
+            except ValueError as err:
+                why = f"study {self.study_name!r} in {shown(self.storage)} searched {held[key]}: {err}"
+                raise ConfigError(key, space.given[key], why) from None
+        there = counted(trials)
         if there:  # a study this sweep goes on with (of a new one, the sweep's header says enough)
             log.info(f"Optuna study {self.study_name!r} in {shown(self.storage)}: {there} of {self.n_trials} there")
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
