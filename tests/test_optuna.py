@@ -139,6 +139,7 @@ def study_sweep(sweep: Path, launcher: Launcher, resume: bool = False, **keys) -
         ({"max_failure_rate": 2}, [], "hydra.sweeper.max_failure_rate=2: must be from 0 to 1"),
         ({"storage": "nope"}, [], "hydra.sweeper.storage='nope': cannot be opened"),
         ({}, ["model.lr=interval(1,0)"], "model.lr='interval(1,0)': "),
+        ({}, ["model.lr=interval(nan,1)"], "model.lr='interval(nan,1)': its bounds and step must be finite"),
         ({"params": {"lr": "interval("}}, [], "hydra.sweeper.params.lr='interval(': not a Hydra override"),
         ({"sampler": {"_target_": "optuna.Nope"}}, [], "hydra.sweeper.sampler='optuna.Nope': cannot be made"),
         ({"pruner": {"_target_": "optuna.samplers.RandomSampler"}}, [], "hydra.sweeper.pruner='optuna.samplers"),
@@ -525,3 +526,11 @@ def test_a_shared_study_refuses_another_search_space_before_any_trial(tmp_path, 
     with pytest.raises(ConfigError, match=rf"^model.lr='{re.escape(changed)}': study 'linreg' in .* searched Categ"):
         study_sweep(tmp_path / "b", launcher, **keys).sweep([f"model.lr={changed}"])
     assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.COMPLETE] * 2
+
+
+def test_a_sampler_that_cannot_draw_the_space_is_refused_and_its_trial_failed(tmp_path):
+    brute = {"_target_": "optuna.samplers.BruteForceSampler"}  # needs a step for a float interval
+    launcher = ScriptedLauncher()
+    with pytest.raises(ConfigError, match="^hydra.sweeper.sampler='optuna.samplers.BruteForceSampler': cannot draw"):
+        study_sweep(tmp_path, launcher, sampler=brute).sweep(["model.lr=interval(1, 4)"])
+    assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.FAIL]

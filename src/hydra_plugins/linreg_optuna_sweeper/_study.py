@@ -80,11 +80,15 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
     if isinstance(sweep, RangeSweep):
         floats = any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step))
         kind = FloatDistribution if floats else IntDistribution
-        return kind(sweep.start, sweep.stop, step=sweep.step), set()
-    if isinstance(sweep, IntervalSweep):
+        made = kind(sweep.start, sweep.stop, step=sweep.step)
+    elif isinstance(sweep, IntervalSweep):
         kind = IntDistribution if isinstance(sweep.start, int) and isinstance(sweep.end, int) else FloatDistribution
-        return kind(sweep.start, sweep.end, log="log" in sweep.tags), set()
-    raise ValueError("a sweep must be choice, range or interval")
+        made = kind(sweep.start, sweep.end, log="log" in sweep.tags)
+    else:
+        raise ValueError("a sweep must be choice, range or interval")
+    if not all(math.isfinite(v) for v in (made.low, made.high, made.step or 1)):  # Optuna takes them, then overflows
+        raise ValueError("its bounds and step must be finite numbers")
+    return made, set()
 
 
 def parse(line: str, key: str, value: str) -> Override:
@@ -117,15 +121,17 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
     return space
 
 
-class SeedPerTrial(Proxy):
-    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point."""
+class Sampler(Proxy):
+    """The sampler, noting the trial it begins; if seeded, made anew per trial, seeded `seed + trial number`."""
 
-    def __init__(self, config: dict[str, Any], seed: int) -> None:
-        super().__init__(make("sampler", config, BaseSampler, seed=seed))
-        self.config, self.seed = config, seed
+    def __init__(self, config: dict[str, Any], seed: int | None) -> None:
+        super().__init__(make("sampler", config, BaseSampler, **({} if seed is None else {"seed": seed})))
+        self.config, self.seed, self.trial = config, seed, None
 
     def before_trial(self, study: Any, trial: Any) -> None:
-        self.inner = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
+        self.trial = trial.number  # Optuna's first call once it has made a trial: the one a failed ask leaves
+        if self.seed is not None:
+            self.inner = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
         self.inner.before_trial(study, trial)
 
 
@@ -211,7 +217,7 @@ class StudySweep:
     def open_study(self) -> optuna.Study:
         """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
         config, seed = self.sampler_config, self.seed  # made here: a bad sampler is refused before any trial
-        sampler = make("sampler", config, BaseSampler) if seed is None else SeedPerTrial(config, seed)
+        sampler = Sampler(config, seed)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
         # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
         engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
@@ -282,7 +288,17 @@ class StudySweep:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
         jobs: list[Job] = []
         while len(jobs) < self.n_jobs and counted(settled(study)) < self.n_trials:
-            trial = study.ask(space.distributions)
+            study.sampler.trial = None
+            try:
+                trial = study.ask(space.distributions)
+            except optuna.exceptions.StorageInternalError:
+                raise  # the database's failure: the sweep's to report
+            except Exception as err:  # a sampler that cannot draw the space (BruteForceSampler of an interval)
+                if study.sampler.trial is not None:  # no trial left RUNNING (told even if the sampler raises again)
+                    with contextlib.suppress(Exception):
+                        study.tell(study.sampler.trial, state=TrialState.FAIL, skip_if_finished=True)
+                why = f"cannot draw the search space: {type(err).__name__}: {err}"
+                raise ConfigError("hydra.sweeper.sampler", self.sampler_config.get("_target_"), why) from None
             if counted(t for t in study.get_trials(deepcopy=False) if t.number < trial.number) >= self.n_trials:
                 trial.set_user_attr(NOT_RUN, f"another sweep filled the study to n_trials={self.n_trials} first")
                 study.tell(trial, state=TrialState.FAIL)
