@@ -534,3 +534,19 @@ def test_a_sampler_that_cannot_draw_the_space_is_refused_and_its_trial_failed(tm
     with pytest.raises(ConfigError, match="^hydra.sweeper.sampler='optuna.samplers.BruteForceSampler': cannot draw"):
         study_sweep(tmp_path, launcher, sampler=brute).sweep(["model.lr=interval(1, 4)"])
     assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.FAIL]
+
+
+def test_params_given_whole_to_the_plain_sweeper_compose_or_get_hydras_hint():
+    """`hydra/sweeper=optuna` (no preset) takes its search space as one dict override, added as Hydra adds keys."""
+    from hydra.errors import ConfigCompositionException
+
+    from linreg.train import CONFIG_DIR
+
+    params = 'hydra.sweeper.params={model.lr:"tag(log, interval(0.01, 0.1))"}'
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose("train", overrides=["hydra/sweeper=optuna", f"+{params}"], return_hydra_config=True)
+        with pytest.raises(ConfigCompositionException, match=re.escape(f"To append to your config use +{params}")):
+            compose("train", overrides=["hydra/sweeper=optuna", params], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert config.hydra.sweeper.params == {"model.lr": "tag(log, interval(0.01, 0.1))"}
