@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import optuna
@@ -550,3 +551,16 @@ def test_params_given_whole_to_the_plain_sweeper_compose_or_get_hydras_hint():
             compose("train", overrides=["hydra/sweeper=optuna", params], return_hydra_config=True)
     GlobalHydra.instance().clear()
     assert config.hydra.sweeper.params == {"model.lr": "tag(log, interval(0.01, 0.1))"}
+
+
+def test_an_epoch_reported_again_is_kept_as_first_reported_without_a_warning(tmp_path):
+    """A resumed vectorized sweep retrains a member from its start: its trial already holds those epochs."""
+    from linreg.callbacks import prune
+
+    study = optuna.create_study(study_name="linreg", storage=db_url(tmp_path))
+    number = study.ask().number
+    prune(study, study._storage, number, 1, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not prune(study, study._storage, number, 1, 0.7)
+    assert study.trials[number].intermediate_values == {1: 0.5}
