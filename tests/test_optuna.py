@@ -4,12 +4,14 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import optuna
@@ -138,6 +140,7 @@ def study_sweep(sweep: Path, launcher: Launcher, resume: bool = False, **keys) -
         ({"max_failure_rate": 2}, [], "hydra.sweeper.max_failure_rate=2: must be from 0 to 1"),
         ({"storage": "nope"}, [], "hydra.sweeper.storage='nope': cannot be opened"),
         ({}, ["model.lr=interval(1,0)"], "model.lr='interval(1,0)': "),
+        ({}, ["model.lr=interval(nan,1)"], "model.lr='interval(nan,1)': its bounds and step must be finite"),
         ({"params": {"lr": "interval("}}, [], "hydra.sweeper.params.lr='interval(': not a Hydra override"),
         ({"sampler": {"_target_": "optuna.Nope"}}, [], "hydra.sweeper.sampler='optuna.Nope': cannot be made"),
         ({"pruner": {"_target_": "optuna.samplers.RandomSampler"}}, [], "hydra.sweeper.pruner='optuna.samplers"),
@@ -501,3 +504,63 @@ def test_a_database_that_fails_mid_sweep_leaves_no_trial_running(tmp_path):
         sweep.sweep([])
     states = [t.state.name for t in trials_of(f"sqlite:///{tmp_path / 's' / 'optuna.db'}", "linreg")]
     assert states.count("COMPLETE") == 2 and "RUNNING" not in states
+
+
+# ---------------------------------------------------------------- edge cases users met
+
+
+def test_a_launch_that_raises_is_one_line_and_leaves_no_trial_running(tmp_path):
+    """A setting the launcher refuses (as a dead worker or a timeout, it raises in `launch`): refused, study settled."""
+    url = db_url(tmp_path)  # outside the sweep dir, which the refusal removes
+    args = ["hydra/launcher=joblib", "hydra.launcher.prefer=nope", f"hydra.sweeper.storage={url}", *SMALL]
+    proc = run_cli(*optuna_sweep(tmp_path / "sweep", *args))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("error: hydra.launcher: ValueError: ")
+    assert not (tmp_path / "sweep").exists() and [t.state for t in trials_of(url)] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize("changed", ["choice(1, 2)", "interval(1, 4)"])
+def test_a_shared_study_refuses_another_search_space_before_any_trial(tmp_path, changed):
+    keys = {"storage": db_url(tmp_path), "n_trials": 2}
+    study_sweep(tmp_path / "a", ScriptedLauncher(), **keys).sweep([])
+    launcher = ScriptedLauncher()
+    with pytest.raises(ConfigError, match=rf"^model.lr='{re.escape(changed)}': study 'linreg' in .* searched Categ"):
+        study_sweep(tmp_path / "b", launcher, **keys).sweep([f"model.lr={changed}"])
+    assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.COMPLETE] * 2
+
+
+def test_a_sampler_that_cannot_draw_the_space_is_refused_and_its_trial_failed(tmp_path):
+    brute = {"_target_": "optuna.samplers.BruteForceSampler"}  # needs a step for a float interval
+    launcher = ScriptedLauncher()
+    with pytest.raises(ConfigError, match="^hydra.sweeper.sampler='optuna.samplers.BruteForceSampler': cannot draw"):
+        study_sweep(tmp_path, launcher, sampler=brute).sweep(["model.lr=interval(1, 4)"])
+    assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.FAIL]
+
+
+def test_params_given_whole_to_the_plain_sweeper_compose_or_get_hydras_hint():
+    """`hydra/sweeper=optuna` (no preset) takes its search space as one dict override, added as Hydra adds keys."""
+    from hydra.errors import ConfigCompositionException
+
+    from linreg.train import CONFIG_DIR
+
+    params = 'hydra.sweeper.params={model.lr:"tag(log, interval(0.01, 0.1))"}'
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose("train", overrides=["hydra/sweeper=optuna", f"+{params}"], return_hydra_config=True)
+        with pytest.raises(ConfigCompositionException, match=re.escape(f"To append to your config use +{params}")):
+            compose("train", overrides=["hydra/sweeper=optuna", params], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert config.hydra.sweeper.params == {"model.lr": "tag(log, interval(0.01, 0.1))"}
+
+
+def test_an_epoch_reported_again_is_kept_as_first_reported_without_a_warning(tmp_path):
+    """A resumed vectorized sweep retrains a member from its start: its trial already holds those epochs."""
+    from linreg.callbacks import prune
+
+    study = optuna.create_study(study_name="linreg", storage=db_url(tmp_path))
+    number = study.ask().number
+    prune(study, study._storage, number, 1, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not prune(study, study._storage, number, 1, 0.7)
+    assert study.trials[number].intermediate_values == {1: 0.5}

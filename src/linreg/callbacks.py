@@ -91,7 +91,8 @@ def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bo
 
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
     trial = Trial(study, trial_id)
-    trial.report(value, epoch)
+    if epoch not in storage.get_trial(trial_id).intermediate_values:  # a retrained member's: Optuna would warn
+        trial.report(value, epoch)
     if not trial.should_prune():
         return False
     study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)  # its value: the last one reported

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
 from linreg.config import ConfigError
 from linreg.record import write_atomic
-from linreg.results import announce, stopped, summarize
+from linreg.results import announce, launch_failed, stopped, summarize
 
 from .optuna_sweeper import OptunaConfig
 
@@ -60,6 +60,7 @@ class Space:
     distributions: dict[str, BaseDistribution]
     texts: dict[str, set[str]]  # key -> Hydra's text of each list or dict choice (Optuna holds only scalars)
     fixed: list[str]
+    given: dict[str, str]  # key -> its sweep as the user wrote it, for errors
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """A trial's job overrides: its sampled params, then the fixed overrides."""
@@ -79,11 +80,15 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
     if isinstance(sweep, RangeSweep):
         floats = any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step))
         kind = FloatDistribution if floats else IntDistribution
-        return kind(sweep.start, sweep.stop, step=sweep.step), set()
-    if isinstance(sweep, IntervalSweep):
+        made = kind(sweep.start, sweep.stop, step=sweep.step)
+    elif isinstance(sweep, IntervalSweep):
         kind = IntDistribution if isinstance(sweep.start, int) and isinstance(sweep.end, int) else FloatDistribution
-        return kind(sweep.start, sweep.end, log="log" in sweep.tags), set()
-    raise ValueError("a sweep must be choice, range or interval")
+        made = kind(sweep.start, sweep.end, log="log" in sweep.tags)
+    else:
+        raise ValueError("a sweep must be choice, range or interval")
+    if not all(math.isfinite(v) for v in (made.low, made.high, made.step or 1)):  # Optuna takes them, then overflows
+        raise ValueError("its bounds and step must be finite numbers")
+    return made, set()
 
 
 def parse(line: str, key: str, value: str) -> Override:
@@ -98,7 +103,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
     """The sweeper's `params`, then the command line's overrides (which win), as a Space."""
     parsed = [parse(f"{k}={v}", f"hydra.sweeper.params.{k}", v) for k, v in params.items()]
     parsed += [parse(line, line, line) for line in arguments]
-    space = Space({}, {}, [])
+    space = Space({}, {}, [], {})
     fixed: dict[str, str] = {}
     for o in parsed:
         key = o.get_key_element()
@@ -107,23 +112,26 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
         if not o.is_sweep_override():
             fixed[key] = str(o.input_line)
             continue
+        space.given[key] = str(o.input_line).partition("=")[2]
         try:
             space.distributions[key], space.texts[key] = distribution(o)
         except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step; or a glob
-            raise ConfigError(key, str(o.input_line).partition("=")[2], str(err)) from None
+            raise ConfigError(key, space.given[key], str(err)) from None
     space.fixed = list(fixed.values())
     return space
 
 
-class SeedPerTrial(Proxy):
-    """The sampler made anew for each trial, seeded `seed + trial number`: resumed or shared studies repeat no point."""
+class Sampler(Proxy):
+    """The sampler, noting the trial it begins; if seeded, made anew per trial, seeded `seed + trial number`."""
 
-    def __init__(self, config: dict[str, Any], seed: int) -> None:
-        super().__init__(make("sampler", config, BaseSampler, seed=seed))
-        self.config, self.seed = config, seed
+    def __init__(self, config: dict[str, Any], seed: int | None) -> None:
+        super().__init__(make("sampler", config, BaseSampler, **({} if seed is None else {"seed": seed})))
+        self.config, self.seed, self.trial = config, seed, None
 
     def before_trial(self, study: Any, trial: Any) -> None:
-        self.inner = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
+        self.trial = trial.number  # Optuna's first call once it has made a trial: the one a failed ask leaves
+        if self.seed is not None:
+            self.inner = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
         self.inner.before_trial(study, trial)
 
 
@@ -209,7 +217,7 @@ class StudySweep:
     def open_study(self) -> optuna.Study:
         """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
         config, seed = self.sampler_config, self.seed  # made here: a bad sampler is refused before any trial
-        sampler = make("sampler", config, BaseSampler) if seed is None else SeedPerTrial(config, seed)
+        sampler = Sampler(config, seed)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
         # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
         engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
@@ -234,7 +242,15 @@ class StudySweep:
         """Re-run this dir's trials a kill left running, then ask, run and tell until the study has `n_trials`."""
         space = search_space(self.params, arguments)
         study = self.open_study()
-        there = counted(settled(study))
+        trials = settled(study)
+        held = {k: d for t in trials for k, d in t.distributions.items()}  # Optuna refuses another for a key at ask
+        for key in sorted(held.keys() & space.distributions.keys()):
+            try:
+                optuna.distributions.check_distribution_compatibility(held[key], space.distributions[key])
+            except ValueError as err:
+                why = f"study {self.study_name!r} in {shown(self.storage)} searched {held[key]}: {err}"
+                raise ConfigError(key, space.given[key], why) from None
+        there = counted(trials)
         if there:  # a study this sweep goes on with (of a new one, the sweep's header says enough)
             log.info(f"Optuna study {self.study_name!r} in {shown(self.storage)}: {there} of {self.n_trials} there")
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -272,7 +288,17 @@ class StudySweep:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
         jobs: list[Job] = []
         while len(jobs) < self.n_jobs and counted(settled(study)) < self.n_trials:
-            trial = study.ask(space.distributions)
+            study.sampler.trial = None
+            try:
+                trial = study.ask(space.distributions)
+            except optuna.exceptions.StorageInternalError:
+                raise  # the database's failure: the sweep's to report
+            except Exception as err:  # a sampler that cannot draw the space (BruteForceSampler of an interval)
+                if study.sampler.trial is not None:  # no trial left RUNNING (told even if the sampler raises again)
+                    with contextlib.suppress(Exception):
+                        study.tell(study.sampler.trial, state=TrialState.FAIL, skip_if_finished=True)
+                why = f"cannot draw the search space: {type(err).__name__}: {err}"
+                raise ConfigError("hydra.sweeper.sampler", self.sampler_config.get("_target_"), why) from None
             if counted(t for t in study.get_trials(deepcopy=False) if t.number < trial.number) >= self.n_trials:
                 trial.set_user_attr(NOT_RUN, f"another sweep filled the study to n_trials={self.n_trials} first")
                 study.tell(trial, state=TrialState.FAIL)
@@ -293,7 +319,13 @@ class StudySweep:
         returns: list[JobReturn] = []
         for _, run in itertools.groupby(enumerate(jobs), key=lambda p: p[1][0] - p[0]):  # consecutive numbers
             run_jobs = [job for _, job in run]
-            returns += self.launcher.launch([o for _, o in run_jobs], initial_job_idx=run_jobs[0][0])
+            try:
+                returns += self.launcher.launch([o for _, o in run_jobs], initial_job_idx=run_jobs[0][0])
+            except optuna.exceptions.StorageInternalError:
+                raise  # the database's failure (a vectorized launch reports to it): the sweep's to report
+            except Exception as err:  # outside a job: a dead worker, a timeout, a setting the launcher refuses
+                self.fail_running(study)
+                launch_failed(self.sweep_dir, err)
         failures, pruned = [], {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}
         for (number, _), ret in zip(jobs, returns):
             value, why = outcome(ret, self.direction)
