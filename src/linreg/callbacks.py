@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import select
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def prune(study: Any, storage: Any, number: int, epoch: int, value: float) -> bo
 
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
     trial = Trial(study, trial_id)
-    if epoch not in storage.get_trial(trial_id).intermediate_values:  # a retrained member's: Optuna would warn
+    with warnings.catch_warnings():  # a retrained member's epochs are its trial's already: Optuna keeps the first
+        warnings.filterwarnings("ignore", "The reported value is ignored", UserWarning)
         trial.report(value, epoch)
     if not trial.should_prune():
         return False
