@@ -400,6 +400,8 @@ def test_killed_sweep_resumes_to_n_trials_in_their_own_job_dirs(tmp_path):
     assert refused.returncode == 2 and "resume=true" in refused.stderr, refused.stderr[-2000:]
     proc2 = run_cli(*args, "resume=true")
     assert proc2.returncode == 0, proc2.stderr[-2000:]
+    ranks = [int(k) for k in re.findall(r"\[(\d+)/6 ", proc2.stdout)]  # the trials done before count on
+    assert ranks == list(range(7 - len(ranks), 7)) and len(ranks) < 6, proc2.stdout
     trials = trials_of(url)
     assert [(t.number, t.state) for t in trials] == [(i, TrialState.COMPLETE) for i in range(6)]
     check_trials_are_job_dirs(sweep, trials)

@@ -259,7 +259,7 @@ class StudySweep:
             left = f"trials {', '.join(str(t.number) for t in mine)} of {self.sweep_dir} were left running by a kill"
             raise ConfigError("resume", False, f"{left}: add resume=true to run them again and go on")
         stale = [(t.number, space.overrides(t.params)) for t in mine]
-        announce(Path(str(self.config.hydra.sweep.dir)), self.n_trials)
+        announce(Path(str(self.config.hydra.sweep.dir)), self.n_trials, done=there - len(stale))  # the rest run now
         try:
             for start in range(0, len(stale), self.n_jobs):  # in their own dirs, from their checkpoints
                 self.run_batch(study, stale[start : start + self.n_jobs])
