@@ -129,8 +129,8 @@ def sweep_dir_of(hydra: DictConfig) -> Path:
 
 
 def identity(cfg: Config) -> dict[str, Any]:
-    """What a run computes: its config less `hydra` and `resume` (how it is run), resolved, NaN and inf as None."""
-    return finite_or_none(plain(cfg, ("hydra", "resume")))  # NaN != NaN: a record compares equal to its config
+    """What a run computes: its config less `hydra` and `resume` (how it is run), resolved."""
+    return plain(cfg, ("hydra", "resume"))
 
 
 def resumable(config: Any) -> Any:
@@ -145,11 +145,9 @@ def resumable(config: Any) -> Any:
 
 
 def finite_or_none(value: Any) -> Any:
-    """NaN and inf as None (JSON has no NaN; a non-finite number is no result), in lists and dicts too."""
+    """NaN and inf as None (JSON has no NaN; a non-finite number is no result), in lists too."""
     if isinstance(value, list):
         return [finite_or_none(v) for v in value]
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 

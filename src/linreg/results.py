@@ -116,8 +116,9 @@ def read_row(job_dir: Path, where: str) -> dict[str, Any]:
             raise CorruptRecord("config.yaml: not a mapping")
         if os.path.lexists(job_dir / "metrics.json"):
             record = RunRecord.read(job_dir)
-            # A config without `${...}` is what its run computed, as saved.
-            if config and "${" not in json.dumps(config) and identity(config) != record.config:
+            # A config without `${...}` is what its run computed, as saved (compared as text: NaN equals itself).
+            same = json.dumps(identity(config), sort_keys=True) == json.dumps(record.config, sort_keys=True)
+            if config and "${" not in json.dumps(config) and not same:
                 raise CorruptRecord("metrics.json: not the run of this job's .hydra/config.yaml")
         else:
             record = RunRecord.of(config, "missing", error="no metrics.json")  # type: ignore[arg-type]  # a dict serves
