@@ -128,14 +128,16 @@ def csv_rows(out: Path) -> list[tuple[int, str]]:
         ]
 
 
-def tb_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
-    """Each TensorBoard tag's (step, value) points, as TensorBoard's Python loader reads the run's event files."""
+def tb_scalars(out: Path, walls: bool = False) -> dict[str, list[tuple[float, ...]]]:
+    """Each TensorBoard tag's (step, value) points (or wall times), as TensorBoard's Python loader reads them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [run_dir] = (out / "tensorboard").iterdir()
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    return {
+        tag: [(e.wall_time,) if walls else (e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]
+    }
 
 
 def append_csv_row(out: Path, row: dict[str, float]) -> None:
@@ -162,10 +164,12 @@ def test_resume_continues_to_the_same_numbers(make_cfg, tmp_path):
     with SummaryWriter(str(tb_dir)) as killed:  # an attempt's points past the checkpoint (step 20), in its own file
         killed.add_scalar("train/loss", 0.5, 20)
         killed.add_scalar("params/b", 7.0, 25)
+    kept_times = tb_scalars(out, walls=True)["train/mse"]  # epoch 1's point, logged before the kill
     resumed = train(
         make_cfg("data.num_examples=200", "trainer.max_epochs=2", "logger=tensorboard_csv", "resume=true", run_dir=out)
     )
     assert resumed.weights == whole.weights and resumed.epoch_mse == whole.epoch_mse
+    assert tb_scalars(out, walls=True)["train/mse"][:1] == kept_times  # at its own time
     # The history is whole across the resume: the CSV rows and TensorBoard points an uninterrupted run writes.
     assert csv_rows(out) == csv_rows(whole_dir)
     assert tb_scalars(out) == tb_scalars(whole_dir) and len(list(tb_dir.glob("events.out.tfevents.*"))) == 1

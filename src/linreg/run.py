@@ -112,7 +112,8 @@ def build_loggers(group: Any, out: Path, label: str, upto: int | None = None) ->
             if not isinstance(logger, Logger):  # `_target_: builtins.dict` builds, then fails inside the Trainer
                 raise TypeError(f"{lcfg['_target_']} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
             if isinstance(logger, TensorBoardLogger):  # its SummaryWriter, which takes the other arguments, now
-                earlier[logger] = sorted(Path(logger.log_dir).glob("events.out.tfevents.*"))  # before its own file
+                found = sorted(Path(logger.log_dir).glob("events.out.tfevents.*"))  # before its own file is made
+                earlier[logger] = [f for f in found if not any(f in files for files in earlier.values())]  # once
                 _ = logger.experiment
             loggers.append(logger)
         except Exception as err:
@@ -223,10 +224,9 @@ def keep_history(logger: Any, earlier: list[Path], upto: int | None) -> None:
             if values:  # scalars only: the graph, the HParams record and the layout are written anew
                 del event.summary.value[:]
                 event.summary.value.extend(values)
-                logger.experiment.file_writer.add_event(event)  # with its wall time
+                logger.experiment.file_writer.add_event(event, walltime=event.wall_time)
+        logger.experiment.flush()  # in the new file before the old one goes
         file.unlink()
-    if earlier:
-        logger.experiment.flush()
 
 
 @contextlib.contextmanager
