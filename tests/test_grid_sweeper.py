@@ -163,6 +163,7 @@ def test_a_bad_job_in_a_later_batch_is_refused_before_the_first_batch_launches(h
     [
         (["model=glob(nosuch*)"], "error: model='glob(nosuch*)': matches nothing"),
         (["seed=range(0,3,0)"], "error: seed='range(0,3,0)': range() arg 3 must not be zero"),
+        (["data.delta=range(0.0,1.0,0.0)"], "error: data.delta='range(0.0,1.0,0.0)': Invalid range values"),
         (["hydra.sweeper.max_batch_size=0"], "error: hydra.sweeper.max_batch_size=0: must be a positive integer"),
     ],
 )

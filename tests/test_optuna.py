@@ -28,7 +28,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from hydra_plugins.linreg_optuna_sweeper import _study
-from hydra_plugins.linreg_optuna_sweeper._study import StudySweep, as_override_value, search_space
+from hydra_plugins.linreg_optuna_sweeper._study import StudySweep, as_override_value, counted, search_space
 from hydra_plugins.linreg_optuna_sweeper.optuna_sweeper import OptunaConfig
 from linreg.config import ConfigError
 from tests.conftest import REPO, run_cli
@@ -519,6 +519,7 @@ def test_a_launch_that_raises_is_one_line_and_leaves_no_trial_running(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1].startswith("error: hydra.launcher: ValueError: ")
     assert not (tmp_path / "sweep").exists() and [t.state for t in trials_of(url)] == [TrialState.FAIL]
+    assert counted(trials_of(url)) == 0  # its job never began: the study still lacks all its trials
 
 
 @pytest.mark.parametrize("changed", ["choice(1, 2)", "interval(1, 4)"])

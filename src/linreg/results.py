@@ -23,9 +23,11 @@ from typing import Any, NoReturn
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from linreg.config import ConfigError, full_error, is_int, override_key, refuse
 from linreg.record import (
@@ -255,7 +257,7 @@ def stopped(sweep_dir: Path, err: Exception | str) -> str:
 
 def launch_failed(sweep_dir: Path, err: Exception) -> NoReturn:
     """A launch that raised (a dead worker, a timeout, a full disk): the table and one line; refused if no job began."""
-    if full_error():
+    if full_error() or isinstance(err, (HydraException, OmegaConfBaseException)):  # a job's config: Hydra says why
         raise err
     if not isinstance(err, OSError) and not job_dirs(sweep_dir):  # a launcher setting it refuses: nothing is left
         refuse(ConfigError("hydra.launcher", None, f"{type(err).__name__}: {first_line(err)}"))

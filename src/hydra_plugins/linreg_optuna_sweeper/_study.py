@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
-from linreg.config import ConfigError
+from linreg.config import ConfigError, is_number
 from linreg.record import write_atomic
 from linreg.results import announce, launch_failed, stopped, summarize
 
@@ -86,7 +86,7 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
         made = kind(sweep.start, sweep.end, log="log" in sweep.tags)
     else:
         raise ValueError("a sweep must be choice, range or interval")
-    if not all(math.isfinite(v) for v in (made.low, made.high, made.step or 1)):  # Optuna takes them, then overflows
+    if not all(is_number(v) for v in (made.low, made.high, made.step or 1)):  # Optuna takes them, then overflows
         raise ValueError("its bounds and step must be finite numbers")
     return made, set()
 
@@ -147,8 +147,10 @@ def make(key: str, config: dict[str, Any], base: type, **given: Any) -> Any:
 
 
 def counted(trials: Iterable[FrozenTrial]) -> int:
-    """Trials toward n_trials: all but the failed ones never handed to a sweep dir (only those are launched)."""
-    return sum(SWEEP_DIR in t.user_attrs or t.state != TrialState.FAIL for t in trials)
+    """Trials toward n_trials: all but the failed ones never launched (not handed to a sweep dir, or NOT_RUN)."""
+    return sum(
+        (SWEEP_DIR in t.user_attrs and NOT_RUN not in t.user_attrs) or t.state != TrialState.FAIL for t in trials
+    )
 
 
 def settled(study: optuna.Study) -> list[FrozenTrial]:
@@ -208,6 +210,7 @@ class StudySweep:
             why = "must name a function, pkg.mod.fn"
             raise ConfigError("hydra.sweeper.custom_search_space", keys.custom_search_space, why) from None
         self.resume = OmegaConf.select(config, "resume", default=False) is True
+        self.asked: dict[int, optuna.Trial] = {}  # the trials asked for the batch being launched
         # Optuna's lines in Hydra's format (and log file); alembic >= 1.18 announces its plugins at INFO.
         optuna.logging.disable_default_handler()
         optuna.logging.enable_propagation()
@@ -278,7 +281,7 @@ class StudySweep:
         self.write_results(study)
 
     def fail_running(self, study: optuna.Study) -> None:
-        """This sweep's trials still RUNNING marked failed (a resume runs them again), if the study answers."""
+        """This sweep's trials still RUNNING marked failed, if the study answers (a resume asks for new ones)."""
         with contextlib.suppress(Exception):
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get(SWEEP_DIR) == str(self.sweep_dir):
@@ -287,6 +290,7 @@ class StudySweep:
     def ask(self, study: optuna.Study, space: Space) -> list[Job]:
         """Up to `n_jobs` new trials, as many as the study still lacks (sweeps sharing it ask too)."""
         jobs: list[Job] = []
+        self.asked.clear()
         while len(jobs) < self.n_jobs and counted(settled(study)) < self.n_trials:
             study.sampler.trial = None
             try:
@@ -312,6 +316,7 @@ class StudySweep:
                 raise ConfigError("hydra.sweeper.custom_search_space", self.extend.__qualname__, why) from None
             trial.set_user_attr(SWEEP_DIR, str(self.sweep_dir))  # last: a named trial has all its params
             jobs.append((trial.number, space.overrides(trial.params)))
+            self.asked[trial.number] = trial
         return jobs
 
     def run_batch(self, study: optuna.Study, jobs: list[Job]) -> None:
@@ -324,6 +329,9 @@ class StudySweep:
             except optuna.exceptions.StorageInternalError:
                 raise  # the database's failure (a vectorized launch reports to it): the sweep's to report
             except Exception as err:  # outside a job: a dead worker, a timeout, a setting the launcher refuses
+                for number, _ in jobs:  # a trial whose job never began is no trial: it does not count
+                    if number in self.asked and not (self.sweep_dir / str(number)).exists():
+                        self.asked[number].set_user_attr(NOT_RUN, f"its launch failed: {type(err).__name__}")
                 self.fail_running(study)
                 launch_failed(self.sweep_dir, err)
         failures, pruned = [], {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}

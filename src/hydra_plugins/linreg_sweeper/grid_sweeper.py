@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
+from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -44,7 +45,7 @@ def grid_jobs(overrides: Sequence[Override]) -> list[list[str]]:
         elif o.is_discrete_sweep():
             try:
                 choices[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
-            except ValueError as err:  # Python's `range` refuses a step of 0
+            except (ValueError, HydraException) as err:  # a range's step of 0 (Python's and Hydra's float range)
                 raise ConfigError(key, typed, str(err)) from None
             if not choices[key]:
                 raise ConfigError(key, typed, "matches nothing: the grid has no jobs")
