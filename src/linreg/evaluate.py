@@ -167,9 +167,9 @@ def failed_job(num: int, out: Path, why: str) -> float:
     """A sweep's job that cannot evaluate: its error line; the other jobs run, and the sweep exits 1 at its end."""
     with contextlib.suppress(OSError):
         out.rmdir()  # the empty dir Hydra made for it
-    print(f"error: job {num}: {why}", file=sys.stderr)
     if SWEEP.get("pid") != os.getpid():  # another process's job (joblib, submitit): Hydra's failed job, exit 1
-        raise JobFailed(f"error: job {num}: {why}")
+        raise JobFailed(f"error: job {num}: {why}")  # Hydra prints it, once
+    print(f"error: job {num}: {why}", file=sys.stderr)
     SWEEP["failed"].append(num)
     return math.inf
 
