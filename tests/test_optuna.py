@@ -540,6 +540,12 @@ def test_a_sampler_that_cannot_draw_the_space_is_refused_and_its_trial_failed(tm
     assert launcher.launched == [] and [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.FAIL]
 
 
+def test_a_sampler_whose_space_is_used_up_goes_on_to_n_trials(tmp_path):
+    brute = {"_target_": "optuna.samplers.BruteForceSampler"}  # 4 points, 6 trials: it would stop the study
+    study_sweep(tmp_path, ScriptedLauncher(), sampler=brute, n_trials=6).sweep([])
+    assert [t.state for t in trials_of(db_url(tmp_path))] == [TrialState.COMPLETE] * 6
+
+
 def test_params_given_whole_to_the_plain_sweeper_compose_or_get_hydras_hint():
     """`hydra/sweeper=optuna` (no preset) takes its search space as one dict override, added as Hydra adds keys."""
     from hydra.errors import ConfigCompositionException

@@ -134,6 +134,16 @@ class Sampler(Proxy):
             self.inner = make("sampler", self.config, BaseSampler, seed=self.seed + trial.number)
         self.inner.before_trial(study, trial)
 
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self.inner.after_trial(NoStop(study), trial, state, values)  # the sweep stops at n_trials itself
+
+
+class NoStop(Proxy):
+    """A study whose `stop` does nothing: a grid or brute-force sampler calls it once its space is used up."""
+
+    def stop(self) -> None:
+        """Nothing: Optuna's stop works only inside `optimize`, which the sweeper does not use."""
+
 
 def make(key: str, config: dict[str, Any], base: type, **given: Any) -> Any:
     """The object `hydra.sweeper.<key>` configures (with `given` arguments), an instance of `base`."""
