@@ -147,8 +147,6 @@ def separate_job_dirs(config: DictConfig) -> None:
     if names[0] == names[1] or any(os.sep in n or n.startswith("..") for n in names) or hidden:
         why = "must give each job a dir of its own, one level down: ${hydra.job.num}, ${hydra.job.id}, "
         raise ConfigError("hydra.sweep.subdir", subdir, why + "${hydra.job.override_dirname} (exclude_keys: [resume])")
-    if "${now:" in subdir:  # a resume would look for its jobs in other dirs
-        raise ConfigError("hydra.sweep.subdir", subdir, "must name a job's dir the same in every run: no ${now:...}")
     if "override_dirname" in subdir:  # a `/` in what names the dir nests job dirs, or leaves the sweep dir (`../`)
         params = OmegaConf.to_container(config.hydra.sweeper).get("params") or {}
         typed = [*OmegaConf.to_container(config.hydra.overrides.task), *(f"{k}={v}" for k, v in params.items())]
@@ -173,6 +171,10 @@ def separate_job_dirs(config: DictConfig) -> None:
 def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     """One owner per sweep dir: a lock for the sweep's life, and `.sweep.json`, what the sweep is."""
     separate_job_dirs(config)
+    if "${now:" in (subdir := str(OmegaConf.to_container(config.hydra.sweep).get("subdir"))):  # as typed
+        raise ConfigError(
+            "hydra.sweep.subdir", subdir, "must name a job's dir the same in every run (resume): no ${now:}"
+        )
     own_dir(sweep_dir, "hydra.sweep.dir", (".sweep.json",), ("metrics.json", "checkpoints", ".hydra", "eval.json"))
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     sweeper, typed = OmegaConf.to_container(config.hydra.sweeper), OmegaConf.to_container(config.hydra.overrides.task)

@@ -131,13 +131,18 @@ def refusing(callback: bool = False) -> Iterator[None]:
         if callback and not isinstance(err, ConfigError):
             if full_error():
                 traceback.print_exc()
-            why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            why = f"{type(err).__name__}: {first_line(err)}"
             err = ConfigError(str(getattr(err, "full_key", "") or "config"), None, why)
         if not isinstance(err, ConfigError):
             discard_new_dirs()
         elif not full_error() or callback:
             refuse(err)
         raise
+
+
+def first_line(err: Exception) -> str:
+    """An error's first line (OmegaConf's and submitit's go on with details)."""
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def override_key(override: str) -> str:

@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from linreg.config import ConfigError, full_error, is_int, override_key, refuse
+from linreg.config import ConfigError, first_line, full_error, is_int, override_key, refuse
 from linreg.record import (
     FINISHED,
     CorruptRecord,
@@ -63,11 +63,6 @@ MAX_ROWS = 20_000  # rows kept, ~2 KB each
 def one_line(text: Any) -> str:
     """A message on one line (a traceback or multi-line error collapses)."""
     return " ".join(str(text).split())
-
-
-def first_line(err: Exception) -> str:
-    """An error's first line (submitit's errors go on with the job's log)."""
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:

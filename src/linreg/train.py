@@ -81,7 +81,9 @@ def job(cfg: DictConfig, hc: DictConfig, out: Path) -> float:
         from linreg.run import run
     one_report_per_write_error()  # in a sweep's worker process too
     # Lightning's "Received SIGTERM" line, twice (its own handler, then Hydra's): the stop's own line says it.
-    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").disabled = True
+    connector = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+    if not connector.filters:
+        connector.addFilter(lambda record: "Received SIG" not in record.getMessage())
     sweep = hc.mode == RunMode.MULTIRUN
     try:
         swept = read_plan(sweep_dir_of(hc))["swept"] if sweep else None  # a sweep's runs are named by what varies
