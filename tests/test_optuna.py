@@ -573,3 +573,17 @@ def test_an_epoch_reported_again_is_kept_as_first_reported_without_a_warning(tmp
         warnings.simplefilter("error")
         assert not prune(study, study._storage, number, 1, 0.7)
     assert study.trials[number].intermediate_values == {1: 0.5}
+
+
+@pytest.mark.system
+def test_a_dead_worker_keeps_the_finished_trials_and_resume_completes_the_study(tmp_path):
+    sweep, env = tmp_path / "sweep", {**os.environ, "PYTHONPATH": str(REPO)}  # tests.user_classes for the workers
+    logger = ["logger=csv", "logger.csv._target_=tests.user_classes.SigkillCSVLogger"]  # job 1's worker dies, once
+    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+    args = optuna_sweep(sweep, "hydra.sweeper.n_trials=2", *joblib, *logger, *SMALL)
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 1 and "stopped: its launcher failed: TerminatedWorkerError" in proc.stderr
+    assert [t.state for t in trials_of(db_url(sweep))] == [TrialState.COMPLETE, TrialState.RUNNING]
+    again = run_cli(*args, "resume=true", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [t.state for t in trials_of(db_url(sweep))] == [TrialState.COMPLETE] * 2

@@ -41,10 +41,12 @@ class SigintCSVLogger(SigtermCSVLogger):
 
 
 class SigkillCSVLogger(CSVLogger):
-    """Lightning's CSV logger that kills its own worker (as the OOM killer would) for job 1, once job 0 is done."""
+    """Lightning's CSV logger that kills its own worker (as the OOM killer would) for job 1, once job 0 is done;
+    once only (a resume runs it)."""
 
     def __init__(self, save_dir: str, **kwargs: Any) -> None:
-        if Path(save_dir).name == "1":
+        if Path(save_dir).name == "1" and not (Path(save_dir) / "killed").exists():
+            (Path(save_dir) / "killed").touch()
             for _ in range(600):
                 if (Path(save_dir).parent / "0" / "metrics.json").exists():
                     break

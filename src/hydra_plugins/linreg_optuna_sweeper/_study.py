@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
 from linreg.config import ConfigError, is_number
-from linreg.record import write_atomic
+from linreg.record import finished, write_atomic
 from linreg.results import announce, launch_failed, stopped, summarize
 
 from .optuna_sweeper import OptunaConfig
@@ -329,6 +329,19 @@ class StudySweep:
             self.asked[trial.number] = trial
         return jobs
 
+    def settle_launched(self, study: optuna.Study, jobs: list[Job], err: Exception) -> None:
+        """After a launch raised: a finished job's trial told its value, one never begun failed uncounted, the rest
+        left running for resume=true to run again (from their checkpoints)."""
+        worst = math.inf if self.direction == "minimize" else -math.inf
+        for number, _ in jobs:
+            out = self.sweep_dir / str(number)
+            if (record := finished(out)) is not None:  # a pruned one's trial is told already
+                mse = record.train_mse
+                study.tell(number, mse if mse is not None and math.isfinite(mse) else worst, skip_if_finished=True)
+            elif not out.exists() and number in self.asked:  # no trial: the study still lacks it
+                self.asked[number].set_user_attr(NOT_RUN, f"its launch failed: {type(err).__name__}")
+                study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
     def run_batch(self, study: optuna.Study, jobs: list[Job]) -> None:
         """Launch a batch (job number = trial number) and tell Optuna each result; too many failures end the sweep."""
         returns: list[JobReturn] = []
@@ -339,10 +352,7 @@ class StudySweep:
             except optuna.exceptions.StorageInternalError:
                 raise  # the database's failure (a vectorized launch reports to it): the sweep's to report
             except Exception as err:  # outside a job: a dead worker, a timeout, a setting the launcher refuses
-                for number, _ in jobs:  # a trial whose job never began is no trial: it does not count
-                    if number in self.asked and not (self.sweep_dir / str(number)).exists():
-                        self.asked[number].set_user_attr(NOT_RUN, f"its launch failed: {type(err).__name__}")
-                self.fail_running(study)
+                self.settle_launched(study, jobs, err)
                 launch_failed(self.sweep_dir, err)
         failures, pruned = [], {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}
         for (number, _), ret in zip(jobs, returns):
