@@ -196,6 +196,24 @@ def test_a_resume_to_fewer_epochs_than_its_checkpoint_holds_is_refused_untouched
     assert err.value.key == "trainer.max_epochs" and snapshot(out) == before
 
 
+def test_a_resume_with_nothing_left_to_train_keeps_its_logs_whole(make_cfg):
+    args = ("data.num_examples=100", "trainer.max_epochs=1", "logger=tensorboard_csv")
+    out = Path(make_cfg(*args).hydra.run.dir)
+    whole = train(make_cfg(*args, run_dir=out))
+    (out / "metrics.json").unlink()  # killed after its last checkpoint, before its record
+    logged = tb_scalars(out), csv_rows(out)
+    assert "train_end/mse" in logged[0]
+    assert train(make_cfg(*args, "resume=true", run_dir=out)).epoch_mse == whole.epoch_mse
+    assert (tb_scalars(out), csv_rows(out)) == logged
+
+
+def test_a_run_leaves_the_event_files_of_a_tensorboard_dir_outside_its_own(make_cfg, tmp_path):
+    shared = ("data.num_examples=100", "trainer.max_epochs=1", f"logger.tensorboard.name={tmp_path / 'tb'}")
+    for _ in range(2):  # two runs, one TensorBoard dir of the user's: each keeps its file
+        train(make_cfg(*shared, "+logger.tensorboard.version=all"))
+    assert len(list((tmp_path / "tb" / "all").glob("events.out.tfevents.*"))) == 2
+
+
 def test_an_unreadable_checkpoint_is_a_fresh_start(make_cfg, caplog):
     cfg = make_cfg(*SMALL)
     out = Path(cfg.hydra.run.dir)

@@ -95,7 +95,7 @@ def build_model(cfg: Config, dm: RegressionDataModule, cls: type[RegressionModul
         raise ConfigError("model", None, str(err.__cause__ or err).splitlines()[0]) from None
 
 
-def build_loggers(group: Any, out: Path, label: str, upto: int | None = None) -> list[Any]:
+def build_loggers(group: Any, out: Path, label: str, upto: float | None = None) -> list[Any]:
     """The `logger` group's loggers (each a `_target_`), saving into the run dir; `upto`: a resume's checkpoint step."""
     loggers, earlier = [], {}
     for key, lcfg in (group or {}).items():  # none with `~logger`
@@ -112,7 +112,8 @@ def build_loggers(group: Any, out: Path, label: str, upto: int | None = None) ->
             if not isinstance(logger, Logger):  # `_target_: builtins.dict` builds, then fails inside the Trainer
                 raise TypeError(f"{lcfg['_target_']} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
             if isinstance(logger, TensorBoardLogger):  # its SummaryWriter, which takes the other arguments, now
-                found = sorted(Path(logger.log_dir).glob("events.out.tfevents.*"))  # before its own file is made
+                ours = Path(logger.log_dir).resolve().is_relative_to(out.resolve())  # a shared dir's are others'
+                found = sorted(Path(logger.log_dir).glob("events.out.tfevents.*")) if ours else []  # before its own
                 earlier[logger] = [f for f in found if not any(f in files for files in earlier.values())]  # once
                 _ = logger.experiment
             loggers.append(logger)
@@ -172,8 +173,8 @@ def run_callbacks(cfg: DictConfig, out: Path, progress: bool, in_sweep: bool, ba
     return callbacks
 
 
-def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
-    """The checkpoint to continue from and its step (None: from scratch); an unreadable one: a fresh start."""
+def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, float]:
+    """The checkpoint to continue from and its step, inf if it holds every epoch (None: from scratch, or unreadable)."""
     ckpt = out / "checkpoints" / "last.ckpt"
     if not cfg.resume or not os.path.lexists(ckpt):
         return None, 0
@@ -193,17 +194,19 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, int]:
         why = f"the checkpoint in {out} already has {done} epochs; resume with at least as many"
         raise RunDirBusy("trainer.max_epochs", cfg.trainer.max_epochs, why)
     log.info("resume: continuing %s from epoch %d", out, int(state.get("epoch", 0)) + 2)
-    return ckpt, int(state.get("global_step", 0))
+    return ckpt, math.inf if done == cfg.trainer.max_epochs else int(state.get("global_step", 0))  # all trained
 
 
-def kept(step: float, tag: str, upto: int | None) -> bool:
+def kept(step: float, tag: str, upto: float | None) -> bool:
     """Whether a restart at a checkpoint's step keeps a logged point: before it, and at it only its epoch's end."""
     ends_epoch = tag != "train/loss" and not tag.startswith("train_end/")  # not the next epoch's first loss, the end's
     return upto is not None and (step < upto or (step == upto and ends_epoch))
 
 
-def keep_history(logger: Any, earlier: list[Path], upto: int | None) -> None:
+def keep_history(logger: Any, earlier: list[Path], upto: float | None) -> None:
     """A restart's history up to its checkpoint, written again; TensorBoard's earlier event files go (None: all)."""
+    if upto == math.inf:  # nothing is left to train: its TensorBoard files stay whole (graph, HParams, fit image)
+        earlier = []
     # Lightning's CSVLogger starts metrics.csv anew; TensorBoard would show the earlier points past the checkpoint.
     path = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
     if upto is not None and path is not None and path.is_file() and path.stat().st_size <= 64 * MAX_BYTES:
