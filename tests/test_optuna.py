@@ -141,6 +141,8 @@ def study_sweep(sweep: Path, launcher: Launcher, resume: bool = False, **keys) -
         ({"storage": "nope"}, [], "hydra.sweeper.storage='nope': cannot be opened"),
         ({}, ["model.lr=interval(1,0)"], "model.lr='interval(1,0)': "),
         ({}, ["model.lr=interval(nan,1)"], "model.lr='interval(nan,1)': its bounds and step must be finite"),
+        ({}, ["model.lr=interval(-1e308,1e308)"], "model.lr='interval(-1e308,1e308)': its bounds and step must"),
+        ({}, ["model.lr=range(0.001,0.3,1e-30)"], "model.lr='range(0.001,0.3,1e-30)': "),  # Optuna's decimal error
         ({"params": {"lr": "interval("}}, [], "hydra.sweeper.params.lr='interval(': not a Hydra override"),
         ({"sampler": {"_target_": "optuna.Nope"}}, [], "hydra.sweeper.sampler='optuna.Nope': cannot be made"),
         ({"pruner": {"_target_": "optuna.samplers.RandomSampler"}}, [], "hydra.sweeper.pruner='optuna.samplers"),

@@ -254,7 +254,8 @@ def launch_failed(sweep_dir: Path, err: Exception) -> NoReturn:
     """A launch that raised (a dead worker, a timeout, a full disk): the table and one line; refused if no job began."""
     if full_error() or isinstance(err, (HydraException, OmegaConfBaseException)):  # a job's config: Hydra says why
         raise err
-    if not isinstance(err, OSError) and not job_dirs(sweep_dir):  # a launcher setting it refuses: nothing is left
+    began = any(p.is_dir() for p in sweep_dir.iterdir())  # a job's dir (its log at least), submitit's folder
+    if not isinstance(err, OSError) and not began:  # a setting the launcher refuses: nothing is left
         refuse(ConfigError("hydra.launcher", None, f"{type(err).__name__}: {first_line(err)}"))
     raise SystemExit(stopped(sweep_dir, err)) from None
 

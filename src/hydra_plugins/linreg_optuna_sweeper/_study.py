@@ -86,7 +86,7 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
         made = kind(sweep.start, sweep.end, log="log" in sweep.tags)
     else:
         raise ValueError("a sweep must be choice, range or interval")
-    if not all(is_number(v) for v in (made.low, made.high, made.step or 1)):  # Optuna takes them, then overflows
+    if not all(is_number(v) for v in (made.low, made.high, made.step or 1, made.high - made.low)):  # else overflows
         raise ValueError("its bounds and step must be finite numbers")
     return made, set()
 
@@ -115,7 +115,7 @@ def search_space(params: dict[str, str], arguments: Sequence[str]) -> Space:
         space.given[key] = str(o.input_line).partition("=")[2]
         try:
             space.distributions[key], space.texts[key] = distribution(o)
-        except ValueError as err:  # Optuna refuses a bound (low > high, log of 0) or a step; or a glob
+        except (ValueError, ArithmeticError) as err:  # Optuna refuses a bound (low > high, log 0), a step; a glob
             raise ConfigError(key, space.given[key], str(err)) from None
     space.fixed = list(fixed.values())
     return space
