@@ -208,6 +208,7 @@ def test_a_logger_of_your_own_is_a_target(make_cfg, tmp_path):
 def test_run_labels_are_one_path_part_and_ignore_resume():
     assert run_label(["model=linear", "data.deg=2"]) == "data.deg=2,model=linear"
     assert run_label(["model=linear", "resume=true", "logger=tensorboard_csv"]) == "model=linear"
+    assert run_label(["model=linear", "logger.tensorboard.write_every_s=5"]) == "model=linear"  # a resume may change it
     assert "/" not in run_label(["data.w=[1,2]", "+note=a/b c"]) and run_label([]) == "defaults"
     assert len(run_label([f"k{i}=value{i}" for i in range(100)])) <= 120
     # in a sweep, what every job shares names no run

@@ -48,7 +48,7 @@ def hparams(r: RunRecord) -> dict[str, Any]:
 
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
     """A run's folder name from its overrides (as `override_dirname`, cut at 120); in a sweep the `swept` keys."""
-    kept = sorted(o for o in overrides if override_key(o) not in LABEL_EXCLUDE)
+    kept = sorted(o for o in overrides if (k := override_key(o)) not in LABEL_EXCLUDE and not k.startswith("logger."))
     if swept:
         kept = [o for o in kept if override_key(o) in swept] or kept
     # One path part: a '/' in an override (a path) would nest folders and split the run in TensorBoard.

@@ -199,7 +199,7 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, float]:
 
 def kept(step: float, tag: str, upto: float | None) -> bool:
     """Whether a restart at a checkpoint's step keeps a logged point: before it, and at it only its epoch's end."""
-    ends_epoch = tag != "train/loss" and not tag.startswith("train_end/")  # not the next epoch's first loss, the end's
+    ends_epoch = not tag.endswith("train/loss") and "train_end/" not in tag  # (a logger's prefix before them)
     return upto is not None and (step < upto or (step == upto and ends_epoch))
 
 
