@@ -46,9 +46,14 @@ def hparams(r: RunRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def excluded(key: str) -> bool:
+    """Whether a key names no run: one of LABEL_EXCLUDE, or a key inside one (`logger.tensorboard.write_every_s`)."""
+    return any(key == x or key.startswith(f"{x}.") for x in LABEL_EXCLUDE)
+
+
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
     """A run's folder name from its overrides (as `override_dirname`, cut at 120); in a sweep the `swept` keys."""
-    kept = sorted(o for o in overrides if (k := override_key(o)) not in LABEL_EXCLUDE and not k.startswith("logger."))
+    kept = sorted(o for o in overrides if not excluded(override_key(o)))
     if swept:
         kept = [o for o in kept if override_key(o) in swept] or kept
     # One path part: a '/' in an override (a path) would nest folders and split the run in TensorBoard.

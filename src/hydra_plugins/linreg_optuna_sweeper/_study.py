@@ -183,7 +183,14 @@ def outcome(ret: JobReturn, direction: str) -> tuple[float | None, str]:
         number = float(value)
     except (TypeError, ValueError):
         return None, f"returned {value!r}, not a number"
-    return (number if math.isfinite(number) else math.inf if direction == "minimize" else -math.inf), ""
+    return objective(number, direction), ""
+
+
+def objective(value: float | None, direction: str) -> float:
+    """A job's train MSE as Optuna is told it: the worst value when there is none or it is not finite (diverged)."""
+    if value is not None and math.isfinite(value):
+        return value
+    return math.inf if direction == "minimize" else -math.inf
 
 
 def shown(url: str) -> str:
@@ -332,12 +339,10 @@ class StudySweep:
     def settle_launched(self, study: optuna.Study, jobs: list[Job], err: Exception) -> None:
         """After a launch raised: a finished job's trial told its value, one never begun failed uncounted, the rest
         left running for resume=true to run again (from their checkpoints)."""
-        worst = math.inf if self.direction == "minimize" else -math.inf
         for number, _ in jobs:
             out = self.sweep_dir / str(number)
             if (record := finished(out)) is not None:  # a pruned one's trial is told already
-                mse = record.train_mse
-                study.tell(number, mse if mse is not None and math.isfinite(mse) else worst, skip_if_finished=True)
+                study.tell(number, objective(record.train_mse, self.direction), skip_if_finished=True)
             elif not out.exists() and number in self.asked:  # no trial: the study still lacks it
                 self.asked[number].set_user_attr(NOT_RUN, f"its launch failed: {type(err).__name__}")
                 study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
