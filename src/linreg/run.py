@@ -112,8 +112,9 @@ def build_loggers(group: Any, out: Path, label: str, upto: float | None = None) 
             if not isinstance(logger, Logger):  # `_target_: builtins.dict` builds, then fails inside the Trainer
                 raise TypeError(f"{lcfg['_target_']} is not a Lightning logger (lightning.pytorch.loggers.Logger)")
             if isinstance(logger, TensorBoardLogger):  # its SummaryWriter, which takes the other arguments, now
-                ours = Path(logger.log_dir).resolve().is_relative_to(out.resolve())  # a shared dir's are others'
-                found = sorted(Path(logger.log_dir).glob("events.out.tfevents.*")) if ours else []  # before its own
+                found = sorted(Path(logger.log_dir).glob("events.out.tfevents.*"))  # before its own file is made
+                if found and not Path(logger.log_dir).resolve().is_relative_to(out.resolve()):  # a shared dir's
+                    found = []  # are other runs'
                 earlier[logger] = [f for f in found if not any(f in files for files in earlier.values())]  # once
                 _ = logger.experiment
             loggers.append(logger)
