@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import functools
 import io
 import itertools
 import json
@@ -56,8 +57,6 @@ PLAN, PROGRESS, PLOTS = ".sweep-plan.json", "progress.log", ("mse.png", "weights
 STATUSES = ("ok", "diverged", "pruned", "failed", "missing", "corrupt")
 VERBS = {"failed": "failed", "missing": "did not finish", "corrupt": "left a corrupt record"}  # no result
 ROW_FILES = (".hydra/overrides.yaml", ".hydra/config.yaml", "metrics.json")  # with the job dir: what a row reads
-ROWS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # job dir -> (its files' stamps, its row)
-MAX_ROWS = 20_000  # rows kept, ~2 KB each
 
 
 def one_line(text: Any) -> str:
@@ -67,8 +66,7 @@ def one_line(text: Any) -> str:
 
 def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
     """The sweep's job dirs in job-number order; with `jobs` (a grid's count), its numbers 0..jobs-1, run or not."""
-    # A job's dir: Hydra's record, a run's, or (a group killed before its members' files) its run-dir lock.
-    signs = (".hydra", "metrics.json", ".lock")
+    signs = (".hydra", "metrics.json", ".lock")  # Hydra's record, a run's, or a group killed early: its run-dir lock
     found = [p for p in sweep_dir.iterdir() if p.is_dir() and any(os.path.lexists(p / n) for n in signs)]
     if jobs is not None and all(p.name.isdigit() for p in found):
         # Dirs a larger earlier grid left are not this sweep's; a job that never started is a missing row.
@@ -77,15 +75,9 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
 
 
 def job_row(job_dir: Path) -> dict[str, Any]:
-    """A job dir as a row: its record, gap and overrides less `resume`; `missing` (what its saved config decides)
-    without a metrics.json; `corrupt`, with the reason, when it cannot be trusted."""
-    where = os.path.abspath(job_dir)
+    """A job dir as a row: its record, gap and overrides less `resume`; else `missing`, or `corrupt` with why."""
     stamp = (stamp_of(job_dir), *(stamp_of(job_dir / name) for name in ROW_FILES))  # a changed file is read again
-    if (kept := ROWS.get(where)) is None or kept[0] != stamp:
-        if len(ROWS) >= MAX_ROWS:
-            ROWS.clear()
-        ROWS[where] = (stamp, read_row(job_dir, where))
-    return dict(ROWS[where][1])  # the table's and the plots' rows: a sweep's progress lines read them first
+    return dict(read_row(job_dir, os.path.abspath(job_dir), stamp))  # a sweep's progress lines read them first
 
 
 def stamp_of(path: Path) -> tuple[int, ...] | None:
@@ -97,8 +89,9 @@ def stamp_of(path: Path) -> tuple[int, ...] | None:
     return s.st_ino, s.st_mode, s.st_size, s.st_mtime_ns, s.st_ctime_ns
 
 
-def read_row(job_dir: Path, where: str) -> dict[str, Any]:
-    """`job_row`, read from the job's files."""
+@functools.lru_cache(maxsize=20_000)  # rows kept, ~2 KB each
+def read_row(job_dir: Path, where: str, stamp: tuple[Any, ...]) -> dict[str, Any]:
+    """`job_row`, read from the job's files (`stamp`: what says they are the ones read before)."""
     row = dict.fromkeys(COLUMNS) | {"job": job_dir.name, "overrides": [], "dir": where}
     hydra = job_dir / ".hydra"
     try:
