@@ -31,7 +31,7 @@ LAYOUT = {  # TensorBoard's Custom Scalars tab: the curves that answer a run or 
     }
 }
 HEADLINE_HPARAMS = ("model", "deg", "delta", "lr", "batch_size")  # shown by default in the HParams table
-LABEL_EXCLUDE = ("resume", "logger", "trainer.max_epochs")  # how a run is run, not what it computes
+LABEL_EXCLUDE = ("resume.", "logger.", "trainer.max_epochs.")  # how a run is run; each with its dot: keys inside too
 FIT_DPI = 80  # the fit image's pixels per inch: 512 x 320, drawn and PNG-encoded every job (benchmarks/README.md)
 
 
@@ -46,14 +46,9 @@ def hparams(r: RunRecord) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def excluded(key: str) -> bool:
-    """Whether a key names no run: one of LABEL_EXCLUDE, or a key inside one (`logger.tensorboard.write_every_s`)."""
-    return any(key == x or key.startswith(f"{x}.") for x in LABEL_EXCLUDE)
-
-
 def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> str:
     """A run's folder name from its overrides (as `override_dirname`, cut at 120); in a sweep the `swept` keys."""
-    kept = sorted(o for o in overrides if not excluded(override_key(o)))
+    kept = sorted(o for o in overrides if not f"{override_key(o)}.".startswith(LABEL_EXCLUDE))
     if swept:
         kept = [o for o in kept if override_key(o) in swept] or kept
     # One path part: a '/' in an override (a path) would nest folders and split the run in TensorBoard.
@@ -61,10 +56,7 @@ def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> s
 
 
 class BufferedTensorBoardLogger(TensorBoardLogger):
-    """Lightning's TensorBoardLogger, scalars held in memory and written at each save or after `write_every_s`.
-
-    TensorBoard's writer thread wakes for every event, and its grabs of the GIL stall the training thread.
-    """
+    """TensorBoardLogger holding scalars until a save or `write_every_s`: its writer's GIL grabs stall training."""
 
     def __init__(
         self, *args: Any, write_every_s: float = 10.0, fit_figure: bool | str = "auto", prefix: str = "", **kwargs: Any
