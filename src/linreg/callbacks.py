@@ -66,10 +66,8 @@ class EndWithSweep(L.Callback):
         elif not self.gone:
             try:
                 os.kill(self.sweep_pid, 0)
-            except ProcessLookupError:
-                self.gone = True
-            except PermissionError:
-                pass  # alive, and somebody else's
+            except OSError as err:  # a PermissionError: alive, and somebody else's
+                self.gone = isinstance(err, ProcessLookupError)
             self.gone = self.gone or os.getppid() != self.parent
         if self.gone:
             raise SweepGone(f"the sweep's process (pid {self.sweep_pid}) is gone")
