@@ -21,8 +21,7 @@ from linreg.config import override_key
 from linreg.models import RegressionModule, log_scalars
 from linreg.record import RunRecord, param_names
 
-# The HParams metrics: every job logs these keys, so TensorBoard lines the runs up (after params/, train/ by name).
-HP_METRICS = ("train_end/mse", "train_end/ols_gap")
+HP_METRICS = ("train_end/mse", "train_end/ols_gap")  # the HParams metrics: every job logs them, so runs line up
 LAYOUT = {  # TensorBoard's Custom Scalars tab: the curves that answer a run or a sweep, on one page
     "linreg": {
         "train/mse (full data, each epoch)": ["Multiline", ["train/mse"]],
@@ -51,8 +50,7 @@ def run_label(overrides: Sequence[str], swept: Sequence[str] | None = None) -> s
     kept = sorted(o for o in overrides if not f"{override_key(o)}.".startswith(LABEL_EXCLUDE))
     if swept:
         kept = [o for o in kept if override_key(o) in swept] or kept
-    # One path part: a '/' in an override (a path) would nest folders and split the run in TensorBoard.
-    return re.sub(r"[^A-Za-z0-9._=,+\-\[\]]", "_", ",".join(kept))[:120] or "defaults"
+    return re.sub(r"[^A-Za-z0-9._=,+\-\[\]]", "_", ",".join(kept))[:120] or "defaults"  # one path part: no '/'
 
 
 class BufferedTensorBoardLogger(TensorBoardLogger):
@@ -166,14 +164,12 @@ def start_hparams(tb: TensorBoardLogger, hparams: dict[str, Any]) -> Any:
     from torch.utils.tensorboard.summary import hparams as hparams_pb
 
     experiment, session_start, session_end = hparams_pb(hparams, dict.fromkeys(HP_METRICS))  # keys, not values
-    # TensorBoard shows the first five hparams marked as differing; a job cannot know what its sweep varies.
     value = experiment.value[0]
     data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    for info in data.experiment.hparam_infos:
+    for info in data.experiment.hparam_infos:  # shown by default: a job cannot know what its sweep varies
         info.differs = info.name in HEADLINE_HPARAMS
     value.metadata.plugin_data.content = data.SerializeToString()
-    # In this run's own event file: SummaryWriter.add_hparams would make a run of its own.
-    tb.experiment.file_writer.add_summary(experiment)
+    tb.experiment.file_writer.add_summary(experiment)  # in the run's event file: add_hparams would make a new run
     tb.experiment.file_writer.add_summary(session_start)
     tb.experiment.add_custom_scalars(LAYOUT)
     return session_end  # written by the caller when the run ends (status: finished)

@@ -69,8 +69,7 @@ def job_dirs(sweep_dir: Path, jobs: int | None = None) -> list[Path]:
     signs = (".hydra", "metrics.json", ".lock")  # Hydra's record, a run's, or a group killed early: its run-dir lock
     found = [p for p in sweep_dir.iterdir() if p.is_dir() and any(os.path.lexists(p / n) for n in signs)]
     if jobs is not None and all(p.name.isdigit() for p in found):
-        # Dirs a larger earlier grid left are not this sweep's; a job that never started is a missing row.
-        found = [sweep_dir / str(i) for i in range(jobs)]
+        found = [sweep_dir / str(i) for i in range(jobs)]  # not a larger earlier grid's; one not started: missing
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
