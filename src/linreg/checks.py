@@ -85,8 +85,7 @@ class CheckConfig(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()  # jobs may change the cwd (hydra.job.chdir)
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda signum, _: end_sweep(sweep_dir, signum))
-        # Ctrl-C reaches the whole process group: this process takes it for all, its workers end with it (EndWithSweep);
-        # not for sure: Python 3.11's multiprocessing unblocks SIGINT as it starts joblib's resource tracker.
+        # Ctrl-C reaches the process group: this process takes it, workers end with it (EndWithSweep; 3.11: not always).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by each thread and process started
         threading.Thread(target=lambda: _thread.interrupt_main(signal.sigwait({signal.SIGINT})), daemon=True).start()
 
@@ -172,9 +171,8 @@ def own_sweep_dir(config: DictConfig, sweep_dir: Path) -> None:
     """One owner per sweep dir: a lock for the sweep's life, and `.sweep.json`, what the sweep is."""
     separate_job_dirs(config)
     if "${now:" in (subdir := str(OmegaConf.to_container(config.hydra.sweep).get("subdir"))):  # as typed
-        raise ConfigError(
-            "hydra.sweep.subdir", subdir, "must name a job's dir the same in every run (resume): no ${now:}"
-        )
+        why = "must name a job's dir the same in every run (resume): no ${now:}"
+        raise ConfigError("hydra.sweep.subdir", subdir, why)
     own_dir(sweep_dir, "hydra.sweep.dir", (".sweep.json",), ("metrics.json", "checkpoints", ".hydra", "eval.json"))
     SWEEP_LOCKS.append(RunDirLock(sweep_dir, "hydra.sweep.dir", "another sweep").__enter__())
     sweeper, typed = OmegaConf.to_container(config.hydra.sweeper), OmegaConf.to_container(config.hydra.overrides.task)

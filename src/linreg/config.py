@@ -122,13 +122,11 @@ def discard_new_dirs() -> None:
 
 @contextlib.contextmanager
 def refusing(callback: bool = False) -> Iterator[None]:
-    """A ConfigError inside becomes `refuse`; Hydra's own errors pass, its dirs removed (it prints them).
-
-    In a Hydra callback every error refuses: Hydra would make it a warning and go on with the checks skipped."""
+    """A ConfigError inside becomes `refuse`, Hydra's own errors pass (its dirs removed); in a callback all refuse."""
     try:
         yield
     except Exception as err:
-        if callback and not isinstance(err, ConfigError):
+        if callback and not isinstance(err, ConfigError):  # Hydra would make it a warning and skip the checks
             if full_error():
                 traceback.print_exc()
             why = f"{type(err).__name__}: {first_line(err)}"

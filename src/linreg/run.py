@@ -1,5 +1,4 @@
-"""One run: check, lock the run dir, build DataModule, model and Trainer (here only), fit or resume, record.
-Lightning's import takes seconds: imported once a run is about to train."""
+"""One run: check, lock the run dir, build DataModule, model and Trainer, fit or resume, record (imports Lightning)."""
 
 import contextlib
 import copy
@@ -86,8 +85,7 @@ def build_model(cfg: Config, dm: RegressionDataModule, cls: type[RegressionModul
         if cls is None:
             L.seed_everything(cfg["seed"], verbose=False)
             return instantiate(cfg["model"], in_features=dm.in_features, bias=cfg["data"]["bias"])
-        # A stacked member: its class, its arguments plain values (`instantiate` costs ~1 ms a call), its init's draws
-        # from torch's CPU generator (`seed_everything` formats a stack trace a device kind: ~0.3 ms in a sweep).
+        # A stacked member: no `instantiate` nor `seed_everything` (slow per job); its init draws from torch's CPU RNG.
         torch.default_generator.manual_seed(cfg["seed"])
         args = {k: v for k, v in plain(cfg)["model"].items() if k != "_target_"}
         return cls(**args, in_features=dm.in_features, bias=cfg["data"]["bias"])
@@ -194,7 +192,7 @@ def resume_point(out: Path, cfg: DictConfig) -> tuple[Path | None, float]:
     if (done := int(state.get("epoch", 0)) + 1) > cfg.trainer.max_epochs:  # Lightning would fail, or record it wrong
         why = f"the checkpoint in {out} already has {done} epochs; resume with at least as many"
         raise RunDirBusy("trainer.max_epochs", cfg.trainer.max_epochs, why)
-    log.info("resume: continuing %s from epoch %d", out, int(state.get("epoch", 0)) + 2)
+    log.info("resume: continuing %s from epoch %d", out, done + 1)
     return ckpt, math.inf if done == cfg.trainer.max_epochs else int(state.get("global_step", 0))  # all trained
 
 

@@ -14,8 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from linreg import fastpath
+from linreg.checks import one_report_per_write_error, stopped_by
 from linreg.config import CONFIG_DIR, ConfigError, full_error, refuse
 from linreg.record import RunDirBusy, RunRecord, shown, sweep_dir_of, write_job_files
+from linreg.results import read_plan, stopped
 
 log = logging.getLogger("linreg.train")
 
@@ -59,8 +62,6 @@ def stop_run(signum: int, frame: FrameType | None) -> None:
 
 def stopped_run(out: Path) -> NoReturn:
     """A single run stopped by SIGTERM or Ctrl-C: one line, exit 143 or 130 (128 + the signal)."""
-    from linreg.checks import stopped_by
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C again: the line still comes, once
     signum = STOPPED_BY[0] if STOPPED_BY else signal.SIGTERM
     print(f"error: {out}: stopped by {stopped_by(signum)}; resume=true continues it", file=sys.stderr)
@@ -69,15 +70,11 @@ def stopped_run(out: Path) -> NoReturn:
 
 def job(cfg: DictConfig, hc: DictConfig, out: Path) -> float:
     """The run or job itself."""
-    from linreg import fastpath
-
     with fastpath.importing():  # Lightning's seconds of imports
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         from linreg.callbacks import SweepGone
-        from linreg.checks import one_report_per_write_error
         from linreg.dashboard import run_label
-        from linreg.results import read_plan, stopped
         from linreg.run import run
     one_report_per_write_error()  # in a sweep's worker process too
     # Lightning's "Received SIGTERM" line, twice (its own handler, then Hydra's): the stop's own line says it.
