@@ -112,21 +112,19 @@ class VectorizedLauncher(Launcher):
         jobs = [self.plan(num, overrides) for num, overrides in numbered]
         groups = self.groups([job for job in jobs if job.key is not None])
         log.debug("%d jobs, %d stacked in %d groups", len(jobs), sum(map(len, groups)), len(groups))
-        returns: dict[int, JobReturn] = {}
-        for job in jobs:
-            if job.refused is not None:
-                returns[job.num] = self.refuse(job, job.refused)
-            elif job.key is None:
-                returns[job.num] = self.alone(job)
+        returns = {  # a job that does not stack: refused, or run alone
+            job.num: self.alone(job) if job.refused is None else self.refuse(job, job.refused)
+            for job in jobs
+            if job.key is None
+        }
         HydraConfig.instance().cfg = self.sweep_config
         return jobs, groups, returns
 
     def compose(self, job: Job) -> DictConfig:
         """The job's Hydra config: its kind's, with its values set in place (valid until the next job's)."""
         config = self.kinds.get(job.kind)
-        if config is None:
-            lines = [str(o.input_line) for o in job.parsed if o not in job.plain]
-            config = self.kinds[job.kind] = self.loader.load_sweep_config(self.config, lines)
+        if config is None:  # its kind's lines: its overrides less its values
+            config = self.kinds[job.kind] = self.loader.load_sweep_config(self.config, list(job.kind[0]))
             self.held.pop(job.kind, None)
         if not apply(config, job.parsed, self.changed(job)):
             del self.kinds[job.kind], self.held[job.kind]  # a value that does not apply: Hydra composes (and says why)
@@ -357,7 +355,7 @@ def template(config: DictConfig, keys: list[str]) -> tuple[list[list[str | int]]
         node[leaf] = f"{SLOT}{i}"  # a plain scalar: dumped as it is, on its key's line
     hydra = {"hydra": data.pop("hydra")}  # type: ignore[union-attr]
     pieces: list[list[str | int]] = []
-    prefixes = {}
+    prefixes: dict[int, str] = {}
     for text in (fastpath.to_yaml(data), fastpath.to_yaml(hydra)):
         parts = re.split(rf"^([^\n]*?){SLOT}(\d+)\n", text, flags=re.M)  # text, (prefix, i, text)...
         prefixes.update((int(i), prefix) for prefix, i in zip(parts[1::3], parts[2::3]))
