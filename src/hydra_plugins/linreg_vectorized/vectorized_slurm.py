@@ -57,9 +57,8 @@ class VectorizedSlurmLauncher(VectorizedLauncher):
         # The task plans its jobs again: nothing of this process's to pickle.
         self.kinds, self.held, self.bases, self.templates = {}, {}, {}, {}
         params = {k: v for k, v in self.params.items() if k not in ("submitit_folder", "max_num_timeout")}
-        executor = submitit.AutoExecutor(
-            cluster="slurm", folder=self.params["submitit_folder"], slurm_max_num_timeout=self.params["max_num_timeout"]
-        )
+        folder, timeouts = self.params["submitit_folder"], self.params["max_num_timeout"]
+        executor = submitit.AutoExecutor(cluster="slurm", folder=folder, slurm_max_num_timeout=timeouts)
         base = set(OmegaConf.structured(BaseQueueConf).keys())  # as hydra-submitit-launcher names them
         executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
         with executor.batch():  # one array job, a task a group
