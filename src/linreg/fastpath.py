@@ -1,11 +1,9 @@
 """The fast path: the project's only uses of private library APIs, behind one switch.
 
-`LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit
-(tests/test_fastpath.py). A piece stays only while it carries a measured gain (benchmarks/README.md).
-Private uses (3 of at most 4): `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper.
-Process-wide (2): no garbage collection while the libraries import, then `gc.freeze` of what they made; torch's
-`EventFileWriter` name, while a stacked member's writers are made.
-Lightning is imported where a fit needs it: `importing()` comes first.
+`LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit.
+A piece stays only while it carries a measured gain (benchmarks/README.md). Private uses (3 of at most 4):
+`LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper. Process-wide: the libraries'
+import without garbage collection, torch's `EventFileWriter` name while a stacked member's writers are made.
 """
 
 from __future__ import annotations
@@ -40,9 +38,8 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def importing() -> Iterator[None]:
-    """Import the libraries without garbage collection, then `gc.freeze` them once a process (~1.5 s a run here)."""
-    # Their ~370,000 objects live as long as the process, and each full collection walks them all: several ran
-    # while Lightning imported, more as Python exits.
+    """Import the libraries without garbage collection, then `gc.freeze` them once a process."""
+    # Their objects live as long as the process, and each full collection would walk them all.
     held = enabled() and gc.isenabled()
     if held:
         gc.disable()
@@ -58,8 +55,7 @@ def importing() -> Iterator[None]:
 @contextlib.contextmanager
 def events_written_here() -> Iterator[None]:
     """TensorBoard writers made inside write in the calling thread, each flush's records in one write."""
-    # A stacked member's run is written whole at once: TensorBoard's writer starts a thread, wakes it for each
-    # event and opens its file again for each. Its records, in a file named as it names them (tests/test_fastpath.py).
+    # A member's run is written whole at once: TensorBoard's writer would wake its thread and reopen its file an event.
     if not enabled():
         yield
         return
@@ -125,11 +121,8 @@ def lean_steps(trainer: L.Trainer) -> bool:
 
 
 def lean_backward_and_step(loss: Tensor, opt: LightningOptimizer, update: Callable[[], Any]) -> None:
-    """`loss.backward()` and `update()` (the optimizer's step) inside the bookkeeping `LightningOptimizer.step` adds.
-
-    Without the strategy's, precision plugin's and callbacks' wrappers and hooks of the public path: on one device
-    at 32-bit they change nothing here, and cost more than the SGD step of a 3-parameter model.
-    """
+    """`loss.backward()` and `update()` (the optimizer's step) inside the bookkeeping `LightningOptimizer.step` adds."""
+    # The strategy's, precision plugin's and callbacks' wrappers change nothing on one device at 32-bit, at a cost.
     loss.backward()
     opt._on_before_step()  # private: the profiler's "optimizer_step" section opens
     update()
@@ -167,8 +160,8 @@ def dumper(libyaml: bool) -> type:
 
 
 def to_yaml(data: Any) -> str:
-    """`OmegaConf.to_yaml(data)`, for plain data without building an OmegaConf object first (~4x faster)."""
+    """`OmegaConf.to_yaml(data)`, for plain data without building an OmegaConf object first."""
     if not (enabled() and isinstance(data, (dict, list)) and is_plain(data)):  # else as OmegaConf does
         return OmegaConf.to_yaml(data)
-    # libyaml's emitter (~3x faster) writes the same text where no string can be folded: the two fold long lines apart
+    # libyaml's emitter writes the same text where no string can be folded: the two fold long lines apart
     return yaml.dump(data, Dumper=dumper(unspaced(data)), default_flow_style=False, allow_unicode=True, sort_keys=False)

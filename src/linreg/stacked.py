@@ -1,13 +1,9 @@
 """Many jobs of a sweep trained as one model: each member is its single run, side by side in one `Trainer.fit`.
 
-Member j gets its single run's data (`build_datamodule`), initial model (`build_model`: the same seeded
-`nn.Linear`) and batch order (its DataModule's sampler). The members' parameters are stacked with
-`torch.func.stack_module_state`, and every step runs the model's own forward and loss for all of them at
-once, `vmap` over `functional_call` (PyTorch's "model ensembling" tutorial), then the tutorial's `sgd`
-(`HandSGD`) with one learning rate per member. Members never mix: each gets the gradient of its own loss.
-A member that diverges keeps the numbers of the epoch it diverged in, where its single run stops (its
-later steps are computed with the group's and dropped). A member its Optuna pruner stops (`linreg.callbacks.prune`,
-as a single run) leaves the stack: its rows of parameters, data and lr and its sampler go; later epochs cost less.
+Member j gets its single run's data, initial model and batch order. Every step runs the model's own forward and
+loss for all members' stacked parameters, `vmap` over `functional_call` (PyTorch's "model ensembling" tutorial),
+then the tutorial's `sgd` with one lr per member: each gets the gradient of its own loss. A member that diverges
+keeps the numbers of the epoch its single run stops in; one its Optuna pruner stops leaves the stack.
 """
 
 from __future__ import annotations
@@ -115,8 +111,7 @@ class StackedRegression(L.LightningModule):
         xs, ys = gather(self.x, batch).split(size, 1), gather(self.y, batch).split(size, 1)  # as BatchLoader does
         for step, (x, y) in enumerate(zip(xs, ys), start=self.trainer.global_step):
             loss = self.batch_loss(params, x, y)
-            # d(sum)/d(member j's parameters) = d(member j's loss)/d(them); the step through Lightning, so global_step
-            # counts SGD steps as in a single run (the lean step where a single run takes it)
+            # The sum's gradient is each member's own loss's; stepped through Lightning, which counts global_step.
             if self.lean_steps:
                 fastpath.lean_backward_and_step(loss.sum(), opt, opt.optimizer.update)
             else:
@@ -177,18 +172,15 @@ class StackedRegression(L.LightningModule):
         if not gone:
             return
         keep = [i for i in range(len(self.at)) if i not in gone]
-        for p in self.stacked:
-            p.data, p.grad = p.data[keep], None  # the optimizer holds the same parameters
+        for p, group in zip(self.stacked, self.trainer.optimizers[0].param_groups):  # a group a stacked parameter
+            p.data, p.grad, group["lr"] = p.data[keep], None, group["lr"][keep]  # the optimizer holds the same p
         self.x, self.y, self.lr = self.x[keep], self.y[keep], self.lr[keep]
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = self.lr.view(-1, *[1] * (group["params"][0].dim() - 1))
         self.at = [self.at[i] for i in keep]
         self.batches.samplers = [self.batches.samplers[i] for i in keep]
 
     def members_curves(self) -> list[Curves]:
         """Each member's curves up to the end of the epoch it stopped in."""
-        # A view a member of one (member, step, values) tensor a tag; rows become lists only as its logs are written
-        # (a group's rows as lists, all alive at once, set off full garbage collections of the sweep's objects).
+        # Views of one tensor a tag: rows as lists, all alive at once, would set off full garbage collections.
         tables = {tag: ([e for e, _, _ in rows], [s for _, s, _ in rows], torch.stack([v for *_, v in rows], 1))
                   for tag, rows in self.curves.items()}  # fmt: skip
         curves = []

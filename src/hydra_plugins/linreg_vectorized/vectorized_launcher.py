@@ -1,13 +1,8 @@
 """`hydra/launcher=vectorized`: the jobs of a sweep that differ only in numbers train as one stacked model.
 
-Jobs that stack (same `linreg.stacked.group_key`) train in groups split by a memory budget and `max_group_size`,
-each in one `Trainer.fit` under its members' run-dir locks. What Hydra's `run_job` does for a job (its dir,
-`.hydra/*.yaml`, its log, the callbacks) is done here for a member with what its group shares made once: one
-composed config per kind of job with each member's values set in place (the grid sweeper's `apply`), the
-`.hydra/*.yaml` text of a kind dumped once with each member's values dumped into it, the job log's handlers
-configured once a group. Any other job (a value a run refuses, one finished before with resume=true, a model
-class of one's own) runs as the basic launcher runs it; a job whose dir holds another run is a row, with nothing
-written there. torch and Lightning are imported in `launch`.
+Jobs with the same `linreg.stacked.group_key` train in groups within a memory budget, each in one `Trainer.fit`;
+what Hydra's `run_job` does for a job is done for a member with what its kind shares made once. Other jobs run as
+the basic launcher runs them. torch and Lightning are imported in `launch`, not with the plugin.
 """
 
 import copy
@@ -35,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import CachedConfigLoader, apply
+from linreg import fastpath
 from linreg.config import MODELS, ConfigError, check, plain
 from linreg.record import RunDirBusy, RunDirLock, RunRecord, finished, refuse_other_runs, write_atomic
 
@@ -77,8 +73,6 @@ class VectorizedLauncher(Launcher):
 
     def launch_jobs(self, numbered: list[tuple[int, list[str]]]) -> list[JobReturn]:
         """Plan the numbered jobs, run those that do not stack, and train the groups, here."""
-        from linreg import fastpath
-
         with fastpath.importing():  # before the jobs' configs: those are collected when done
             from linreg.stacked import train_group
         jobs, groups, returns = self.plan_all(numbered)
@@ -118,21 +112,19 @@ class VectorizedLauncher(Launcher):
         jobs = [self.plan(num, overrides) for num, overrides in numbered]
         groups = self.groups([job for job in jobs if job.key is not None])
         log.debug("%d jobs, %d stacked in %d groups", len(jobs), sum(map(len, groups)), len(groups))
-        returns: dict[int, JobReturn] = {}
-        for job in jobs:
-            if job.refused is not None:
-                returns[job.num] = self.refuse(job, job.refused)
-            elif job.key is None:
-                returns[job.num] = self.alone(job)
+        returns = {  # a job that does not stack: refused, or run alone
+            job.num: self.alone(job) if job.refused is None else self.refuse(job, job.refused)
+            for job in jobs
+            if job.key is None
+        }
         HydraConfig.instance().cfg = self.sweep_config
         return jobs, groups, returns
 
     def compose(self, job: Job) -> DictConfig:
         """The job's Hydra config: its kind's, with its values set in place (valid until the next job's)."""
         config = self.kinds.get(job.kind)
-        if config is None:
-            lines = [str(o.input_line) for o in job.parsed if o not in job.plain]
-            config = self.kinds[job.kind] = self.loader.load_sweep_config(self.config, lines)
+        if config is None:  # its kind's lines: its overrides less its values
+            config = self.kinds[job.kind] = self.loader.load_sweep_config(self.config, list(job.kind[0]))
             self.held.pop(job.kind, None)
         if not apply(config, job.parsed, self.changed(job)):
             del self.kinds[job.kind], self.held[job.kind]  # a value that does not apply: Hydra composes (and says why)
@@ -198,10 +190,9 @@ class VectorizedLauncher(Launcher):
             return job
         try:
             refuse_other_runs(job.out, cfg)
+            job.cfg, job.key = cfg, group_key(cfg)
         except RunDirBusy as err:
             job.refused, job.config = err, copy.deepcopy(self.compose(job))
-            return job
-        job.cfg, job.key = cfg, group_key(cfg)
         return job
 
     def report(self, members: list[Job]) -> Any:
@@ -261,8 +252,6 @@ class VectorizedLauncher(Launcher):
 
     def finish(self, job: Job, result: Any, first: bool) -> JobReturn:
         """What `run_job` does for a job (its .hydra/, log and callbacks) around writing the member's results."""
-        from linreg import fastpath
-
         config = self.compose(job)
         self.job_logging(job, config, first)
         (job.out / ".hydra").mkdir(exist_ok=True)  # as `linreg.record.write_job_files` (hydra.output_subdir: null)
@@ -289,11 +278,10 @@ class VectorizedLauncher(Launcher):
         """`.hydra/config.yaml` and `hydra.yaml` as Hydra writes them: its kind's text, the job's values dumped in."""
         keys = [o.key_or_group for o in job.plain] + [f"hydra.{k}" for k in PER_JOB]
         if job.kind not in self.templates:  # checked once against the whole dump, else the kind takes the slow path
-            pieces, texts = template(config, keys), whole(config)
-            self.templates[job.kind] = pieces if pieces is not None and fill(pieces, config, keys) == texts else None
-            return texts
-        pieces = self.templates[job.kind]
-        return whole(config) if pieces is None else fill(pieces, config, keys)
+            made = template(config, keys)
+            self.templates[job.kind] = made if made and fill(made, config, keys) == whole(config) else None
+        made = self.templates[job.kind]
+        return whole(config) if made is None else fill(made, config, keys)
 
     def job_logging(self, job: Job, config: DictConfig, first: bool) -> None:
         """The job's log: Hydra's `job_logging` set up for a group's first member, its log files moved on after."""
@@ -356,8 +344,6 @@ def whole(config: DictConfig) -> tuple[str, str]:
 def template(config: DictConfig, keys: list[str]) -> tuple[list[list[str | int]], dict[int, str]] | None:
     """Both files' text with key i's entry as i, and each entry's text before its value; None if one is no entry."""
     # YAML's block mappings write an entry the same whatever its siblings: each job's entries fill the gaps.
-    from linreg import fastpath
-
     data = OmegaConf.to_container(config, resolve=False, enum_to_str=True)
     for i, key in enumerate(keys):
         *parents, leaf = key.split(".")
@@ -369,7 +355,7 @@ def template(config: DictConfig, keys: list[str]) -> tuple[list[list[str | int]]
         node[leaf] = f"{SLOT}{i}"  # a plain scalar: dumped as it is, on its key's line
     hydra = {"hydra": data.pop("hydra")}  # type: ignore[union-attr]
     pieces: list[list[str | int]] = []
-    prefixes = {}
+    prefixes: dict[int, str] = {}
     for text in (fastpath.to_yaml(data), fastpath.to_yaml(hydra)):
         parts = re.split(rf"^([^\n]*?){SLOT}(\d+)\n", text, flags=re.M)  # text, (prefix, i, text)...
         prefixes.update((int(i), prefix) for prefix, i in zip(parts[1::3], parts[2::3]))
@@ -381,27 +367,21 @@ def fill(made: tuple[list[list[str | int]], dict[int, str]], config: DictConfig,
     """The template's texts with each key's entry as the job's config has it (unresolved)."""
     pieces, prefixes = made
     entries = [entry(config, key, prefixes[i]) for i, key in enumerate(keys)]
-    first, second = ("".join(entries[p] if isinstance(p, int) else p for p in text) for text in pieces)
-    return first, second
+    return tuple("".join(entries[p] if isinstance(p, int) else p for p in text) for text in pieces)
 
 
 def raw(config: DictConfig, key: str) -> Any:
     """The value at the dotted key as the config holds it, unresolved (a container as plain data)."""
     *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
+    node = functools.reduce(DictConfig.__getitem__, parents, config)
     [(_, value)] = node.items_ex(resolve=False, keys=[leaf])
     return OmegaConf.to_container(value, enum_to_str=True) if OmegaConf.is_config(value) else value
 
 
 def entry(config: DictConfig, key: str, prefix: str) -> str:
     """The key's entry in its file (its line, or lines), its value as the config has it, unresolved."""
-    from linreg import fastpath
-
     value = raw(config, key)
-    text = plain_text(value)
-    if text is not None:
+    if (text := plain_text(value)) is not None:
         return f"{prefix}{text}\n"
     for name in reversed(key.split(".")):
         value = {name: value}

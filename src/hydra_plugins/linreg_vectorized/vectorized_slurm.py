@@ -1,15 +1,12 @@
 """`hydra/launcher=vectorized_slurm`: the vectorized launcher's stacked groups as the tasks of one SLURM array.
 
-The submitting process plans and groups the jobs as `hydra/launcher=vectorized` does and runs those that do not
-stack (a finished job on resume=true returns at once); each group is one task of one array job through submitit
-(hydra-submitit-launcher's `submitit_slurm` keys), which trains the group on its node as the local launcher does
-and writes every member's files and progress line there. A task that dies (killed, out of time) leaves its
-members without metrics.json: `missing` rows, and `resume=true` trains those groups again, and only those.
+This process plans the jobs and runs those that do not stack; each group is a task (hydra-submitit-launcher's
+`submitit_slurm` keys) that trains it on its node as the local launcher does. A task that dies leaves its members
+`missing` rows, which `resume=true` trains again.
 """
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +16,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from omegaconf import OmegaConf
 
-from hydra_plugins.linreg_vectorized.vectorized_launcher import BUDGET_SHARE, Job, VectorizedLauncher
+from hydra_plugins.linreg_vectorized.vectorized_launcher import BUDGET_SHARE, VectorizedLauncher
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +46,24 @@ class VectorizedSlurmLauncher(VectorizedLauncher):
             return self.params["mem_gb"] * 2**30 / BUDGET_SHARE
         return super().budget(cfg)
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    def launch_jobs(self, numbered: list[tuple[int, list[str]]]) -> list[JobReturn]:
+        """Plan the numbered jobs, run those that do not stack, and submit each group as a task of one array job."""
         import submitit
 
         from linreg.results import jobs_label, one_line
 
-        numbered = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        given = dict(numbered)  # a job's overrides as the sweeper gave them
         jobs, groups, returns = self.plan_all(numbered)
         # The task plans its jobs again: nothing of this process's to pickle.
         self.kinds, self.held, self.bases, self.templates = {}, {}, {}, {}
         params = {k: v for k, v in self.params.items() if k not in ("submitit_folder", "max_num_timeout")}
-        executor = submitit.AutoExecutor(
-            cluster="slurm", folder=self.params["submitit_folder"], slurm_max_num_timeout=self.params["max_num_timeout"]
-        )
+        folder, timeouts = self.params["submitit_folder"], self.params["max_num_timeout"]
+        executor = submitit.AutoExecutor(cluster="slurm", folder=folder, slurm_max_num_timeout=timeouts)
         base = set(OmegaConf.structured(BaseQueueConf).keys())  # as hydra-submitit-launcher names them
         executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
         with executor.batch():  # one array job, a task a group
             state = Singleton.get_state()  # Hydra's singletons, as hydra-submitit-launcher hands them to a job
-            tasks = [executor.submit(self.task, [(j.num, overrides(j)) for j in g], state) for g in groups]
+            tasks = [executor.submit(self.task, [(j.num, given[j.num]) for j in g], state) for g in groups]
         if tasks:
             log.info(
                 "%d jobs in %d groups: array job %s", sum(map(len, groups)), len(groups), tasks[0].job_id.split("_")[0]
@@ -78,16 +75,11 @@ class VectorizedSlurmLauncher(VectorizedLauncher):
                 jobs_of = jobs_label([str(job.num) for job in group])
                 log.error("array task %s (%s) ended without results: %s", task.job_id, jobs_of, one_line(err)[:300])
                 for job in group:
-                    returns[job.num] = JobReturn(overrides=overrides(job))
+                    returns[job.num] = JobReturn(overrides=given[job.num])
                     returns[job.num].status, returns[job.num].return_value = JobStatus.COMPLETED, math.inf
         return [returns[job.num] for job in jobs]
 
     def task(self, numbered: list[tuple[int, list[str]]], state: dict[Any, Any]) -> list[JobReturn]:
         """One array task: its group planned again and trained on the node, as the local launcher does."""
         Singleton.set_state(state)
-        return self.launch_jobs(numbered)
-
-
-def overrides(job: Job) -> list[str]:
-    """The job's overrides as the sweeper gave them."""
-    return [str(o.input_line) for o in job.parsed]
+        return super().launch_jobs(numbered)
