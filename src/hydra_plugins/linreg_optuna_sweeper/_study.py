@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
-from linreg.config import ConfigError, is_number
+from linreg.config import ConfigError, first_line, is_number
 from linreg.record import finished, write_atomic
 from linreg.results import announce, launch_failed, stopped, summarize
 
@@ -245,7 +245,7 @@ class StudySweep:
                 break
             except Exception as err:  # a bad URL at once; a race's loser again, to find the tables made
                 if attempt == 4 or not isinstance(err, (IntegrityError, OperationalError)):
-                    why = "cannot be opened: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    why = f"cannot be opened: {first_line(err) or type(err).__name__}"
                     raise ConfigError("hydra.sweeper.storage", shown(self.storage), why) from None
                 time.sleep(0.2 * (attempt + 1))
         study = optuna.create_study(
@@ -287,7 +287,7 @@ class StudySweep:
             self.fail_running(study)
             with contextlib.suppress(Exception):
                 log.info(f"sweep: {summarize(self.sweep_dir)[0]}")
-            why = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
+            why = first_line(err.__cause__ or err) or type(err).__name__
             where = f"hydra.sweeper.storage={shown(self.storage)}"
             raise SystemExit(f"error: {where}: the study's database failed ({why}); resume=true goes on") from None
         except OSError as err:  # a write under the sweep dir failed outside a job (a full disk): no traceback
