@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from linreg import fastpath
 from linreg.checks import makeable, own_dir, separate_job_dirs
 from linreg.config import CONFIG_DIR, MODELS, ConfigError, EvaluateConfig, check, naming_key, plain, refuse, refusing
 from linreg.record import finite_or_none, model_name, read_or_none, write_job_files, write_json
@@ -159,16 +160,12 @@ def own_eval_dir(out: Path, key: str, sweep: bool = False) -> None:
     own_dir(out, key, ("multirun.yaml",) if sweep else (".hydra", "eval.json"), ())
 
 
-class JobFailed(CompactHydraException):
-    """A sweep's job that could not evaluate, in a launcher's worker: Hydra prints it and the sweep exits 1."""
-
-
 def failed_job(num: int, out: Path, why: str) -> float:
     """A sweep's job that cannot evaluate: its error line; the other jobs run, and the sweep exits 1 at its end."""
     with contextlib.suppress(OSError):
         out.rmdir()  # the empty dir Hydra made for it
     if SWEEP.get("pid") != os.getpid():  # another process's job (joblib, submitit): Hydra's failed job, exit 1
-        raise JobFailed(f"error: job {num}: {why}")  # Hydra prints it, once
+        raise CompactHydraException(f"error: job {num}: {why}")  # Hydra prints it, once
     print(f"error: job {num}: {why}", file=sys.stderr)
     SWEEP["failed"].append(num)
     return math.inf
@@ -177,8 +174,6 @@ def failed_job(num: int, out: Path, why: str) -> float:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     """Hydra entry: `python -m linreg.evaluate ckpt_path=PATH [data_seed=N] [num_examples=N]`."""
-    from linreg import fastpath
-
     with fastpath.importing():  # the command's process only: evaluate() may run in a user's
         import linreg.run  # noqa: F401  # what evaluate() imports: Lightning's seconds
     hc = HydraConfig.get()

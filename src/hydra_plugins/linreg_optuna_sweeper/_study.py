@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from hydra_plugins.linreg_sweeper.grid_sweeper import Proxy
-from linreg.config import ConfigError, is_number
+from linreg.config import ConfigError, first_line, is_number
 from linreg.record import finished, write_atomic
 from linreg.results import announce, launch_failed, stopped, summarize
 
@@ -73,9 +73,8 @@ def distribution(o: Override) -> tuple[BaseDistribution, set[str]]:
     sweep = o.value()
     if isinstance(sweep, ChoiceSweep) or (isinstance(sweep, RangeSweep) and sweep.shuffle):
         values = [(x, Transformer.encode(x)) for x in o.sweep_iterator()]  # a list or dict as Hydra's text of it
-        choices = [v for _, v in values]
-        if not isinstance(sweep, ChoiceSweep):  # in order: a study refuses choices in another order later
-            choices.sort()
+        choices = [v for _, v in values]  # a shuffled range's in order: a study refuses another order later
+        choices = choices if isinstance(sweep, ChoiceSweep) else sorted(choices)
         return CategoricalDistribution(choices), {v for x, v in values if isinstance(x, (list, dict))}
     if isinstance(sweep, RangeSweep):
         floats = any(isinstance(v, float) for v in (sweep.start, sweep.stop, sweep.step))
@@ -236,8 +235,7 @@ class StudySweep:
 
     def open_study(self) -> optuna.Study:
         """The study in its database (made if new); a bad URL, or a study made for the other direction, refused."""
-        config, seed = self.sampler_config, self.seed  # made here: a bad sampler is refused before any trial
-        sampler = Sampler(config, seed)
+        sampler = Sampler(self.sampler_config, self.seed)  # made here: a bad sampler is refused before any trial
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # the default database's and the results' place
         # Sweeps sharing a SQLite file wait for each other's writes (SQLite's own wait is 5 s).
         engine = {"connect_args": {"timeout": 120}} if self.storage.startswith("sqlite:") else {}
@@ -247,7 +245,7 @@ class StudySweep:
                 break
             except Exception as err:  # a bad URL at once; a race's loser again, to find the tables made
                 if attempt == 4 or not isinstance(err, (IntegrityError, OperationalError)):
-                    why = "cannot be opened: " + (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    why = f"cannot be opened: {first_line(err) or type(err).__name__}"
                     raise ConfigError("hydra.sweeper.storage", shown(self.storage), why) from None
                 time.sleep(0.2 * (attempt + 1))
         study = optuna.create_study(
@@ -289,7 +287,7 @@ class StudySweep:
             self.fail_running(study)
             with contextlib.suppress(Exception):
                 log.info(f"sweep: {summarize(self.sweep_dir)[0]}")
-            why = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
+            why = first_line(err.__cause__ or err) or type(err).__name__
             where = f"hydra.sweeper.storage={shown(self.storage)}"
             raise SystemExit(f"error: {where}: the study's database failed ({why}); resume=true goes on") from None
         except OSError as err:  # a write under the sweep dir failed outside a job (a full disk): no traceback
@@ -337,8 +335,7 @@ class StudySweep:
         return jobs
 
     def settle_launched(self, study: optuna.Study, jobs: list[Job], err: Exception) -> None:
-        """After a launch raised: a finished job's trial told its value, one never begun failed uncounted, the rest
-        left running for resume=true to run again (from their checkpoints)."""
+        """After a launch raised: finished trials told, unbegun ones failed uncounted, the rest left for resume=true."""
         for number, _ in jobs:
             out = self.sweep_dir / str(number)
             if (record := finished(out)) is not None:  # a pruned one's trial is told already

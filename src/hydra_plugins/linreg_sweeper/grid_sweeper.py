@@ -1,12 +1,6 @@
 """`hydra/sweeper=grid`: Hydra's basic sweeper (same jobs, order, numbers, `params`, `max_batch_size`), each job's
-config composed once per choice of config groups: 1.4x faster than `hydra/sweeper=basic` on the 48-job grid.
-
-Hydra composes every job from the YAML files twice (once to validate, once in the launcher). Jobs that choose
-the same groups differ only in plain `key=value` overrides, which Hydra applies to the composed config with
-`OmegaConf.update(cfg, key, value, merge=True)`: here Hydra's own loader composes the rest once and each job gets
-a copy with its values applied the same way. A value that does not apply is composed by Hydra, so its error is
-Hydra's. Resume needs nothing here: with resume=true a finished job returns its record at once (`linreg.run`).
-"""
+config composed once per choice of config groups, then a copy with its plain `key=value` overrides applied as Hydra
+applies them (`OmegaConf.update(cfg, key, value, merge=True)`); a value that does not apply is composed by Hydra."""
 
 import copy
 import itertools
@@ -137,8 +131,7 @@ def apply(cfg: DictConfig, parsed: list[Override], plain: Plain) -> bool:
 
 
 class LightReturns(Proxy):
-    """Hydra's callbacks, after whose `on_job_end` a job's return lets go of its two configs (~140 KiB a job,
-    which the launcher and sweeper would otherwise keep for the whole sweep)."""
+    """Hydra's callbacks, after whose `on_job_end` a job's return lets go of the configs a whole sweep would keep."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         self.inner.on_job_end(config=config, job_return=job_return, **kwargs)
