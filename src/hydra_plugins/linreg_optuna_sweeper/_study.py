@@ -31,8 +31,6 @@ from linreg.config import ConfigError, first_line, is_number
 from linreg.record import finished, write_atomic
 from linreg.results import announce, launch_failed, stopped, summarize
 
-from .optuna_sweeper import OptunaConfig
-
 log = logging.getLogger(__name__)
 SWEEP_DIR = "sweep_dir"  # user attr: the sweep dir a trial runs in (a resume re-runs its own unfinished ones)
 NOT_RUN = "not_run"  # user attr: why a trial asked in a race between sweeps sharing a study was failed unrun
@@ -203,7 +201,7 @@ def shown(url: str) -> str:
 class StudySweep:
     """Asks Optuna for `n_jobs` trials at a time, runs them as Hydra jobs, tells Optuna their values."""
 
-    def __init__(self, config: DictConfig, launcher: Launcher, keys: OptunaConfig) -> None:
+    def __init__(self, config: DictConfig, launcher: Launcher, keys: Any) -> None:  # keys: an OptunaConfig
         self.config, self.launcher = config, launcher
         for key, ok in (("n_trials", keys.n_trials > 0), ("n_jobs", keys.n_jobs > 0)):
             if not ok:  # the types are Hydra's to refuse (OptunaConfig); the ranges are ours
