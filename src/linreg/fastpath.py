@@ -3,7 +3,7 @@
 `LINREG_FASTPATH=0` turns it off: every run then takes the public path, with the same numbers bit for bit.
 A piece stays only while it carries a measured gain (benchmarks/README.md). Private uses (3 of at most 4):
 `LightningOptimizer._on_before_step` and `._on_after_step`, OmegaConf's YAML dumper. Process-wide: the libraries'
-import without garbage collection, torch's `EventFileWriter` name while a stacked member's writers are made.
+import without garbage collection, then `gc.freeze`; torch's `EventFileWriter` name while a member's writers are made.
 """
 
 from __future__ import annotations

@@ -278,8 +278,9 @@ class VectorizedLauncher(Launcher):
         """`.hydra/config.yaml` and `hydra.yaml` as Hydra writes them: its kind's text, the job's values dumped in."""
         keys = [o.key_or_group for o in job.plain] + [f"hydra.{k}" for k in PER_JOB]
         if job.kind not in self.templates:  # checked once against the whole dump, else the kind takes the slow path
-            made = template(config, keys)
-            self.templates[job.kind] = made if made and fill(made, config, keys) == whole(config) else None
+            made, texts = template(config, keys), whole(config)
+            self.templates[job.kind] = made if made and fill(made, config, keys) == texts else None
+            return texts
         made = self.templates[job.kind]
         return whole(config) if made is None else fill(made, config, keys)
 
